@@ -1,0 +1,267 @@
+//! The per-memslot dirty bitmap.
+//!
+//! Mirrors KVM's: one bit per page in little-endian bit order (bit `n` of the bitmap is bit
+//! `n % 64` of 64-bit word `n / 64`), `ALIGN(npages, 64) / 8` bytes, set lock-free by vCPUs, and a
+//! second buffer of the same size (KVM's `kvm_second_dirty_bitmap()`) that GET uses as its
+//! snapshot. Together the two cost exactly 2 bits per page.
+
+use crate::sync::{lock, AtomicU64, Mutex, Ordering};
+
+/// Bytes of a dirty bitmap for `npages` pages: `ALIGN(npages, 64) / 8`, as `kvm_dirty_bitmap_bytes()`.
+pub const fn dirty_bitmap_bytes(npages: u64) -> usize {
+    (npages.div_ceil(64) * 8) as usize
+}
+
+/// 64-bit words of a dirty bitmap for `npages` pages.
+pub const fn dirty_bitmap_words(npages: u64) -> usize {
+    npages.div_ceil(64) as usize
+}
+
+/// A memslot's dirty bitmap: the live atomic words and the scratch snapshot buffer.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    npages: u64,
+    live: Box<[AtomicU64]>,
+    /// KVM's second bitmap. Only GET touches it, under the slots lock; the mutex is never
+    /// contended and exists so that the core needs no `unsafe`.
+    scratch: Mutex<Box<[u64]>>,
+}
+
+impl DirtyBitmap {
+    /// A clean bitmap for `npages` pages.
+    pub fn new(npages: u64) -> Self {
+        let n = dirty_bitmap_words(npages);
+        DirtyBitmap {
+            npages,
+            live: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            scratch: Mutex::new(vec![0u64; n].into_boxed_slice()),
+        }
+    }
+
+    /// Pages covered.
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// Number of 64-bit words.
+    pub fn words(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Set bit `rel_gfn` (KVM's `set_bit_le`). Lock-free.
+    #[inline]
+    pub fn set(&self, rel_gfn: u64) {
+        debug_assert!(rel_gfn < self.npages);
+        self.live[(rel_gfn / 64) as usize].fetch_or(1u64 << (rel_gfn % 64), Ordering::AcqRel);
+    }
+
+    /// Set `n` bits from `first`, whole words at a time (one atomic per word touched).
+    pub fn set_range(&self, first: u64, n: u64) {
+        let end = (first + n).min(self.npages);
+        let mut i = first;
+        while i < end {
+            let w = i / 64;
+            let lo = i % 64;
+            let hi = ((w + 1) * 64).min(end) - w * 64; // exclusive bit index in this word
+            let mask = if hi - lo == 64 {
+                !0
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            self.live[w as usize].fetch_or(mask, Ordering::AcqRel);
+            i = w * 64 + hi;
+        }
+    }
+
+    /// Set every page's bit (KVM's `bitmap_set(..., 0, npages)` for `INITIALLY_SET`).
+    pub fn set_all(&self) {
+        self.set_range(0, self.npages);
+    }
+
+    /// Is bit `rel_gfn` set?
+    #[inline]
+    pub fn test(&self, rel_gfn: u64) -> bool {
+        self.live[(rel_gfn / 64) as usize].load(Ordering::Acquire) & (1u64 << (rel_gfn % 64)) != 0
+    }
+
+    /// Load word `i`.
+    #[inline]
+    pub fn load_word(&self, i: usize) -> u64 {
+        self.live[i].load(Ordering::Acquire)
+    }
+
+    /// Atomically take word `i`, leaving it zero (KVM's `xchg(&dirty_bitmap[i], 0)`).
+    #[inline]
+    pub fn take_word(&self, i: usize) -> u64 {
+        self.live[i].swap(0, Ordering::AcqRel)
+    }
+
+    /// Atomically clear `mask` in word `i` and return the bits of `mask` that were set
+    /// (KVM's `mask & atomic_long_fetch_andnot(mask, ...)`).
+    #[inline]
+    pub fn clear_word_bits(&self, i: usize, mask: u64) -> u64 {
+        mask & self.live[i].fetch_and(!mask, Ordering::AcqRel)
+    }
+
+    /// Copy the live words into `out` without clearing (manual-protect GET).
+    pub fn snapshot_into(&self, out: &mut [u64]) {
+        for (o, w) in out.iter_mut().zip(self.live.iter()) {
+            *o = w.load(Ordering::Acquire);
+        }
+    }
+
+    /// Count set bits.
+    pub fn count(&self) -> u64 {
+        self.live
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
+    }
+
+    /// Run `f` with the scratch buffer. The caller holds the slots lock.
+    pub(crate) fn with_scratch<R>(&self, f: impl FnOnce(&mut [u64]) -> R) -> R {
+        let mut g = lock(&self.scratch);
+        f(&mut g)
+    }
+}
+
+/// Iterate the runs of set bits in a little-endian bitmap as `(first_page, npages)`, skipping
+/// clean words with one comparison each and emitting each run once, however many words it spans.
+pub fn runs(words: &[u64]) -> Runs<'_> {
+    Runs {
+        words,
+        idx: 0,
+        cur: words.first().copied().unwrap_or(0),
+    }
+}
+
+/// Iterator returned by [`runs`].
+#[derive(Debug, Clone)]
+pub struct Runs<'a> {
+    words: &'a [u64],
+    idx: usize,
+    /// Remaining bits of `words[idx]` not yet emitted.
+    cur: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        // Find the first set bit.
+        while self.cur == 0 {
+            self.idx += 1;
+            if self.idx >= self.words.len() {
+                return None;
+            }
+            self.cur = self.words[self.idx];
+        }
+        let lo = self.cur.trailing_zeros() as u64;
+        let start = self.idx as u64 * 64 + lo;
+        // Length of the run of ones starting at `lo` in this word.
+        let ones = (self.cur >> lo).trailing_ones() as u64;
+        if lo + ones < 64 {
+            self.cur &= !(((1u64 << ones) - 1) << lo);
+            return Some((start, ones));
+        }
+        // The run reaches the top of the word: continue through following words.
+        let mut len = 64 - lo;
+        loop {
+            self.idx += 1;
+            if self.idx >= self.words.len() {
+                self.cur = 0;
+                return Some((start, len));
+            }
+            let w = self.words[self.idx];
+            if w == !0 {
+                len += 64;
+                continue;
+            }
+            let t = w.trailing_ones() as u64;
+            len += t;
+            self.cur = w & !((1u64 << t) - 1);
+            return Some((start, len));
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn naive_runs(words: &[u64]) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for i in 0..words.len() as u64 * 64 {
+            if words[(i / 64) as usize] >> (i % 64) & 1 == 1 {
+                match out.last_mut() {
+                    Some((s, n)) if *s + *n == i => *n += 1,
+                    _ => out.push((i, 1)),
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn bytes_are_aligned_to_64_pages() {
+        assert_eq!(dirty_bitmap_bytes(1), 8);
+        assert_eq!(dirty_bitmap_bytes(64), 8);
+        assert_eq!(dirty_bitmap_bytes(65), 16);
+        assert_eq!(dirty_bitmap_bytes(64 * 3 + 3), 32);
+    }
+
+    #[test]
+    fn set_range_matches_per_bit() {
+        for (first, n) in [
+            (0, 0),
+            (0, 1),
+            (3, 61),
+            (3, 62),
+            (63, 2),
+            (10, 200),
+            (0, 259),
+            (64, 64),
+        ] {
+            let a = DirtyBitmap::new(259);
+            let b = DirtyBitmap::new(259);
+            a.set_range(first, n);
+            for p in first..(first + n).min(259) {
+                b.set(p);
+            }
+            for w in 0..a.words() {
+                assert_eq!(
+                    a.load_word(w),
+                    b.load_word(w),
+                    "first={first} n={n} word={w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn clear_keeps_only_bits_that_were_set() {
+        let b = DirtyBitmap::new(128);
+        b.set(1);
+        b.set(5);
+        assert_eq!(b.clear_word_bits(0, 0b110), 0b10);
+        assert_eq!(b.load_word(0), 1 << 5);
+    }
+
+    use proptest::prelude::*;
+
+    fn word() -> impl Strategy<Value = u64> {
+        any::<u64>().prop_map(|w| match w % 4 {
+            0 => 0,
+            1 => !0,
+            _ => w,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn runs_match_naive(words in proptest::collection::vec(word(), 0..8)) {
+            let got: Vec<_> = runs(&words).collect();
+            prop_assert_eq!(got, naive_runs(&words));
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! # dirtylog
+//!
+//! Dirty page tracking with KVM's semantics. This crate is the core: memslots, atomic dirty
+//! bitmaps, the generic `get_dirty_log_protect` / `clear_dirty_log_protect` / dirty-ring
+//! algorithms with KVM's exact errors, the arch hook trait ([`ArchMmu`]) and the slots-lock
+//! rule enforced by types ([`SlotsGuard`]). [`softmmu`] is a reference arch with real per-vCPU
+//! TLBs; [`selftest`] is the kernel's `dirty_log_test` protocol, generic over backends.
+//!
+//! ```
+//! use dirtylog::softmmu::{Machine, FlushKind};
+//! use dirtylog::{MemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
+//!
+//! let m = Machine::new(FlushKind::Ranged, Default::default());
+//! m.vm().set_user_memory_region(&MemoryRegion {
+//!     slot: 0, flags: KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr: 0,
+//!     memory_size: 67 * 4096, userspace_addr: 0,
+//! }).unwrap();
+//! let vcpu = m.create_vcpu();
+//! vcpu.write_u64(5 * 4096, 42);           // a guest write: faults, is logged
+//! let mut log = [0u64; 2];
+//! m.vm().get_dirty_log(0, &mut log).unwrap();
+//! assert_eq!(log, [1 << 5, 0]);
+//! ```
+
+pub mod arch;
+pub mod bitmap;
+pub mod error;
+pub mod memslot;
+pub mod ring;
+pub mod selftest;
+pub mod softmmu;
+pub mod sync;
+pub mod vcpu;
+pub mod vm;
+
+pub use arch::{ArchMmu, Unsupported};
+pub use bitmap::{dirty_bitmap_bytes, dirty_bitmap_words, DirtyBitmap};
+pub use error::{Error, Result};
+pub use memslot::{MemoryRegion, Memslot, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+pub use ring::{DirtyGfn, RingEntry, RingHarvester};
+pub use vcpu::Vcpu;
+pub use vm::{MmuGuard, SlotsGuard, Vm, VmConfig};
