@@ -40,3 +40,6 @@ pub use memslot::{MemoryRegion, Memslot, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READON
 pub use ring::{DirtyGfn, RingEntry, RingHarvester};
 pub use vcpu::Vcpu;
 pub use vm::{MmuGuard, SlotsGuard, Vm, VmConfig};
+
+#[cfg(test)]
+mod model_tests;

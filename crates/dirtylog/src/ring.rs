@@ -149,11 +149,11 @@ impl DirtyRing {
     ) -> u32 {
         let mut count = 0u32;
         let mut batch: Option<(u32, u64, u64)> = None;
-        loop {
+        // Like the kernel, trust only the RESET flag (the producer may not have bumped
+        // `dirty_index` yet for an entry userspace already saw), and bound the walk: at most
+        // one ring's worth per call, where the kernel bounds it at INT_MAX.
+        while count < self.size() {
             let idx = self.reset_index.load(Ordering::Relaxed);
-            if idx == self.dirty_index.load(Ordering::Acquire) {
-                break;
-            }
             let e = &self.entries[(idx & (self.size() - 1)) as usize];
             if e.flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_RESET == 0 {
                 break;

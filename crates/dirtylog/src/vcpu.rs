@@ -83,6 +83,11 @@ impl Vcpu {
         self.requests.load(Ordering::SeqCst) != 0
     }
 
+    /// Is the vCPU in guest mode (able to use its TLB right now)?
+    pub fn in_guest(&self) -> bool {
+        self.mode.load(Ordering::SeqCst) == IN_GUEST_MODE
+    }
+
     /// Pending request bits.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)

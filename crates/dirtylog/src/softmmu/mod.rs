@@ -21,8 +21,11 @@ use std::collections::HashMap;
 use crate::arch::{ArchMmu, Unsupported};
 use crate::memslot::{Memslot, KVM_MEM_READONLY};
 use crate::sync::{lock, Arc, AtomicU64, Mutex, Ordering};
+// The machine handle and its RAM use std's `Arc` even under loom: reference counting is not
+// part of the protocol being checked, and loom's `Arc` cannot be a method receiver.
 use crate::vcpu::{Vcpu, KVM_REQUEST_ARCH_BASE, KVM_REQ_TLB_FLUSH};
 use crate::vm::{MmuGuard, Vm, VmConfig};
+use std::sync::Arc as HostArc;
 
 /// Entries in each vCPU's TLB.
 pub const TLB_ENTRIES: usize = 64;
@@ -95,6 +98,11 @@ impl SlotSpt {
     }
 }
 
+/// Does the range `(first_gfn, npages)` contain `gfn`?
+fn covers((first, n): (u64, u64), gfn: u64) -> bool {
+    gfn >= first && gfn - first < n
+}
+
 /// Arch state of one vCPU that other threads touch: its TLB and queued range flushes.
 #[derive(Debug)]
 struct VcpuArch {
@@ -120,14 +128,37 @@ impl VcpuArch {
         }
     }
 
+    /// Flush the queued ranges. The queue stays locked until the entries are gone, so an
+    /// observer that sees an empty queue also sees the flushed TLB.
     fn tlb_flush_ranges(&self) {
-        let ranges = std::mem::take(&mut *lock(&self.pending_ranges));
+        let mut ranges = lock(&self.pending_ranges);
         for e in self.tlb.iter() {
             let v = e.load(Ordering::Acquire);
-            if v != 0 && ranges.iter().any(|&(g, n)| v - 1 >= g && v - 1 - g < n) {
+            if v != 0 && ranges.iter().any(|&r| covers(r, v - 1)) {
                 e.store(0, Ordering::Release);
             }
         }
+        ranges.clear();
+    }
+
+    /// Can this vCPU write `gfn` through its TLB without faulting? An entry is dead if a
+    /// flush covering it is pending: a requester waits for a vCPU in guest mode to leave it,
+    /// and a vCPU acts on requests right after entering guest mode, before any access.
+    /// Pending flushes are read *before* the entry: a vCPU empties its TLB before it retires
+    /// the request, so "no flush pending" followed by "entry present" is a real stale entry.
+    fn tlb_usable(&self, gfn: u64) -> bool {
+        if self.generic.requests() & KVM_REQ_TLB_FLUSH != 0 {
+            return false;
+        }
+        // A queued range is flushed before the next entry (its request bit is set right after
+        // queueing, and the queue is emptied only once the entries are gone).
+        if lock(&self.pending_ranges)
+            .iter()
+            .any(|&(g, n)| gfn >= g && gfn - g < n)
+        {
+            return false;
+        }
+        self.tlb_lookup(gfn)
     }
 }
 
@@ -207,7 +238,7 @@ impl ArchMmu for SoftMmu {
 #[derive(Debug)]
 pub struct Machine {
     vm: Vm<SoftMmu>,
-    ram: Mutex<HashMap<u64, Arc<[AtomicU64]>>>,
+    ram: Mutex<HashMap<u64, HostArc<[AtomicU64]>>>,
 }
 
 impl std::fmt::Debug for Vm<SoftMmu> {
@@ -220,13 +251,13 @@ impl std::fmt::Debug for Vm<SoftMmu> {
 
 impl Machine {
     /// A machine with the given flush hooks and VM configuration.
-    pub fn new(kind: FlushKind, cfg: VmConfig) -> Arc<Machine> {
+    pub fn new(kind: FlushKind, cfg: VmConfig) -> HostArc<Machine> {
         let arch = SoftMmu {
             kind,
             spt: Mutex::new(HashMap::new()),
             vcpus: Mutex::new(Vec::new()),
         };
-        Arc::new(Machine {
+        HostArc::new(Machine {
             vm: Vm::new(arch, cfg),
             ram: Mutex::new(HashMap::new()),
         })
@@ -238,7 +269,7 @@ impl Machine {
         kind: FlushKind,
         cfg: VmConfig,
         mutant: crate::vm::Mutant,
-    ) -> Arc<Machine> {
+    ) -> HostArc<Machine> {
         let arch = SoftMmu {
             kind,
             spt: Mutex::new(HashMap::new()),
@@ -246,7 +277,7 @@ impl Machine {
         };
         let mut vm = Vm::new(arch, cfg);
         vm.mutant = mutant;
-        Arc::new(Machine {
+        HostArc::new(Machine {
             vm,
             ram: Mutex::new(HashMap::new()),
         })
@@ -259,7 +290,7 @@ impl Machine {
 
     /// Create a vCPU. Its handle is meant for one thread; other threads reach it through
     /// requests.
-    pub fn create_vcpu(self: &Arc<Self>) -> SoftVcpu {
+    pub fn create_vcpu(self: &HostArc<Self>) -> SoftVcpu {
         let generic = self.vm.create_vcpu();
         let arch = Arc::new(VcpuArch {
             generic: generic.clone(),
@@ -273,7 +304,7 @@ impl Machine {
         }
     }
 
-    fn memory(&self, slot: &Memslot) -> Arc<[AtomicU64]> {
+    fn memory(&self, slot: &Memslot) -> HostArc<[AtomicU64]> {
         let mut ram = lock(&self.ram);
         let e = ram
             .entry(slot.userspace_addr)
@@ -316,9 +347,10 @@ impl Machine {
         }
     }
 
-    /// Does any vCPU hold a writable TLB entry for `gfn`?
+    /// Can any vCPU write `gfn` through a TLB entry without faulting (an entry that no
+    /// pending flush request will remove before the vCPU's next guest access)?
     pub fn tlb_has_writable(&self, gfn: u64) -> bool {
-        self.vm.arch().vcpus().iter().any(|v| v.tlb_lookup(gfn))
+        self.vm.arch().vcpus().iter().any(|v| v.tlb_usable(gfn))
     }
 
     /// Is `gfn` writable in the shadow page table?
@@ -367,7 +399,7 @@ impl Machine {
 /// A vCPU of a [`Machine`]; its methods run on the vCPU's own thread.
 #[derive(Debug)]
 pub struct SoftVcpu {
-    m: Arc<Machine>,
+    m: HostArc<Machine>,
     arch: Arc<VcpuArch>,
 }
 
