@@ -1,0 +1,112 @@
+//! Migration statistics, serialised under the names QEMU's `query-migrate` uses, so that tools
+//! reading QEMU's output can read ours.
+
+use serde::Serialize;
+
+/// Statistics of a whole migration. Times are in milliseconds, as in QEMU. QEMU nests the
+/// memory counters in a `ram` object; here they sit beside the times.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationStats {
+    /// Milliseconds since the migration started (`total-time`).
+    pub total_time: u64,
+    /// Milliseconds spent setting up before the first round (`setup-time`).
+    pub setup_time: u64,
+    /// Milliseconds the guest was stopped for the final round (`downtime`).
+    pub downtime: u64,
+    /// Bytes sent so far (`transferred`).
+    pub transferred: u64,
+    /// Bytes of dirty memory still to send (`remaining`).
+    pub remaining: u64,
+    /// Pages sent as zero-page markers; QEMU calls them duplicate pages (`duplicate`).
+    pub duplicate: u64,
+    /// Pages sent with their contents (`normal`).
+    pub normal: u64,
+    /// Pages dirtied per second, as last measured (`dirty-pages-rate`).
+    pub dirty_pages_rate: u64,
+    /// Throughput in megabits per second (`mbps`).
+    pub mbps: f64,
+    /// Times the dirty log was harvested (`dirty-sync-count`).
+    pub dirty_sync_count: u64,
+    /// Predicted downtime in milliseconds at the current throughput (`expected-downtime`).
+    pub expected_downtime: u64,
+}
+
+/// What one pre-copy round did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RoundStats {
+    /// The round, from 0 (`round`).
+    pub round: u64,
+    /// Pages found dirty at the start of the round (`dirty-pages`).
+    pub dirty_pages: u64,
+    /// Pages sent with their contents (`sent-pages`).
+    pub sent_pages: u64,
+    /// Pages sent as zero-page markers (`zero-pages`).
+    pub zero_pages: u64,
+    /// Microseconds spent harvesting the dirty log (`harvest-time-us`).
+    pub harvest_time_us: u64,
+    /// Microseconds spent sending the round (`send-time-us`).
+    pub send_time_us: u64,
+    /// Throughput of the round in megabits per second (`mbps`).
+    pub mbps: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: serde_json::Value) -> Vec<String> {
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn migration_stats_use_qemu_names() {
+        let v = serde_json::to_value(MigrationStats::default()).unwrap();
+        let mut want = [
+            "total-time",
+            "setup-time",
+            "downtime",
+            "transferred",
+            "remaining",
+            "duplicate",
+            "normal",
+            "dirty-pages-rate",
+            "mbps",
+            "dirty-sync-count",
+            "expected-downtime",
+        ];
+        want.sort();
+        assert_eq!(keys(v), want);
+    }
+
+    #[test]
+    fn round_stats_serialise_kebab_case() {
+        let round = RoundStats {
+            round: 3,
+            dirty_pages: 10,
+            sent_pages: 7,
+            zero_pages: 3,
+            harvest_time_us: 120,
+            send_time_us: 900,
+            mbps: 1.5,
+        };
+        let v = serde_json::to_value(round).unwrap();
+        assert_eq!(v["dirty-pages"], 10);
+        assert_eq!(v["harvest-time-us"], 120);
+        assert_eq!(v["mbps"], 1.5);
+        let mut want = [
+            "round",
+            "dirty-pages",
+            "sent-pages",
+            "zero-pages",
+            "harvest-time-us",
+            "send-time-us",
+            "mbps",
+        ];
+        want.sort();
+        assert_eq!(keys(v), want);
+    }
+}

@@ -1,0 +1,764 @@
+//! The versioned, framed wire format of a pre-copy migration stream.
+//!
+//! ```text
+//! stream   = preamble header-frame frame*
+//! preamble = magic "DIRTYLG\0" (8 bytes) | version u32 (= 1)
+//! frame    = type u8 | flags u8 (= 0) | length u32 | payload[length] | crc32c u32
+//! ```
+//!
+//! Integers are little-endian. The CRC32C covers the type, flags and length bytes and the
+//! payload, so a flipped bit anywhere in a frame is caught. Each payload starts with fixed
+//! fields; `Pages`, `VcpuState` and `Error` then carry variable data:
+//!
+//! | type | frame       | fixed fields                                | data                     |
+//! |------|-------------|---------------------------------------------|--------------------------|
+//! | 1    | header      | page_size u32, vcpu_count u32, nregions u32 | nregions region entries  |
+//! | 2    | `Pages`     | slot u32, first_page u64, npages u64        | npages × page_size bytes |
+//! | 3    | `ZeroPages` | slot u32, first_page u64, npages u64        |                          |
+//! | 4    | `RoundEnd`  | round u64, dirty_pages u64                  |                          |
+//! | 5    | `VcpuState` | vcpu_id u32                                 | blob                     |
+//! | 6    | `MemHash`   | slot u32, hash u64                          |                          |
+//! | 7    | `Done`      |                                             |                          |
+//! | 8    | `Error`     | code u32                                    | UTF-8 message            |
+//! | 9    | `Ack`       | code u32                                    |                          |
+//! | 10   | `Cancel`    |                                             |                          |
+//!
+//! A region entry is slot u32, gpa u64, size u64.
+//!
+//! Every length is bounded per type ([`MAX_PAYLOAD`] overall) and checked before anything is
+//! read or allocated; every page range is checked against the header's memory map.
+//!
+//! The sender's [`Encoder`] writes each frame as three slices (header and fixed fields, the
+//! borrowed data, the CRC) with one vectored write: guest memory is never copied. The
+//! receiver's [`Decoder`] reads into buffers it reuses, and a `Pages` frame's data straight into
+//! the destination memory once its range has been validated.
+//!
+//! ```
+//! use dirtylog_migrate::wire::{Decoder, Encoder, Message, PageRange, Region, StreamHeader};
+//!
+//! let header = StreamHeader::new(4096, 1, vec![Region { slot: 0, gpa: 0, size: 4 * 4096 }])?;
+//! let guest = vec![0xab_u8; 4 * 4096];
+//!
+//! let mut stream = Vec::new();
+//! let mut encoder = Encoder::new(&mut stream, header)?;
+//! let range = PageRange { slot: 0, first_page: 1, npages: 2 };
+//! encoder.send(Message::Pages { range, data: &guest[4096..3 * 4096] })?;
+//! encoder.send(Message::Done)?;
+//!
+//! let mut decoder = Decoder::new(stream.as_slice())?;
+//! let mut memory = vec![vec![0u8; 4 * 4096]]; // one buffer per region of the header
+//! while let Some(message) = decoder.next(&mut memory)? {
+//!     if message == Message::Done {
+//!         break;
+//!     }
+//! }
+//! assert_eq!(memory[0][4096..3 * 4096], guest[4096..3 * 4096]);
+//! assert!(memory[0][..4096].iter().all(|&b| b == 0));
+//! # Ok::<(), dirtylog_migrate::wire::WireError>(())
+//! ```
+
+mod error;
+mod header;
+
+use std::io::{self, IoSlice, Read, Write};
+
+pub use error::WireError;
+pub use header::{PageRange, Region, StreamHeader};
+
+/// First bytes of every stream.
+pub const MAGIC: [u8; 8] = *b"DIRTYLG\0";
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Smallest page size a header may declare.
+pub const MIN_PAGE_SIZE: u32 = 4096;
+/// Largest page size a header may declare (tracking at 2 MiB huge-page granularity).
+pub const MAX_PAGE_SIZE: u32 = 2 << 20;
+/// Most vCPUs a header may declare (KVM's `KVM_MAX_VCPUS` on x86).
+pub const MAX_VCPUS: u32 = 4096;
+/// Most regions in the memory map.
+pub const MAX_REGIONS: usize = 512;
+/// Most guest memory, in bytes, the memory map may add up to: 1 TiB.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
+/// Most bytes of page data in one `Pages` frame: 16 MiB, a multiple of every page size.
+pub const MAX_PAGES_BYTES: usize = 16 << 20;
+/// Largest `VcpuState` blob: 1 MiB, well above KVM's register, XSAVE and nested state.
+pub const MAX_VCPU_BLOB: usize = 1 << 20;
+/// Longest `Error` message, in bytes.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// Largest payload of any frame: a full `Pages` frame.
+pub const MAX_PAYLOAD: u32 = (PAGES_FIXED + MAX_PAGES_BYTES) as u32;
+
+/// Bytes of a frame header: type, flags, length.
+const FRAME_HEAD: usize = 6;
+/// Bytes of the fixed fields of `Pages` and `ZeroPages`, the largest of any frame.
+const PAGES_FIXED: usize = 20;
+/// Room for the fixed fields of any frame.
+const FIXED_MAX: usize = PAGES_FIXED;
+
+/// The content hash carried by [`Message::MemHash`]: XXH3-64 of the region's bytes.
+///
+/// The hash is an end-to-end check against bugs in the migration (a page never sent, sent
+/// from the wrong round, written to the wrong place), not against an adversary: the stream
+/// itself is only CRC-protected. XXH3 hashes at memory bandwidth, so checking a large slot
+/// costs about as much as reading it, and 64 bits make a chance collision (2^-64 per slot)
+/// irrelevant next to the bugs it is there to catch. A cryptographic hash such as BLAKE3
+/// would be several times slower per core for no benefit here.
+pub fn mem_hash(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// One message of the stream. Borrowed data lets the sender frame guest memory in place and
+/// the receiver hand out its buffers without copying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// A run of whole pages with their contents, `range.npages × page_size` bytes.
+    Pages {
+        /// Where the pages go.
+        range: PageRange,
+        /// Their contents.
+        data: &'a [u8],
+    },
+    /// A run of pages that are all zero: a marker, no bytes. Decoding leaves memory alone; the
+    /// receiver zeroes the range, or knows it is still zero.
+    ZeroPages(PageRange),
+    /// The end of a round of pre-copy.
+    RoundEnd {
+        /// The round that ended, from 0.
+        round: u64,
+        /// Pages found dirty at the start of the round.
+        dirty_pages: u64,
+    },
+    /// Opaque saved state of one vCPU.
+    VcpuState {
+        /// The vCPU's index, below the header's vCPU count.
+        vcpu_id: u32,
+        /// Its state, at most [`MAX_VCPU_BLOB`] bytes.
+        blob: &'a [u8],
+    },
+    /// The [`mem_hash`] of a whole region, for the receiver to compare with its copy.
+    MemHash {
+        /// The region's slot id.
+        slot: u32,
+        /// XXH3-64 of the region's bytes.
+        hash: u64,
+    },
+    /// The sender has sent everything.
+    Done,
+    /// Either side gives up.
+    Error {
+        /// Application-defined error code.
+        code: u32,
+        /// What went wrong, at most [`MAX_ERROR_MESSAGE`] bytes.
+        message: &'a str,
+    },
+    /// Receiver to sender: acknowledgement.
+    Ack {
+        /// Application-defined status; 0 for success.
+        code: u32,
+    },
+    /// Either side cancels the migration.
+    Cancel,
+}
+
+/// The frame types. `Header` only starts a stream; the others carry a [`Message`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Header = 1,
+    Pages,
+    ZeroPages,
+    RoundEnd,
+    VcpuState,
+    MemHash,
+    Done,
+    Error,
+    Ack,
+    Cancel,
+}
+
+impl Kind {
+    const ALL: [Kind; 10] = [
+        Kind::Header,
+        Kind::Pages,
+        Kind::ZeroPages,
+        Kind::RoundEnd,
+        Kind::VcpuState,
+        Kind::MemHash,
+        Kind::Done,
+        Kind::Error,
+        Kind::Ack,
+        Kind::Cancel,
+    ];
+
+    fn from_u8(byte: u8) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| *k as u8 == byte)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Header => "header frame",
+            Kind::Pages => "Pages frame",
+            Kind::ZeroPages => "ZeroPages frame",
+            Kind::RoundEnd => "RoundEnd frame",
+            Kind::VcpuState => "VcpuState frame",
+            Kind::MemHash => "MemHash frame",
+            Kind::Done => "Done frame",
+            Kind::Error => "Error frame",
+            Kind::Ack => "Ack frame",
+            Kind::Cancel => "Cancel frame",
+        }
+    }
+
+    /// Bytes of fixed fields, and the most bytes of data after them.
+    fn layout(self) -> (usize, usize) {
+        match self {
+            Kind::Header => (12, MAX_REGIONS * header::REGION_ENTRY),
+            Kind::Pages => (PAGES_FIXED, MAX_PAGES_BYTES),
+            Kind::ZeroPages => (PAGES_FIXED, 0),
+            Kind::RoundEnd => (16, 0),
+            Kind::VcpuState => (4, MAX_VCPU_BLOB),
+            Kind::MemHash => (12, 0),
+            Kind::Done | Kind::Cancel => (0, 0),
+            Kind::Error => (4, MAX_ERROR_MESSAGE),
+            Kind::Ack => (4, 0),
+        }
+    }
+
+    /// Check a payload length against this type's bounds.
+    fn check_len(self, len: u64) -> Result<(), WireError> {
+        let (fixed, data) = self.layout();
+        let (min, max) = (fixed as u64, (fixed + data) as u64);
+        if (min..=max).contains(&len) {
+            return Ok(());
+        }
+        Err(WireError::Length {
+            frame: self.name(),
+            len,
+            min,
+            max,
+        })
+    }
+}
+
+/// Fixed fields being encoded.
+#[derive(Default)]
+struct Fixed {
+    buf: [u8; FIXED_MAX],
+    len: usize,
+}
+
+impl Fixed {
+    fn put(mut self, bytes: &[u8]) -> Self {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        self
+    }
+
+    fn u32(self, v: u32) -> Self {
+        self.put(&v.to_le_bytes())
+    }
+
+    fn u64(self, v: u64) -> Self {
+        self.put(&v.to_le_bytes())
+    }
+
+    fn range(self, r: PageRange) -> Self {
+        self.u32(r.slot).u64(r.first_page).u64(r.npages)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Fixed fields being decoded. Always over a slice sized by [`Kind::layout`] for the fields
+/// read, so the slicing cannot fail.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let (head, rest) = self.0.split_at(N);
+        self.0 = rest;
+        let mut out = [0; N];
+        out.copy_from_slice(head);
+        out
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+
+    fn range(&mut self) -> PageRange {
+        PageRange {
+            slot: self.u32(),
+            first_page: self.u64(),
+            npages: self.u64(),
+        }
+    }
+}
+
+fn encode_fields<'a>(msg: Message<'a>) -> (Kind, Fixed, &'a [u8]) {
+    let f = Fixed::default();
+    match msg {
+        Message::Pages { range, data } => (Kind::Pages, f.range(range), data),
+        Message::ZeroPages(range) => (Kind::ZeroPages, f.range(range), &[]),
+        Message::RoundEnd { round, dirty_pages } => {
+            (Kind::RoundEnd, f.u64(round).u64(dirty_pages), &[])
+        }
+        Message::VcpuState { vcpu_id, blob } => (Kind::VcpuState, f.u32(vcpu_id), blob),
+        Message::MemHash { slot, hash } => (Kind::MemHash, f.u32(slot).u64(hash), &[]),
+        Message::Done => (Kind::Done, f, &[]),
+        Message::Error { code, message } => (Kind::Error, f.u32(code), message.as_bytes()),
+        Message::Ack { code } => (Kind::Ack, f.u32(code), &[]),
+        Message::Cancel => (Kind::Cancel, f, &[]),
+    }
+}
+
+fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message<'a>, WireError> {
+    let mut f = Fields(fixed);
+    Ok(match kind {
+        Kind::Header => {
+            return Err(WireError::UnexpectedFrame {
+                found: kind.name(),
+                expected: "a message frame",
+            })
+        }
+        Kind::Pages => Message::Pages {
+            range: f.range(),
+            data,
+        },
+        Kind::ZeroPages => Message::ZeroPages(f.range()),
+        Kind::RoundEnd => Message::RoundEnd {
+            round: f.u64(),
+            dirty_pages: f.u64(),
+        },
+        Kind::VcpuState => Message::VcpuState {
+            vcpu_id: f.u32(),
+            blob: data,
+        },
+        Kind::MemHash => Message::MemHash {
+            slot: f.u32(),
+            hash: f.u64(),
+        },
+        Kind::Done => Message::Done,
+        Kind::Error => Message::Error {
+            code: f.u32(),
+            message: std::str::from_utf8(data).map_err(|_| WireError::Utf8)?,
+        },
+        Kind::Ack => Message::Ack { code: f.u32() },
+        Kind::Cancel => Message::Cancel,
+    })
+}
+
+impl StreamHeader {
+    /// Check a message against the memory map and vCPU count.
+    fn validate(&self, msg: &Message<'_>) -> Result<(), WireError> {
+        match *msg {
+            Message::Pages { range, data } => self.check_pages(range, data.len()).map(drop),
+            Message::ZeroPages(range) => self.check_range(range).map(drop),
+            Message::VcpuState { vcpu_id, .. } if vcpu_id >= self.vcpu_count() => {
+                Err(WireError::VcpuId {
+                    id: vcpu_id,
+                    count: self.vcpu_count(),
+                })
+            }
+            Message::MemHash { slot, .. } => self.region(slot).map(drop),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One encoded frame, ready to write: its header and fixed fields, the borrowed data, and the
+/// CRC. Nothing of the data is copied; write it with [`Frame::write_to`] or hand
+/// [`Frame::io_slices`] to your own I/O.
+#[derive(Clone, Copy, Debug)]
+pub struct Frame<'a> {
+    head: [u8; FRAME_HEAD + FIXED_MAX],
+    head_len: usize,
+    data: &'a [u8],
+    crc: [u8; 4],
+}
+
+impl<'a> Frame<'a> {
+    /// Validate `msg` against `header` and frame it.
+    pub fn new(header: &StreamHeader, msg: Message<'a>) -> Result<Self, WireError> {
+        let (kind, fixed, data) = encode_fields(msg);
+        kind.check_len((fixed.len + data.len()) as u64)?;
+        header.validate(&msg)?;
+        Ok(Frame::build(kind, &fixed, data))
+    }
+
+    /// Frame a payload whose length has been checked against `kind`'s bounds.
+    fn build(kind: Kind, fixed: &Fixed, data: &'a [u8]) -> Self {
+        debug_assert_eq!(fixed.len, kind.layout().0, "{} fixed fields", kind.name());
+        // Bounded by Kind::layout, far below u32::MAX.
+        let len = (fixed.len + data.len()) as u32;
+        let mut head = [0; FRAME_HEAD + FIXED_MAX];
+        head[0] = kind as u8;
+        head[2..FRAME_HEAD].copy_from_slice(&len.to_le_bytes());
+        let head_len = FRAME_HEAD + fixed.len;
+        head[FRAME_HEAD..head_len].copy_from_slice(fixed.as_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head[..head_len]), data);
+        Frame {
+            head,
+            head_len,
+            data,
+            crc: crc.to_le_bytes(),
+        }
+    }
+
+    /// The frame as three slices, for a vectored write.
+    pub fn io_slices(&self) -> [IoSlice<'_>; 3] {
+        [
+            IoSlice::new(&self.head[..self.head_len]),
+            IoSlice::new(self.data),
+            IoSlice::new(&self.crc),
+        ]
+    }
+
+    /// Bytes the frame occupies on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.head_len + self.data.len() + self.crc.len()
+    }
+
+    /// Write the whole frame with vectored writes, retrying partial and interrupted writes.
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
+        let mut parts = [&self.head[..self.head_len], self.data, &self.crc[..]];
+        while parts.iter().any(|p| !p.is_empty()) {
+            let mut n = match w.write_vectored(&parts.map(IoSlice::new)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for part in &mut parts {
+                let k = n.min(part.len());
+                *part = &part[k..];
+                n -= k;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sending side of a stream: validates each message against the header and writes it as
+/// one frame, without copying its data. An invalid message is refused before anything is
+/// written; after an I/O error the stream may hold part of a frame and must be abandoned.
+/// Each frame is one vectored write: give it an unbuffered socket, or a buffered writer.
+#[derive(Debug)]
+pub struct Encoder<W> {
+    writer: W,
+    header: StreamHeader,
+    position: u64,
+}
+
+impl<W: Write> Encoder<W> {
+    /// Start a stream: write the preamble and the header frame.
+    pub fn new(writer: W, header: StreamHeader) -> Result<Self, WireError> {
+        let mut encoder = Encoder::back_channel(writer, header);
+        let mut preamble = [0; 12];
+        preamble[..8].copy_from_slice(&MAGIC);
+        preamble[8..].copy_from_slice(&VERSION.to_le_bytes());
+        encoder.writer.write_all(&preamble)?;
+        encoder.position = preamble.len() as u64;
+        let (fixed, entries) = encoder.header.encode();
+        encoder.write(&Frame::build(Kind::Header, &fixed, &entries))?;
+        Ok(encoder)
+    }
+
+    /// An encoder that writes no preamble or header: for the receiver's replies (`Ack`,
+    /// `Error`, `Cancel`) on the return channel, whose header both sides already know.
+    pub fn back_channel(writer: W, header: StreamHeader) -> Self {
+        Encoder {
+            writer,
+            header,
+            position: 0,
+        }
+    }
+
+    /// Validate `msg` and write it as one frame.
+    pub fn send(&mut self, msg: Message<'_>) -> Result<(), WireError> {
+        let frame = Frame::new(&self.header, msg)?;
+        self.write(&frame)
+    }
+
+    fn write(&mut self, frame: &Frame<'_>) -> Result<(), WireError> {
+        frame.write_to(&mut self.writer)?;
+        self.position += frame.wire_len() as u64;
+        Ok(())
+    }
+
+    /// The stream's header.
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Bytes written so far, preamble and header included.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The writer back.
+    pub fn into_inner(self) -> W {
+        self.writer
+    }
+}
+
+/// Where a receiver's `Pages` data lands: one byte slice per region of the header, indexed
+/// as [`StreamHeader::regions`]. Each must be exactly its region's size.
+pub trait GuestMemoryMut {
+    /// The memory of region `index`, or `None` if there is none.
+    fn region_mut(&mut self, index: usize) -> Option<&mut [u8]>;
+}
+
+impl<T: AsMut<[u8]>> GuestMemoryMut for [T] {
+    fn region_mut(&mut self, index: usize) -> Option<&mut [u8]> {
+        self.get_mut(index).map(AsMut::as_mut)
+    }
+}
+
+impl<T: AsMut<[u8]>> GuestMemoryMut for Vec<T> {
+    fn region_mut(&mut self, index: usize) -> Option<&mut [u8]> {
+        self.as_mut_slice().region_mut(index)
+    }
+}
+
+/// No memory at all: for the return channel, where a `Pages` frame is an error.
+impl GuestMemoryMut for () {
+    fn region_mut(&mut self, _: usize) -> Option<&mut [u8]> {
+        None
+    }
+}
+
+/// The reading half: counts bytes and keeps the running CRC of the current frame.
+#[derive(Debug)]
+struct Input<R> {
+    reader: R,
+    position: u64,
+    crc: u32,
+}
+
+impl<R: Read> Input<R> {
+    fn new(reader: R) -> Self {
+        Input {
+            reader,
+            position: 0,
+            crc: 0,
+        }
+    }
+
+    /// Read until `buf` is full or the stream ends; returns the bytes read.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<usize, WireError> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.reader.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.position += n as u64;
+        Ok(n)
+    }
+
+    fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
+        if self.fill(buf)? < buf.len() {
+            return Err(WireError::Truncated {
+                offset: self.position,
+                what,
+            });
+        }
+        Ok(())
+    }
+
+    /// The next frame's type and payload length, checked against the type's bounds; `None`
+    /// if the stream ends cleanly before it.
+    fn frame_head(&mut self) -> Result<Option<(Kind, usize)>, WireError> {
+        let mut head = [0; FRAME_HEAD];
+        match self.fill(&mut head)? {
+            0 => return Ok(None),
+            FRAME_HEAD => {}
+            _ => {
+                return Err(WireError::Truncated {
+                    offset: self.position,
+                    what: "frame header",
+                })
+            }
+        }
+        let kind = Kind::from_u8(head[0]).ok_or(WireError::UnknownType(head[0]))?;
+        if head[1] != 0 {
+            return Err(WireError::Flags {
+                frame: kind.name(),
+                flags: head[1],
+            });
+        }
+        let len = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
+        kind.check_len(u64::from(len))?;
+        self.crc = crc32c::crc32c(&head);
+        Ok(Some((kind, len as usize)))
+    }
+
+    /// Read payload bytes of a `kind` frame into `buf`.
+    fn payload(&mut self, buf: &mut [u8], kind: Kind) -> Result<(), WireError> {
+        self.exact(buf, kind.name())?;
+        self.crc = crc32c::crc32c_append(self.crc, buf);
+        Ok(())
+    }
+
+    /// Read the frame's CRC and compare it with the running one.
+    fn check_crc(&mut self, kind: Kind) -> Result<(), WireError> {
+        let mut stored = [0; 4];
+        self.exact(&mut stored, kind.name())?;
+        let stored = u32::from_le_bytes(stored);
+        if stored != self.crc {
+            return Err(WireError::Crc {
+                frame: kind.name(),
+                offset: self.position,
+                computed: self.crc,
+                stored,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The receiving side of a stream. Reuses one buffer for the data of non-`Pages` frames and
+/// reads `Pages` data into the destination memory, so steady-state decoding allocates nothing.
+/// It issues small reads (frame headers, CRCs): give it a buffered reader. After an error it
+/// is out of step with the stream and must be dropped.
+#[derive(Debug)]
+pub struct Decoder<R> {
+    input: Input<R>,
+    header: StreamHeader,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> Decoder<R> {
+    /// Read and validate the preamble and the header frame.
+    pub fn new(reader: R) -> Result<Self, WireError> {
+        let mut input = Input::new(reader);
+        let mut preamble = [0; 12];
+        input.exact(&mut preamble, "stream preamble")?;
+        let mut magic = [0; 8];
+        magic.copy_from_slice(&preamble[..8]);
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u32::from_le_bytes([preamble[8], preamble[9], preamble[10], preamble[11]]);
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let mut buf = Vec::new();
+        let header = read_header(&mut input, &mut buf)?;
+        Ok(Decoder { input, header, buf })
+    }
+
+    /// A decoder for a stream without preamble or header: the return channel, whose header
+    /// both sides already know.
+    pub fn back_channel(reader: R, header: StreamHeader) -> Self {
+        Decoder {
+            input: Input::new(reader),
+            header,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The stream's header.
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.input.position
+    }
+
+    /// The next message, or `None` if the stream ends cleanly between frames (whether that is
+    /// acceptable before [`Message::Done`] is for the caller to decide).
+    ///
+    /// A `Pages` frame's range is validated before its data is read straight into `memory`;
+    /// the returned `data` is that destination. Its CRC is checked after: if that fails the
+    /// destination holds unverified bytes and the migration must not resume the guest.
+    pub fn next<'a, M>(&'a mut self, memory: &'a mut M) -> Result<Option<Message<'a>>, WireError>
+    where
+        M: GuestMemoryMut + ?Sized,
+    {
+        let Some((kind, len)) = self.input.frame_head()? else {
+            return Ok(None);
+        };
+        let mut fixed = [0; FIXED_MAX];
+        let fixed = &mut fixed[..kind.layout().0];
+        self.input.payload(fixed, kind)?;
+        let data_len = len - fixed.len();
+        let data = if kind == Kind::Pages {
+            let range = Fields(fixed).range();
+            let index = self.header.check_pages(range, data_len)?;
+            destination(&self.header, memory, index, range)?
+        } else {
+            self.buf.resize(data_len, 0);
+            &mut self.buf[..]
+        };
+        self.input.payload(data, kind)?;
+        self.input.check_crc(kind)?;
+        let msg = decode_fields(kind, fixed, data)?;
+        self.header.validate(&msg)?;
+        Ok(Some(msg))
+    }
+
+    /// The reader back.
+    pub fn into_inner(self) -> R {
+        self.input.reader
+    }
+}
+
+/// Read the header frame that follows the preamble.
+fn read_header<R: Read>(
+    input: &mut Input<R>,
+    buf: &mut Vec<u8>,
+) -> Result<StreamHeader, WireError> {
+    let Some((kind, len)) = input.frame_head()? else {
+        return Err(WireError::Truncated {
+            offset: input.position,
+            what: "stream header",
+        });
+    };
+    if kind != Kind::Header {
+        return Err(WireError::UnexpectedFrame {
+            found: kind.name(),
+            expected: "the header frame",
+        });
+    }
+    buf.resize(len, 0);
+    input.payload(buf, kind)?;
+    input.check_crc(kind)?;
+    let (fixed, entries) = buf.split_at(kind.layout().0);
+    StreamHeader::decode(fixed, entries)
+}
+
+/// The bytes of `range` in `memory`, which must hold region `index` at its full size.
+fn destination<'m, M: GuestMemoryMut + ?Sized>(
+    header: &StreamHeader,
+    memory: &'m mut M,
+    index: usize,
+    range: PageRange,
+) -> Result<&'m mut [u8], WireError> {
+    let size = header.regions()[index].size;
+    match memory.region_mut(index) {
+        Some(region) if region.len() as u64 == size => {
+            // In bounds: the range was checked against the region, and the region is `size`.
+            let page_size = u64::from(header.page_size());
+            let start = (range.first_page * page_size) as usize;
+            let len = (range.npages * page_size) as usize;
+            Ok(&mut region[start..start + len])
+        }
+        other => Err(WireError::Destination {
+            slot: range.slot,
+            have: other.map_or(0, |r| r.len() as u64),
+            size,
+        }),
+    }
+}

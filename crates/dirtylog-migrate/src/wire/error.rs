@@ -1,0 +1,174 @@
+//! What can be wrong with a migration stream.
+
+use std::io;
+
+use super::{MAX_GUEST_MEMORY, MAX_PAGE_SIZE, MAX_REGIONS, MAX_VCPUS, MIN_PAGE_SIZE, VERSION};
+
+/// An error encoding or decoding a migration stream. Each message says what was wrong and,
+/// for input, where.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The underlying reader or writer failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The stream ended in the middle of something; a stream that ends between two frames is
+    /// not an error (see [`Decoder::next`](super::Decoder::next)).
+    #[error("stream truncated at byte {offset}: incomplete {what}")]
+    Truncated {
+        /// Bytes read before the end of the stream.
+        offset: u64,
+        /// What was being read: the preamble, a frame header or a named frame.
+        what: &'static str,
+    },
+    /// The stream does not start with [`MAGIC`](super::MAGIC).
+    #[error("bad magic {0:02x?}: not a dirtylog migration stream")]
+    BadMagic([u8; 8]),
+    /// The stream's version is not [`VERSION`](super::VERSION).
+    #[error("unsupported stream version {0} (this build speaks version {VERSION})")]
+    UnsupportedVersion(u32),
+    /// The header's page size is not a power of two in the supported range.
+    #[error("page size {0} is not a power of two between {MIN_PAGE_SIZE} and {MAX_PAGE_SIZE}")]
+    PageSize(u32),
+    /// The header's vCPU count is zero or above [`MAX_VCPUS`](super::MAX_VCPUS).
+    #[error("vCPU count {0} is outside 1..={MAX_VCPUS}")]
+    VcpuCount(u32),
+    /// The memory map has more than [`MAX_REGIONS`](super::MAX_REGIONS) regions.
+    #[error("memory map has {0} regions, more than the limit of {MAX_REGIONS}")]
+    TooManyRegions(usize),
+    /// A region of the memory map is empty, unaligned or wraps the address space.
+    #[error("region slot {slot} (gpa {gpa:#x}, size {size:#x}) {why}")]
+    BadRegion {
+        /// The region's slot id.
+        slot: u32,
+        /// The region's guest physical address.
+        gpa: u64,
+        /// The region's size in bytes.
+        size: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// Two regions of the memory map have the same slot id.
+    #[error("slot {0} appears twice in the memory map")]
+    DuplicateSlot(u32),
+    /// Two regions of the memory map overlap in guest physical memory.
+    #[error("regions slot {0} and slot {1} overlap")]
+    OverlappingRegions(u32, u32),
+    /// The memory map adds up to more than [`MAX_GUEST_MEMORY`](super::MAX_GUEST_MEMORY).
+    #[error("total guest memory of {0} bytes exceeds the limit of {MAX_GUEST_MEMORY} bytes")]
+    TooMuchMemory(u64),
+    /// A frame's type byte is not one this version defines.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// A known frame where the stream needs another: a header mid-stream, or a message first.
+    #[error("unexpected {found}: expected {expected}")]
+    UnexpectedFrame {
+        /// The frame found.
+        found: &'static str,
+        /// What the stream needs at this point.
+        expected: &'static str,
+    },
+    /// A frame sets flags; version 1 defines none.
+    #[error("{frame} has flags {flags:#04x}; version 1 defines none")]
+    Flags {
+        /// The frame.
+        frame: &'static str,
+        /// The flags byte.
+        flags: u8,
+    },
+    /// A frame's payload length is impossible for its type. Checked before anything is
+    /// allocated or read.
+    #[error("{frame} payload of {len} bytes is outside the allowed {min}..={max}")]
+    Length {
+        /// The frame.
+        frame: &'static str,
+        /// The payload length declared (decoding) or needed (encoding).
+        len: u64,
+        /// The smallest payload of this type.
+        min: u64,
+        /// The largest payload of this type.
+        max: u64,
+    },
+    /// The header frame's region count disagrees with its length.
+    #[error("header declares {declared} regions but carries {bytes} bytes of region entries")]
+    RegionCount {
+        /// The region count the header declares.
+        declared: u32,
+        /// Bytes of region entries it carries (20 per region).
+        bytes: usize,
+    },
+    /// A frame's CRC32C does not match its contents.
+    #[error(
+        "CRC mismatch in {frame} ending at byte {offset}: computed {computed:#010x}, \
+         frame carries {stored:#010x}"
+    )]
+    Crc {
+        /// The frame.
+        frame: &'static str,
+        /// Stream offset just past the frame.
+        offset: u64,
+        /// CRC32C of what was received.
+        computed: u32,
+        /// CRC32C the frame carries.
+        stored: u32,
+    },
+    /// A range, hash or destination names a slot that the memory map lacks.
+    #[error("range names slot {0}, which is not in the memory map")]
+    UnknownSlot(u32),
+    /// A range of zero pages.
+    #[error("range slot {slot} at page {first_page} is empty")]
+    EmptyRange {
+        /// The range's slot id.
+        slot: u32,
+        /// The range's first page.
+        first_page: u64,
+    },
+    /// A range that does not fit in its region.
+    #[error(
+        "range slot {slot} pages {first_page}..{end} is past the end of the region \
+         ({region_pages} pages)"
+    )]
+    RangePastEnd {
+        /// The range's slot id.
+        slot: u32,
+        /// The range's first page.
+        first_page: u64,
+        /// One past its last page (wide enough never to overflow).
+        end: u128,
+        /// Pages in the region.
+        region_pages: u64,
+    },
+    /// A `Pages` frame whose data is not exactly its pages.
+    #[error(
+        "Pages frame for {npages} pages of {page_size} bytes carries {data_len} bytes of data"
+    )]
+    PagesLength {
+        /// Pages in the range.
+        npages: u64,
+        /// The stream's page size.
+        page_size: u32,
+        /// Bytes of page data.
+        data_len: usize,
+    },
+    /// A `VcpuState` frame for a vCPU the stream does not have.
+    #[error("vCPU id {id} is out of range (the stream has {count} vCPUs)")]
+    VcpuId {
+        /// The vCPU id.
+        id: u32,
+        /// vCPUs in the stream header.
+        count: u32,
+    },
+    /// An `Error` frame's message is not UTF-8.
+    #[error("Error frame message is not valid UTF-8")]
+    Utf8,
+    /// The receiver's memory for a region is missing or not the region's size.
+    #[error("destination memory for slot {slot} is {have} bytes; the region is {size} bytes")]
+    Destination {
+        /// The region's slot id.
+        slot: u32,
+        /// Bytes of destination memory supplied (0 if none).
+        have: u64,
+        /// The region's size.
+        size: u64,
+    },
+}
