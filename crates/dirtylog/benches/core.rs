@@ -410,12 +410,12 @@ fn bitmap_benches(rep: &mut Report, levels: &[Level]) -> Core {
     vm.get_dirty_log(0, &mut out).expect("initial GET");
 
     rep.heading("Memory: a 1 GiB logging slot (262 144 pages)");
-    let floor = 2.0 * NPAGES as f64 / 8.0 / 1024.0;
+    let floor = NPAGES as f64 / 8.0 / 1024.0;
     rep.table(
         &["what", "RSS delta KiB", "heap delta KiB", "expected KiB"],
         &[
             vec![
-                "create logging slot (bitmap + snapshot)".into(),
+                "create logging slot (bitmap)".into(),
                 (rss1 - rss0).to_string(),
                 f2((heap1 - heap0) as f64 / 1024.0),
                 f2(floor),
@@ -435,7 +435,7 @@ fn bitmap_benches(rep: &mut Report, levels: &[Level]) -> Core {
         ],
     );
     rep.line(&format!(
-        "  floor: 2 bits/page = {floor:.0} KiB per GiB of 4 KiB pages (live bitmap + GET snapshot); \
+        "  floor: 1 bit/page = {floor:.0} KiB per GiB of 4 KiB pages (KVM: 2 bits, bitmap + GET buffer); \
          the SPT (1 bit/page) and RAM model (8 B/page) belong to the reference arch, not to logging"
     ));
     rep.metric(
@@ -1340,8 +1340,8 @@ fn bandwidth_and_summary(rep: &mut Report, core: &Core) {
                 proc_status_kib("VmRSS").to_string(),
             ],
             vec![
-                "floor: bitmaps of one 1 GiB slot (2 bits/page)".into(),
-                (2 * NPAGES / 8 / 1024).to_string(),
+                "floor: bitmap of one 1 GiB slot (1 bit/page)".into(),
+                (NPAGES / 8 / 1024).to_string(),
             ],
             vec![
                 "floor: one ring of 65536 entries (16 B/entry)".into(),

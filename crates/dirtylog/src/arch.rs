@@ -48,8 +48,9 @@ pub trait ArchMmu: Send + Sync {
         Err(Unsupported)
     }
 
-    /// Handle a `KVM_REQ_TLB_FLUSH` broadcast: the generic request mechanism made every vCPU
-    /// acknowledge, so an arch with per-vCPU TLBs has nothing more to do. Arches that need a
-    /// final step (none so far) override this.
+    /// Zap every translation of a slot that is being deleted or moved
+    /// (`kvm_arch_flush_shadow_memslot`), with the MMU lock held; the generic code flushes
+    /// TLBs afterwards. An arch that keeps its per-slot tables in the memslot's arch data
+    /// (as the reference arch does) has nothing to do: a moved slot starts with fresh data.
     fn flush_shadow_memslot(&self, _mmu: &MmuGuard<'_>, _slot: &Memslot) {}
 }

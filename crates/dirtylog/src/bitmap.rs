@@ -1,11 +1,14 @@
 //! The per-memslot dirty bitmap.
 //!
 //! Mirrors KVM's: one bit per page in little-endian bit order (bit `n` of the bitmap is bit
-//! `n % 64` of 64-bit word `n / 64`), `ALIGN(npages, 64) / 8` bytes, set lock-free by vCPUs, and a
-//! second buffer of the same size (KVM's `kvm_second_dirty_bitmap()`) that GET uses as its
-//! snapshot. Together the two cost exactly 2 bits per page.
+//! `n % 64` of 64-bit word `n / 64`), `ALIGN(npages, 64) / 8` bytes, set lock-free by vCPUs.
+//!
+//! KVM allocates a second bitmap of the same size (`kvm_second_dirty_bitmap()`) because GET
+//! clears bits before `copy_to_user`, which can fault. Our GET writes into an exclusively
+//! borrowed output slice whose length is checked before any bit is cleared, so it needs no
+//! intermediate buffer: a logging slot costs 1 bit per page, half of KVM's 2.
 
-use crate::sync::{lock, AtomicU64, Mutex, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// Bytes of a dirty bitmap for `npages` pages: `ALIGN(npages, 64) / 8`, as `kvm_dirty_bitmap_bytes()`.
 pub const fn dirty_bitmap_bytes(npages: u64) -> usize {
@@ -17,14 +20,11 @@ pub const fn dirty_bitmap_words(npages: u64) -> usize {
     npages.div_ceil(64) as usize
 }
 
-/// A memslot's dirty bitmap: the live atomic words and the scratch snapshot buffer.
+/// A memslot's dirty bitmap: atomic words, one bit per page.
 #[derive(Debug)]
 pub struct DirtyBitmap {
     npages: u64,
     live: Box<[AtomicU64]>,
-    /// KVM's second bitmap. Only GET touches it, under the slots lock; the mutex is never
-    /// contended and exists so that the core needs no `unsafe`.
-    scratch: Mutex<Box<[u64]>>,
 }
 
 impl DirtyBitmap {
@@ -34,7 +34,6 @@ impl DirtyBitmap {
         DirtyBitmap {
             npages,
             live: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            scratch: Mutex::new(vec![0u64; n].into_boxed_slice()),
         }
     }
 
@@ -98,8 +97,13 @@ impl DirtyBitmap {
 
     /// Atomically clear `mask` in word `i` and return the bits of `mask` that were set
     /// (KVM's `mask & atomic_long_fetch_andnot(mask, ...)`).
+    /// A word with none of the requested bits set is left untouched: a bit set after the
+    /// read is dirty after the clear, exactly as if the clear had come first.
     #[inline]
     pub fn clear_word_bits(&self, i: usize, mask: u64) -> u64 {
+        if self.live[i].load(Ordering::Acquire) & mask == 0 {
+            return 0;
+        }
         mask & self.live[i].fetch_and(!mask, Ordering::AcqRel)
     }
 
@@ -118,10 +122,27 @@ impl DirtyBitmap {
             .sum()
     }
 
-    /// Run `f` with the scratch buffer. The caller holds the slots lock.
-    pub(crate) fn with_scratch<R>(&self, f: impl FnOnce(&mut [u64]) -> R) -> R {
-        let mut g = lock(&self.scratch);
-        f(&mut g)
+    /// GET's core: for every word, take it (xchg with 0) into `out` and call `f(i, mask)`
+    /// for each non-zero one; clean words, skipped eight at a time, are written as 0.
+    /// `out` must hold at least `words()` words.
+    pub fn take_into(&self, out: &mut [u64], mut f: impl FnMut(usize, u64)) {
+        let out = &mut out[..self.live.len()];
+        for (c, (live, o)) in self.live.chunks(8).zip(out.chunks_mut(8)).enumerate() {
+            if live.iter().fold(0, |a, w| a | w.load(Ordering::Acquire)) == 0 {
+                o.fill(0);
+                continue;
+            }
+            for (j, (w, o)) in live.iter().zip(o.iter_mut()).enumerate() {
+                *o = if w.load(Ordering::Acquire) == 0 {
+                    0
+                } else {
+                    w.swap(0, Ordering::AcqRel)
+                };
+                if *o != 0 {
+                    f(c * 8 + j, *o);
+                }
+            }
+        }
     }
 }
 
@@ -148,8 +169,17 @@ impl Iterator for Runs<'_> {
     type Item = (u64, u64);
 
     fn next(&mut self) -> Option<(u64, u64)> {
-        // Find the first set bit.
+        // Find the first set bit, skipping aligned blocks of eight clean words at once.
         while self.cur == 0 {
+            let next = self.idx + 1;
+            if next % 8 == 0 {
+                if let Some(chunk) = self.words.get(next..next + 8) {
+                    if chunk.iter().fold(0, |a, &w| a | w) == 0 {
+                        self.idx += 8;
+                        continue;
+                    }
+                }
+            }
             self.idx += 1;
             if self.idx >= self.words.len() {
                 return None;

@@ -1,6 +1,8 @@
 //! Memslots: `struct kvm_memory_slot` and the validation of `KVM_SET_USER_MEMORY_REGION`.
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::{Error, Result};
@@ -10,6 +12,9 @@ use crate::sync::Arc;
 pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1 << 0;
 /// `KVM_MEM_READONLY`.
 pub const KVM_MEM_READONLY: u32 = 1 << 1;
+/// x86-64's `TASK_SIZE_MAX` with 4-level paging: the end of the user address space that
+/// `access_ok()` checks a memslot's host range against.
+pub const TASK_SIZE_MAX: u64 = (1 << 47) - 4096;
 /// `KVM_MEM_MAX_NR_PAGES`: `(1 << 31) - 1`.
 pub const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
 
@@ -45,7 +50,16 @@ pub struct Memslot {
     pub userspace_addr: u64,
     pub flags: u32,
     pub(crate) dirty_bitmap: Option<Arc<DirtyBitmap>>,
+    /// The arch's per-slot data (KVM's `slot->arch`): created on first use, shared with the
+    /// next version of the slot across flags-only changes, fresh for a new or moved slot
+    /// (whose translations are zapped). std's `Arc` even under loom: not part of the protocol.
+    pub(crate) arch: SlotArch,
+    /// `KVM_MEMSLOT_INVALID`: being deleted or moved; vCPUs touching it retry.
+    pub invalid: bool,
 }
+
+/// Storage for [`Memslot::arch_data`].
+pub(crate) type SlotArch = std::sync::Arc<OnceLock<Box<dyn Any + Send + Sync>>>;
 
 impl Memslot {
     /// `as_id << 16 | id`, the value in `kvm_dirty_log.slot` and ring entries.
@@ -61,6 +75,35 @@ impl Memslot {
     /// Is dirty tracking enabled (`kvm_slot_dirty_track_enabled`)?
     pub fn logging(&self) -> bool {
         self.flags & KVM_MEM_LOG_DIRTY_PAGES != 0
+    }
+
+    /// A copy sharing this version's bitmap and arch data.
+    pub(crate) fn clone_version(&self) -> Memslot {
+        Memslot {
+            as_id: self.as_id,
+            id: self.id,
+            base_gfn: self.base_gfn,
+            npages: self.npages,
+            userspace_addr: self.userspace_addr,
+            flags: self.flags,
+            dirty_bitmap: self.dirty_bitmap.clone(),
+            arch: self.arch.clone(),
+            invalid: self.invalid,
+        }
+    }
+
+    /// The arch's data for this slot, created by `init` on first use. One arch per VM, so
+    /// one type per slot: asking for another type is a bug and panics.
+    pub fn arch_data<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> &T {
+        self.arch
+            .get_or_init(|| Box::new(init()))
+            .downcast_ref()
+            .expect("one arch data type per memslot")
+    }
+
+    /// The arch's data for this slot, if created.
+    pub fn arch_data_if_present<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.arch.get().and_then(|b| b.downcast_ref())
     }
 
     /// Does the slot contain `gfn`?
@@ -133,6 +176,15 @@ pub fn check_region(
     }
     if r.userspace_addr & (page_size - 1) != 0 {
         return Err(Error::InvalidRegion("userspace_addr is not page aligned"));
+    }
+    // `access_ok()`: the host range must lie in the user address space.
+    match r.userspace_addr.checked_add(r.memory_size) {
+        Some(end) if end <= TASK_SIZE_MAX => {}
+        _ => {
+            return Err(Error::InvalidRegion(
+                "userspace_addr + memory_size is outside the user address space",
+            ))
+        }
     }
     if r.guest_phys_addr.checked_add(r.memory_size).is_none() {
         return Err(Error::InvalidRegion(

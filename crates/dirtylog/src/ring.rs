@@ -70,9 +70,10 @@ pub struct DirtyRing {
 }
 
 impl DirtyRing {
-    /// A ring of `size` entries (a power of two) with `rsvd` reserved entries.
+    /// A ring of `size` entries (a power of two, at least `rsvd`) with `rsvd` reserved entries.
     pub fn new(size: u32, rsvd: u32) -> Self {
-        assert!(size.is_power_of_two() && size > rsvd);
+        // A ring of exactly the reserved entries is legal and always soft-full, as in KVM.
+        assert!(size.is_power_of_two() && size >= rsvd);
         DirtyRing {
             entries: (0..size).map(|_| DirtyGfn::default()).collect(),
             dirty_index: AtomicU32::new(0),

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::memslot::{check_region, split_slot, MemoryRegion, Memslot, MemslotSet, MrChange};
 use crate::ring::{check_ring_size, DirtyRing, KVM_DIRTY_RING_RSVD_ENTRIES};
 use crate::sync::{lock, Arc, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
+use std::sync::Arc as HostArc;
+
 use crate::vcpu::{Vcpu, KVM_REQ_DIRTY_RING_SOFT_FULL, KVM_REQ_TLB_FLUSH};
 
 /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
@@ -109,8 +111,9 @@ pub struct Vm<A: ArchMmu> {
     manual_dirty_log_protect: AtomicU64,
     /// Ring entries per vCPU; 0 without a ring.
     dirty_ring_entries: AtomicU32,
-    /// `kvm->lock` + `kvm->vcpu_array`.
-    vcpus: Mutex<Vec<Arc<Vcpu>>>,
+    /// `kvm->lock` + `kvm->vcpu_array`, published as an immutable snapshot so that flushes
+    /// and ring resets iterate without allocating.
+    vcpus: Mutex<HostArc<[Arc<Vcpu>]>>,
     pub stats: VmStats,
     #[cfg(test)]
     pub(crate) mutant: Mutant,
@@ -127,7 +130,7 @@ impl<A: ArchMmu> Vm<A> {
             mmu_lock: Mutex::new(()),
             manual_dirty_log_protect: AtomicU64::new(0),
             dirty_ring_entries: AtomicU32::new(0),
-            vcpus: Mutex::new(Vec::new()),
+            vcpus: Mutex::new(HostArc::new([])),
             stats: VmStats::default(),
             #[cfg(test)]
             mutant: Mutant::None,
@@ -185,8 +188,8 @@ impl<A: ArchMmu> Vm<A> {
         lock(&self.memslots).clone()
     }
 
-    /// The vCPUs created so far.
-    pub fn vcpus(&self) -> Vec<Arc<Vcpu>> {
+    /// The vCPUs created so far (a snapshot; cloning it does not allocate).
+    pub fn vcpus(&self) -> HostArc<[Arc<Vcpu>]> {
         lock(&self.vcpus).clone()
     }
 
@@ -253,7 +256,9 @@ impl<A: ArchMmu> Vm<A> {
     }
 
     /// `kvm_vm_ioctl_enable_dirty_log_ring`.
-    fn enable_dirty_log_ring(&self, bytes: u64) -> Result<()> {
+    /// The kernel takes the size as a `u32`, so `arg0` is truncated to 32 bits first.
+    fn enable_dirty_log_ring(&self, arg0: u64) -> Result<()> {
+        let bytes = arg0 as u32 as u64;
         let entries = check_ring_size(bytes, self.cfg.page_size, KVM_DIRTY_RING_RSVD_ENTRIES)?;
         if self.dirty_ring_entries() != 0 {
             return Err(Error::RingTooLate("the ring is already enabled"));
@@ -272,7 +277,11 @@ impl<A: ArchMmu> Vm<A> {
         let n = self.dirty_ring_entries();
         let ring = (n != 0).then(|| DirtyRing::new(n, KVM_DIRTY_RING_RSVD_ENTRIES));
         let v = Arc::new(Vcpu::new(vcpus.len() as u32, ring));
-        vcpus.push(v.clone());
+        *vcpus = vcpus
+            .iter()
+            .cloned()
+            .chain(std::iter::once(v.clone()))
+            .collect();
         v
     }
 
@@ -292,19 +301,41 @@ impl<A: ArchMmu> Vm<A> {
         };
         let (as_id, id) = split_slot(r.slot);
         let old = cur.get(as_id, id).cloned();
+        if let (Some(o), MrChange::Delete | MrChange::Move) = (&old, change) {
+            self.invalidate_memslot(&cur, o);
+        }
+        let new =
+            (change != MrChange::Delete).then(|| Arc::new(self.prepare_memslot(r, old.as_deref())));
+        self.publish(&cur, as_id, id, new.clone());
+        self.commit_memory_region(&g, old.as_deref(), new.as_deref(), change);
+        Ok(())
+    }
+
+    /// Publish `cur` with slot `(as_id, id)` replaced by `new` (or removed).
+    fn publish(&self, cur: &MemslotSet, as_id: u16, id: u16, new: Option<Arc<Memslot>>) {
         let mut next = MemslotSet::default();
         for s in cur.iter() {
             next.insert(s.clone());
         }
-        let new =
-            (change != MrChange::Delete).then(|| Arc::new(self.prepare_memslot(r, old.as_deref())));
-        match &new {
-            Some(n) => next.insert(n.clone()),
+        match new {
+            Some(n) => next.insert(n),
             None => next.remove(as_id, id),
         }
         *lock(&self.memslots) = Arc::new(next);
-        self.commit_memory_region(&g, old.as_deref(), new.as_deref(), change);
-        Ok(())
+    }
+
+    /// Before a slot is deleted or moved, as KVM does: publish it marked invalid (vCPUs that
+    /// touch it retry), zap its translations and flush every TLB. Only then may its gfns be
+    /// mapped by the new slot; otherwise a stale TLB entry for an old gfn would write into
+    /// whatever the new layout puts there, unlogged.
+    fn invalidate_memslot(&self, cur: &MemslotSet, old: &Memslot) {
+        let invalid = Memslot {
+            invalid: true,
+            ..old.clone_version()
+        };
+        self.publish(cur, old.as_id, old.id, Some(Arc::new(invalid)));
+        self.arch.flush_shadow_memslot(&self.lock_mmu(), old);
+        self.flush_remote_tlbs();
     }
 
     /// `kvm_prepare_memory_region`: decide the new slot's bitmap.
@@ -325,14 +356,21 @@ impl<A: ArchMmu> Vm<A> {
         } else {
             None
         };
+        let base_gfn = r.guest_phys_addr / self.cfg.page_size;
+        let arch = match old {
+            Some(o) if o.base_gfn == base_gfn => o.arch.clone(),
+            _ => Default::default(),
+        };
         Memslot {
             as_id,
             id,
-            base_gfn: r.guest_phys_addr / self.cfg.page_size,
+            base_gfn,
             npages,
             userspace_addr: r.userspace_addr,
             flags: r.flags,
             dirty_bitmap,
+            arch,
+            invalid: false,
         }
     }
 
@@ -345,12 +383,8 @@ impl<A: ArchMmu> Vm<A> {
         change: MrChange,
     ) {
         match change {
-            MrChange::Delete | MrChange::Move => {
-                if let Some(o) = old {
-                    self.arch.flush_shadow_memslot(&self.lock_mmu(), o);
-                    self.flush_remote_tlbs();
-                }
-            }
+            // Zapped and flushed by `invalidate_memslot` before the new layout was published.
+            MrChange::Delete | MrChange::Move => {}
             MrChange::FlagsOnly => {
                 let (Some(o), Some(n)) = (old, new) else {
                     return;
@@ -380,6 +414,9 @@ impl<A: ArchMmu> Vm<A> {
                 let mask = if n == 64 { !0 } else { (1u64 << n) - 1 };
                 changed |= self.protect_masked(&mmu, slot, lo, mask);
             }
+            self.stats
+                .pages_protected
+                .fetch_add(slot.npages, Ordering::Relaxed);
             changed
         };
         let _ = changed;
@@ -394,15 +431,12 @@ impl<A: ArchMmu> Vm<A> {
         self.flush_remote_tlbs_memslot(g, slot);
     }
 
-    /// `kvm_arch_mmu_enable_log_dirty_pt_masked` with statistics. Returns whether the arch
-    /// reports having changed an entry (used only by a test mutant).
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked`. Returns whether the caller must flush:
+    /// always, except in a test mutant that flushes only if an entry changed.
     fn protect_masked(&self, mmu: &MmuGuard<'_>, slot: &Memslot, offset: u64, mask: u64) -> bool {
         let changed = self
             .arch
             .enable_log_dirty_pt_masked(mmu, slot, offset, mask);
-        self.stats
-            .pages_protected
-            .fetch_add(mask.count_ones() as u64, Ordering::Relaxed);
         #[cfg(test)]
         if self.mutant == Mutant::FlushOnlyIfChanged {
             return changed;
@@ -417,7 +451,7 @@ impl<A: ArchMmu> Vm<A> {
             .remote_tlb_flush_requests
             .fetch_add(1, Ordering::Relaxed);
         if self.arch.flush_remote_tlbs().is_err() {
-            for v in self.vcpus() {
+            for v in self.vcpus().iter() {
                 v.make_request_and_wait(KVM_REQ_TLB_FLUSH);
             }
         }
@@ -518,7 +552,8 @@ impl<A: ArchMmu> Vm<A> {
     /// write-protect its pages under the MMU lock, drop the MMU lock, flush the memslot's TLB
     /// entries under the slots lock, then copy out. With manual protect: a snapshot, nothing
     /// cleared, protected or flushed. The output buffer is checked before anything is
-    /// cleared, so a too-small buffer loses no dirty bit (KVM would have cleared them).
+    /// cleared, so a too-small buffer loses no dirty bit (KVM would have cleared them), and
+    /// words are taken straight into it (KVM stages them in a second bitmap).
     pub fn get_dirty_log_protect(
         &self,
         g: &SlotsGuard<'_>,
@@ -538,35 +573,29 @@ impl<A: ArchMmu> Vm<A> {
             bm.snapshot_into(&mut out[..n]);
             return Ok(());
         }
-        bm.with_scratch(|buf| {
-            #[cfg(test)]
-            if self.mutant == Mutant::FlushBeforeProtect {
-                self.flush_remote_tlbs_memslot(g, &memslot);
-            }
-            let mut flush = false;
-            {
-                let mmu = self.lock_mmu();
-                for (i, b) in buf.iter_mut().enumerate() {
-                    *b = 0;
-                    if bm.load_word(i) == 0 {
-                        continue;
-                    }
-                    let mask = bm.take_word(i);
-                    *b = mask;
-                    if mask != 0 {
-                        flush |= self.protect_masked(&mmu, &memslot, i as u64 * 64, mask);
-                    }
-                }
-            }
-            #[cfg(test)]
-            if self.mutant == Mutant::FlushBeforeProtect {
-                flush = false;
-            }
-            if flush {
-                self.flush_remote_tlbs_memslot(g, &memslot);
-            }
-            out[..n].copy_from_slice(buf);
-        });
+        #[cfg(test)]
+        if self.mutant == Mutant::FlushBeforeProtect {
+            self.flush_remote_tlbs_memslot(g, &memslot);
+        }
+        let mut flush = false;
+        let mut protected = 0u64;
+        {
+            let mmu = self.lock_mmu();
+            bm.take_into(out, |i, mask| {
+                protected += mask.count_ones() as u64;
+                flush |= self.protect_masked(&mmu, &memslot, i as u64 * 64, mask);
+            });
+        }
+        self.stats
+            .pages_protected
+            .fetch_add(protected, Ordering::Relaxed);
+        #[cfg(test)]
+        if self.mutant == Mutant::FlushBeforeProtect {
+            flush = false;
+        }
+        if flush {
+            self.flush_remote_tlbs_memslot(g, &memslot);
+        }
         Ok(())
     }
 
@@ -631,6 +660,7 @@ impl<A: ArchMmu> Vm<A> {
             self.flush_remote_tlbs_memslot(g, &memslot);
         }
         let mut flush = false;
+        let mut protected = 0u64;
         {
             let mmu = self.lock_mmu();
             let first_word = (first_page / 64) as usize;
@@ -641,10 +671,14 @@ impl<A: ArchMmu> Vm<A> {
                 let i = first_word + j;
                 let mask = bm.clear_word_bits(i, user);
                 if mask != 0 {
+                    protected += mask.count_ones() as u64;
                     flush |= self.protect_masked(&mmu, &memslot, i as u64 * 64, mask);
                 }
             }
         }
+        self.stats
+            .pages_protected
+            .fetch_add(protected, Ordering::Relaxed);
         #[cfg(test)]
         if self.mutant == Mutant::FlushBeforeProtect {
             flush = false;
@@ -702,7 +736,7 @@ impl<A: ArchMmu> Vm<A> {
             let g = self.lock_slots();
             let slots = self.memslots();
             let mut cleared = 0u32;
-            for v in self.vcpus() {
+            for v in self.vcpus().iter() {
                 if let Some(r) = v.ring() {
                     cleared += r.reset(&g, |s, off, mask| {
                         self.reset_dirty_gfn(&slots, s, off, mask)
@@ -734,5 +768,8 @@ impl<A: ArchMmu> Vm<A> {
         }
         let mmu = self.lock_mmu();
         self.protect_masked(&mmu, memslot, offset, mask);
+        self.stats
+            .pages_protected
+            .fetch_add(mask.count_ones() as u64, Ordering::Relaxed);
     }
 }

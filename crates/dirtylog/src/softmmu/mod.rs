@@ -56,16 +56,12 @@ pub enum Exit {
 /// Writable bits of one memslot's shadow page table.
 #[derive(Debug)]
 struct SlotSpt {
-    base_gfn: u64,
-    npages: u64,
     writable: Box<[AtomicU64]>,
 }
 
 impl SlotSpt {
-    fn new(base_gfn: u64, npages: u64) -> Self {
+    fn new(npages: u64) -> Self {
         SlotSpt {
-            base_gfn,
-            npages,
             writable: (0..npages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -162,34 +158,36 @@ impl VcpuArch {
     }
 }
 
-/// The arch: shadow page tables and the vCPUs' TLBs.
+/// Queued range flushes per vCPU before a full flush is requested instead.
+const MAX_PENDING_RANGES: usize = 8;
+
+/// The arch: the vCPUs' TLBs. Shadow page tables live in each memslot's arch data, so a
+/// moved or deleted slot's translations disappear with it (KVM's zap).
 #[derive(Debug)]
 pub struct SoftMmu {
     kind: FlushKind,
-    spt: Mutex<HashMap<(u16, u16), Arc<SlotSpt>>>,
-    vcpus: Mutex<Vec<Arc<VcpuArch>>>,
+    /// Snapshot of the vCPUs, replaced when one is created, so flushes iterate without
+    /// allocating.
+    vcpus: Mutex<HostArc<[Arc<VcpuArch>]>>,
 }
 
 impl SoftMmu {
-    fn slot_spt(&self, slot: &Memslot) -> Arc<SlotSpt> {
-        let mut spt = lock(&self.spt);
-        let e = spt
-            .entry((slot.as_id, slot.id))
-            .or_insert_with(|| Arc::new(SlotSpt::new(slot.base_gfn, slot.npages)));
-        if e.base_gfn != slot.base_gfn || e.npages != slot.npages {
-            *e = Arc::new(SlotSpt::new(slot.base_gfn, slot.npages));
+    fn new(kind: FlushKind) -> Self {
+        SoftMmu {
+            kind,
+            vcpus: Mutex::new(HostArc::new([])),
         }
-        e.clone()
     }
 
-    fn existing_spt(&self, slot: &Memslot) -> Option<Arc<SlotSpt>> {
-        lock(&self.spt)
-            .get(&(slot.as_id, slot.id))
-            .filter(|s| s.base_gfn == slot.base_gfn)
-            .cloned()
+    fn slot_spt(slot: &Memslot) -> &SlotSpt {
+        slot.arch_data(|| SlotSpt::new(slot.npages))
     }
 
-    fn vcpus(&self) -> Vec<Arc<VcpuArch>> {
+    fn existing_spt(slot: &Memslot) -> Option<&SlotSpt> {
+        slot.arch_data_if_present()
+    }
+
+    fn vcpus(&self) -> HostArc<[Arc<VcpuArch>]> {
         lock(&self.vcpus).clone()
     }
 }
@@ -202,17 +200,14 @@ impl ArchMmu for SoftMmu {
         gfn_offset: u64,
         mask: u64,
     ) -> bool {
-        match self.existing_spt(slot) {
-            Some(spt) => spt.protect(gfn_offset, mask),
-            None => false,
-        }
+        Self::existing_spt(slot).is_some_and(|spt| spt.protect(gfn_offset, mask))
     }
 
     fn flush_remote_tlbs(&self) -> Result<(), Unsupported> {
         if self.kind == FlushKind::RequestOnly {
             return Err(Unsupported);
         }
-        for v in self.vcpus() {
+        for v in self.vcpus().iter() {
             v.generic.make_request_and_wait(KVM_REQ_TLB_FLUSH);
         }
         Ok(())
@@ -222,15 +217,22 @@ impl ArchMmu for SoftMmu {
         if self.kind != FlushKind::Ranged {
             return Err(Unsupported);
         }
-        for v in self.vcpus() {
-            lock(&v.pending_ranges).push((gfn, npages));
-            v.generic.make_request_and_wait(REQ_TLB_FLUSH_RANGES);
+        for v in self.vcpus().iter() {
+            let req = {
+                let mut q = lock(&v.pending_ranges);
+                if q.contains(&(gfn, npages)) {
+                    REQ_TLB_FLUSH_RANGES
+                } else if q.len() < MAX_PENDING_RANGES {
+                    q.push((gfn, npages));
+                    REQ_TLB_FLUSH_RANGES
+                } else {
+                    // An idle vCPU collecting many ranges: flush everything instead.
+                    KVM_REQ_TLB_FLUSH
+                }
+            };
+            v.generic.make_request_and_wait(req);
         }
         Ok(())
-    }
-
-    fn flush_shadow_memslot(&self, _mmu: &MmuGuard<'_>, slot: &Memslot) {
-        lock(&self.spt).remove(&(slot.as_id, slot.id));
     }
 }
 
@@ -252,11 +254,7 @@ impl std::fmt::Debug for Vm<SoftMmu> {
 impl Machine {
     /// A machine with the given flush hooks and VM configuration.
     pub fn new(kind: FlushKind, cfg: VmConfig) -> HostArc<Machine> {
-        let arch = SoftMmu {
-            kind,
-            spt: Mutex::new(HashMap::new()),
-            vcpus: Mutex::new(Vec::new()),
-        };
+        let arch = SoftMmu::new(kind);
         HostArc::new(Machine {
             vm: Vm::new(arch, cfg),
             ram: Mutex::new(HashMap::new()),
@@ -270,11 +268,7 @@ impl Machine {
         cfg: VmConfig,
         mutant: crate::vm::Mutant,
     ) -> HostArc<Machine> {
-        let arch = SoftMmu {
-            kind,
-            spt: Mutex::new(HashMap::new()),
-            vcpus: Mutex::new(Vec::new()),
-        };
+        let arch = SoftMmu::new(kind);
         let mut vm = Vm::new(arch, cfg);
         vm.mutant = mutant;
         HostArc::new(Machine {
@@ -297,7 +291,13 @@ impl Machine {
             tlb: (0..TLB_ENTRIES).map(|_| AtomicU64::new(0)).collect(),
             pending_ranges: Mutex::new(Vec::new()),
         });
-        lock(&self.vm.arch().vcpus).push(arch.clone());
+        let mut vcpus = lock(&self.vm.arch().vcpus);
+        *vcpus = vcpus
+            .iter()
+            .cloned()
+            .chain(std::iter::once(arch.clone()))
+            .collect();
+        drop(vcpus);
         SoftVcpu {
             m: self.clone(),
             arch,
@@ -341,9 +341,8 @@ impl Machine {
             return;
         };
         let _mmu = self.vm.lock_mmu();
-        if let Some(spt) = self.vm.arch().existing_spt(slot) {
-            let rel = gfn - slot.base_gfn;
-            spt.protect(rel, 1);
+        if let Some(spt) = SoftMmu::existing_spt(slot) {
+            spt.protect(gfn - slot.base_gfn, 1);
         }
     }
 
@@ -359,10 +358,7 @@ impl Machine {
         let Some(slot) = slots.find_gfn(0, gfn) else {
             return false;
         };
-        self.vm
-            .arch()
-            .existing_spt(slot)
-            .is_some_and(|s| s.is_writable(gfn - slot.base_gfn))
+        SoftMmu::existing_spt(slot).is_some_and(|s| s.is_writable(gfn - slot.base_gfn))
     }
 
     /// The invariant the slots-lock rule protects, for page `gfn` of a logging slot: it is
@@ -387,11 +383,7 @@ impl Machine {
                 .iter()
                 .any(|v| v.ring().is_some_and(|r| r.contains(slot.slot_word(), rel))),
         };
-        let writable = self
-            .vm
-            .arch()
-            .existing_spt(slot)
-            .is_some_and(|s| s.is_writable(rel));
+        let writable = SoftMmu::existing_spt(slot).is_some_and(|s| s.is_writable(rel));
         dirty || (!writable && !self.tlb_has_writable(gfn))
     }
 }
@@ -406,6 +398,9 @@ pub struct SoftVcpu {
 enum Access {
     Done,
     Fault,
+    /// The slot is being deleted or moved (`KVM_MEMSLOT_INVALID`): retry, as KVM's
+    /// `RET_PF_RETRY`, until the new layout is published.
+    Retry,
 }
 
 impl SoftVcpu {
@@ -447,6 +442,7 @@ impl SoftVcpu {
             match r? {
                 Access::Done => return Ok(()),
                 Access::Fault => self.write_fault(gfn)?,
+                Access::Retry => crate::sync::spin_wait(),
             }
         }
     }
@@ -457,9 +453,12 @@ impl SoftVcpu {
         let slot = slots.find_gfn(0, gfn).ok_or(Exit::Mmio {
             gpa: gfn * self.m.vm.config().page_size,
         })?;
+        if slot.invalid {
+            return Ok(Access::Retry);
+        }
         let rel = gfn - slot.base_gfn;
         if !self.arch.tlb_lookup(gfn) {
-            let spt = self.m.vm.arch().slot_spt(slot);
+            let spt = SoftMmu::slot_spt(slot);
             if !spt.is_writable(rel) {
                 return Ok(Access::Fault);
             }
@@ -475,10 +474,13 @@ impl SoftVcpu {
         let gpa = gfn * self.m.vm.config().page_size;
         let slots = self.m.vm.memslots();
         let slot = slots.find_gfn(0, gfn).ok_or(Exit::Mmio { gpa })?;
+        if slot.invalid {
+            return Ok(());
+        }
         if slot.flags & KVM_MEM_READONLY != 0 {
             return Err(Exit::Mmio { gpa });
         }
-        let spt = self.m.vm.arch().slot_spt(slot);
+        let spt = SoftMmu::slot_spt(slot);
         let rel = gfn - slot.base_gfn;
         let _mmu = self.m.vm.lock_mmu();
         if !spt.is_writable(rel) {
