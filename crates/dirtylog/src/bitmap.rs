@@ -172,7 +172,7 @@ impl Iterator for Runs<'_> {
         // Find the first set bit, skipping aligned blocks of eight clean words at once.
         while self.cur == 0 {
             let next = self.idx + 1;
-            if next % 8 == 0 {
+            if next & 7 == 0 {
                 if let Some(chunk) = self.words.get(next..next + 8) {
                     if chunk.iter().fold(0, |a, &w| a | w) == 0 {
                         self.idx += 8;
