@@ -13,7 +13,9 @@ use std::marker::PhantomData;
 use crate::arch::ArchMmu;
 use crate::bitmap::{dirty_bitmap_words, DirtyBitmap};
 use crate::error::{Error, Result};
-use crate::memslot::{check_region, split_slot, MemoryRegion, Memslot, MemslotSet, MrChange};
+use crate::memslot::{
+    check_region, split_slot, MemoryRegion, Memslot, MemslotSet, MrChange, KVM_MEM_READONLY,
+};
 use crate::ring::{check_ring_size, DirtyRing, KVM_DIRTY_RING_RSVD_ENTRIES};
 use crate::sync::{lock, Arc, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use std::sync::Arc as HostArc;
@@ -389,7 +391,10 @@ impl<A: ArchMmu> Vm<A> {
                 let (Some(o), Some(n)) = (old, new) else {
                     return;
                 };
-                if !o.logging() && n.logging() && !self.manual_protect_and_init_set() {
+                // x86's kvm_mmu_slot_apply_flags: a read-only slot cannot be dirtied, and
+                // with INITIALLY_SET protection happens lazily in CLEAR.
+                let readonly = n.flags & KVM_MEM_READONLY != 0;
+                if !o.logging() && n.logging() && !readonly && !self.manual_protect_and_init_set() {
                     self.slot_enable_log_dirty(g, n);
                 }
             }
