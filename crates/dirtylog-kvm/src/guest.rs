@@ -1,0 +1,262 @@
+//! Guest programs, generated with iced-x86's `CodeAssembler`, and the control region they
+//! share with the host.
+//!
+//! Every program is a tight loop with no VM exit inside it; it leaves the loop only through an
+//! `out` to one of the [`ports`], which the vCPU thread handles (see [`crate::runner`]).
+//! Register arguments, set by the host at entry ([`crate::x86::EntryRegs`]):
+//!
+//! | reg | meaning |
+//! |---|---|
+//! | `r8` | this vCPU's control block (GPA = GVA) |
+//! | `r9` | the global control header |
+//! | `r10` | base of the memory the program writes |
+//! | `r11` | number of pages there |
+//! | `r12` | random generator state (an LCG; `rsi` holds its multiplier) |
+//! | `rbx` | a tag or-ed into stamped values (dirtier) |
+
+use iced_x86::code_asm::*;
+
+use crate::error::{Error, Result};
+
+/// I/O ports guests use to talk to the host.
+pub mod ports {
+    /// Park until the host resumes this vCPU ("sync"; `GUEST_SYNC` in the kernel's tests).
+    pub const SYNC: u16 = 0x10;
+    /// The dirtier ran out of write budget: the host paces it.
+    pub const BUDGET: u16 = 0x11;
+}
+
+/// The control region at [`crate::x86::layout::CONTROL`]: a global header, then one 128-byte
+/// block per vCPU. All fields are 8-byte words.
+pub mod control {
+    /// Header: non-zero asks every looping program to go to `SYNC`.
+    pub const STOP: u64 = 0x00;
+    /// Header: the value the stamping and memstress programs write (`iteration`).
+    pub const ITERATION: u64 = 0x08;
+    /// Header: dirtier busy-wait loop count between writes (0 = none).
+    pub const DELAY: u64 = 0x10;
+    /// Offset of vCPU 0's block.
+    pub const VCPU_BASE: u64 = 0x100;
+    /// Size of a vCPU block.
+    pub const VCPU_SIZE: u64 = 0x80;
+    /// vCPU block: writes done (stamping: since the last resume; memstress and dirtier: total).
+    pub const WRITES: u64 = 0x00;
+    /// vCPU block: completed passes (memstress).
+    pub const PASSES: u64 = 0x08;
+    /// vCPU block: the dirtier writes while `WRITES < BUDGET`.
+    pub const BUDGET: u64 = 0x10;
+    /// vCPU block: dirtier working-set base address (read after every sync).
+    pub const WS_BASE: u64 = 0x18;
+    /// vCPU block: dirtier working-set size in pages, at least 1 (read after every sync).
+    pub const WS_PAGES: u64 = 0x20;
+    /// vCPU block: dirtier pattern, 0 = sequential, 1 = random (read after every sync).
+    pub const PATTERN: u64 = 0x28;
+
+    /// Offset of vCPU `i`'s block in the control region.
+    pub const fn vcpu(i: u32) -> u64 {
+        VCPU_BASE + i as u64 * VCPU_SIZE
+    }
+
+    /// vCPUs the region has room for.
+    pub const fn max_vcpus(region: u64) -> u32 {
+        ((region - VCPU_BASE) / VCPU_SIZE) as u32
+    }
+}
+
+/// The workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Program {
+    /// `dirty_log_test`'s guest: until `STOP`, write `ITERATION` (cached in a register,
+    /// reloaded after each sync) at the start of a pseudo-random page, count the write
+    /// (10 instructions per write).
+    Stamp,
+    /// memstress: sync; then write `ITERATION` into the first 8 bytes of every page of the
+    /// partition once, count the pass, and sync again; the host drives passes.
+    Memstress,
+    /// A tunable dirtier: until `STOP`, while `WRITES < BUDGET`, write a stamp
+    /// (`rbx | write serial`) to the next page of the working set (sequential or random), then
+    /// spin `DELAY` times; out of budget, exit to the host through `BUDGET`.
+    Dirtier,
+}
+
+fn asm_err(e: iced_x86::IcedError) -> Error {
+    Error::Assemble(e.to_string())
+}
+
+/// Knuth's MMIX LCG multiplier. Guests are emulated slowly on some hosts (about 1 µs per
+/// instruction under PVM), so the generator is a 2-instruction LCG step rather than a
+/// 9-instruction xorshift; its high bits, which pick the page, are well distributed.
+const LCG_MUL: u64 = 6_364_136_223_846_793_005;
+
+/// Load the LCG multiplier into rsi (once, before a loop).
+fn lcg_init(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    a.mov(rsi, LCG_MUL)
+}
+
+/// One LCG step on r12 (`r12 = r12 * LCG_MUL + 1`), then rdx = (r12 * r11) >> 64: a page in
+/// `[0, r11)` from the generator's high bits (clobbers rax).
+fn random_page(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    a.imul_2(r12, rsi)?;
+    a.inc(r12)?;
+    a.mov(rax, r12)?;
+    a.mul(r11)
+}
+
+fn stamp(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    use control::*;
+    let mut reload = a.create_label();
+    let mut top = a.create_label();
+    let mut sync = a.create_label();
+    lcg_init(a)?;
+    a.set_label(&mut reload)?;
+    a.mov(r13, qword_ptr(r9 + ITERATION))?;
+    a.set_label(&mut top)?;
+    a.cmp(qword_ptr(r9 + STOP), 0)?;
+    a.jne(sync)?;
+    random_page(a)?;
+    a.shl(rdx, 12)?;
+    a.mov(qword_ptr(r10 + rdx), r13)?;
+    a.inc(qword_ptr(r8 + WRITES))?;
+    a.jmp(top)?;
+    a.set_label(&mut sync)?;
+    a.out(ports::SYNC as i32, al)?;
+    a.jmp(reload)?;
+    Ok(())
+}
+
+fn memstress(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    use control::*;
+    let mut top = a.create_label();
+    let mut pass = a.create_label();
+    a.set_label(&mut top)?;
+    a.out(ports::SYNC as i32, al)?;
+    a.mov(rax, qword_ptr(r9 + ITERATION))?;
+    a.mov(rcx, r10)?;
+    a.mov(rdx, r11)?;
+    a.shl(rdx, 12)?;
+    a.add(rdx, r10)?;
+    a.set_label(&mut pass)?;
+    a.mov(qword_ptr(rcx), rax)?;
+    a.add(rcx, 4096)?;
+    a.cmp(rcx, rdx)?;
+    a.jb(pass)?;
+    a.add(qword_ptr(r8 + WRITES), r11)?;
+    a.inc(qword_ptr(r8 + PASSES))?;
+    a.jmp(top)?;
+    Ok(())
+}
+
+fn dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    use control::*;
+    let mut reload = a.create_label();
+    let mut top = a.create_label();
+    let mut sync = a.create_label();
+    let mut budget = a.create_label();
+    let mut random = a.create_label();
+    let mut write = a.create_label();
+    let mut delay = a.create_label();
+    let mut seq_ok = a.create_label();
+    // r13 = sequential index, r14 = delay count, r15 = pattern
+    lcg_init(a)?;
+    a.xor(r13, r13)?;
+    a.set_label(&mut reload)?;
+    a.mov(r10, qword_ptr(r8 + WS_BASE))?;
+    a.mov(r11, qword_ptr(r8 + WS_PAGES))?;
+    a.mov(r15, qword_ptr(r8 + PATTERN))?;
+    a.mov(r14, qword_ptr(r9 + DELAY))?;
+    a.cmp(r13, r11)?;
+    a.jb(top)?;
+    a.xor(r13, r13)?;
+    a.set_label(&mut top)?;
+    a.cmp(qword_ptr(r9 + STOP), 0)?;
+    a.jne(sync)?;
+    a.mov(rax, qword_ptr(r8 + WRITES))?;
+    a.cmp(rax, qword_ptr(r8 + BUDGET))?;
+    a.jae(budget)?;
+    a.test(r15, r15)?;
+    a.jnz(random)?;
+    a.mov(rdx, r13)?;
+    a.inc(r13)?;
+    a.cmp(r13, r11)?;
+    a.jb(seq_ok)?;
+    a.xor(r13, r13)?;
+    a.set_label(&mut seq_ok)?;
+    a.jmp(write)?;
+    a.set_label(&mut random)?;
+    random_page(a)?;
+    a.set_label(&mut write)?;
+    a.shl(rdx, 12)?;
+    a.mov(rax, qword_ptr(r8 + WRITES))?;
+    a.inc(rax)?;
+    a.mov(qword_ptr(r8 + WRITES), rax)?;
+    a.or(rax, rbx)?;
+    a.mov(qword_ptr(r10 + rdx), rax)?;
+    a.mov(rcx, r14)?;
+    a.test(rcx, rcx)?;
+    a.jz(top)?;
+    a.set_label(&mut delay)?;
+    a.dec(rcx)?;
+    a.jnz(delay)?;
+    a.jmp(top)?;
+    a.set_label(&mut budget)?;
+    a.out(ports::BUDGET as i32, al)?;
+    a.jmp(top)?;
+    a.set_label(&mut sync)?;
+    a.out(ports::SYNC as i32, al)?;
+    a.jmp(reload)?;
+    Ok(())
+}
+
+impl Program {
+    /// Machine code of the program, linked to run at guest address `ip`.
+    pub fn assemble(self, ip: u64) -> Result<Vec<u8>> {
+        let mut a = CodeAssembler::new(64).map_err(asm_err)?;
+        match self {
+            Program::Stamp => stamp(&mut a),
+            Program::Memstress => memstress(&mut a),
+            Program::Dirtier => dirtier(&mut a),
+        }
+        .map_err(asm_err)?;
+        a.assemble(ip).map_err(asm_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, NasmFormatter};
+
+    fn disasm(code: &[u8], ip: u64) -> Vec<String> {
+        let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+        let mut f = NasmFormatter::new();
+        let mut out = Vec::new();
+        for ins in &mut d {
+            let mut s = String::new();
+            f.format(&ins, &mut s);
+            out.push(s);
+        }
+        out
+    }
+
+    #[test]
+    fn programs_assemble_and_loop_without_exits() {
+        for p in [Program::Stamp, Program::Memstress, Program::Dirtier] {
+            let code = p.assemble(0x20000).unwrap();
+            let text = disasm(&code, 0x20000);
+            assert!(
+                text.iter().all(|l| !l.contains("(bad)")),
+                "{p:?}: {text:#?}"
+            );
+            // The only exits are `out` to our ports.
+            let outs: Vec<_> = text.iter().filter(|l| l.starts_with("out")).collect();
+            assert!(!outs.is_empty() && outs.len() <= 2, "{p:?}: {outs:?}");
+            assert!(
+                !text
+                    .iter()
+                    .any(|l| l.starts_with("hlt") || l.starts_with("in ")),
+                "{p:?}"
+            );
+        }
+    }
+}

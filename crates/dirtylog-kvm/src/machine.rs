@@ -1,0 +1,477 @@
+//! A minimal VMM: one KVM VM with a system memslot (page tables, GDT, control region, code;
+//! never logged) and test memslots the workload writes, N vCPUs booted straight into long
+//! mode, each on its own thread, and the chosen dirty tracking.
+//!
+//! Test slots are `1..=n`, contiguous in guest-physical space from
+//! [`layout::TEST_BASE`]; the workload sees them as one range of pages. Page `p` of that
+//! range is page `p - first` of the slot containing it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dirtylog::ring::RingEntry;
+
+use crate::error::{Error, Result};
+use crate::guest::{control, Program};
+use crate::memory::{GuestMemory, MemoryOptions};
+use crate::ring::{DirtyRings, HarvestStats};
+use crate::runner::{Runner, VcpuState};
+use crate::sys::{self, KVM_MEM_LOG_DIRTY_PAGES};
+use crate::vm::{KvmVm, RingSetup};
+use crate::x86::{self, layout, EntryRegs};
+
+/// The system memslot's id.
+pub const SYSTEM_SLOT: u32 = 0;
+
+/// How dirty pages are tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Tracking {
+    /// `KVM_GET_DIRTY_LOG`, which clears and re-protects.
+    Bitmap,
+    /// Manual protect: GET is a snapshot, `KVM_CLEAR_DIRTY_LOG` re-protects.
+    Manual {
+        /// `KVM_DIRTY_LOG_INITIALLY_SET`.
+        initially_set: bool,
+    },
+    /// Per-vCPU dirty rings of this many entries.
+    Ring {
+        /// Entries per vCPU (a power of two).
+        entries: u32,
+    },
+}
+
+/// What to build.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MachineConfig {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The guest program every vCPU runs.
+    pub program: Program,
+    /// Pages of each test memslot.
+    pub slot_pages: Vec<u64>,
+    /// Create test slots with `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub log_dirty_pages: bool,
+    /// Dirty tracking.
+    pub tracking: Tracking,
+    /// Backing of test memory.
+    #[serde(skip)]
+    pub memory: MemoryOptions,
+    /// Seed of the guests' random generators.
+    pub seed: u64,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpus: 1,
+            program: Program::Stamp,
+            slot_pages: vec![64 * 64 + 3],
+            log_dirty_pages: true,
+            tracking: Tracking::Bitmap,
+            memory: MemoryOptions {
+                no_huge_pages: true,
+                populate: false,
+            },
+            seed: 1,
+        }
+    }
+}
+
+/// A test memslot.
+#[derive(Debug, Clone)]
+pub struct TestRegion {
+    /// Memslot id.
+    pub slot: u32,
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Index of its first page in the workload's page range.
+    pub first_page: u64,
+    /// Pages.
+    pub pages: u64,
+    /// Backing memory.
+    pub mem: Arc<GuestMemory>,
+}
+
+/// The running machine. Dropping it stops the vCPU threads.
+#[derive(Debug)]
+pub struct Machine {
+    // Drop order: threads stop first.
+    runner: Runner,
+    rings: DirtyRings,
+    vm: KvmVm,
+    sys: Arc<GuestMemory>,
+    regions: Vec<TestRegion>,
+    cfg: MachineConfig,
+    ring: Option<RingSetup>,
+    /// Per vCPU, its ring-full exit count when a harvest last found entries in its ring.
+    ring_progress: Vec<u64>,
+}
+
+fn guest_seed(seed: u64, i: u32) -> u64 {
+    // splitmix64 of (seed, vcpu).
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | 1
+}
+
+impl Machine {
+    /// Build the VM, load the program, create the vCPUs and start their threads. Every guest
+    /// starts parked at its first sync exit, having written nothing.
+    pub fn new(cfg: MachineConfig) -> Result<Self> {
+        let page = sys::host_page_size();
+        if cfg.vcpus == 0 || cfg.vcpus > control::max_vcpus(layout::CONTROL_SIZE) {
+            return Err(Error::Config(format!(
+                "{} vCPUs: between 1 and {} supported",
+                cfg.vcpus,
+                control::max_vcpus(layout::CONTROL_SIZE)
+            )));
+        }
+        if cfg.slot_pages.is_empty() || cfg.slot_pages.contains(&0) {
+            return Err(Error::Config(
+                "at least one test slot, of at least one page each, is needed".into(),
+            ));
+        }
+        let total: u64 = cfg.slot_pages.iter().sum();
+        if total < cfg.vcpus as u64 {
+            return Err(Error::Config(format!(
+                "{total} test pages cannot be split among {} vCPUs",
+                cfg.vcpus
+            )));
+        }
+        let top = layout::TEST_BASE + total * page;
+        let mut vm = KvmVm::new()?;
+        let ring = match cfg.tracking {
+            Tracking::Bitmap => None,
+            Tracking::Manual { initially_set } => {
+                vm.enable_manual_protect(initially_set)?;
+                None
+            }
+            Tracking::Ring { entries } => Some(vm.enable_dirty_ring(entries)?),
+        };
+
+        let sys = Arc::new(GuestMemory::new(
+            x86::system_slot_size(top) as usize,
+            MemoryOptions {
+                no_huge_pages: false,
+                populate: false,
+            },
+        )?);
+        x86::write_gdt(&sys);
+        x86::write_page_tables(&sys, top)?;
+        let code = cfg.program.assemble(layout::CODE)?;
+        if code.len() as u64 > layout::CODE_SIZE {
+            return Err(Error::Assemble(format!(
+                "program is {} bytes, more than {}",
+                code.len(),
+                layout::CODE_SIZE
+            )));
+        }
+        sys.write_bytes(layout::CODE, &code);
+        vm.set_memslot(SYSTEM_SLOT, 0, sys.clone(), 0)?;
+
+        let mut regions = Vec::new();
+        let (mut gpa, mut first) = (layout::TEST_BASE, 0u64);
+        let flags = if cfg.log_dirty_pages {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (i, &pages) in cfg.slot_pages.iter().enumerate() {
+            let mem = Arc::new(GuestMemory::new((pages * page) as usize, cfg.memory)?);
+            let slot = 1 + i as u32;
+            vm.set_memslot(slot, gpa, mem.clone(), flags)?;
+            regions.push(TestRegion {
+                slot,
+                gpa,
+                first_page: first,
+                pages,
+                mem,
+            });
+            gpa += pages * page;
+            first += pages;
+        }
+
+        let ctl = layout::CONTROL;
+        sys.write_u64(ctl + control::STOP, 1);
+        let mut vcpus = Vec::new();
+        let mut rings = DirtyRings::new();
+        for i in 0..cfg.vcpus {
+            let v = vm.create_vcpu()?;
+            x86::setup_long_mode(vm.kvm(), v.fd())?;
+            let (lo, hi) = (
+                total * i as u64 / cfg.vcpus as u64,
+                total * (i as u64 + 1) / cfg.vcpus as u64,
+            );
+            let (base, pages) = match cfg.program {
+                Program::Stamp => (layout::TEST_BASE, total),
+                Program::Memstress | Program::Dirtier => (layout::TEST_BASE + lo * page, hi - lo),
+            };
+            let vb = ctl + control::vcpu(i);
+            sys.write_u64(vb + control::WS_BASE, base);
+            sys.write_u64(vb + control::WS_PAGES, pages);
+            let tag = (i as u64 + 1) << 48;
+            let regs = EntryRegs {
+                rip: layout::CODE,
+                args: [tag, vb, ctl, base, pages, guest_seed(cfg.seed, i), 0, 0, 0],
+            };
+            x86::set_entry_regs(v.fd(), &regs)?;
+            if let Some(r) = v.ring() {
+                rings.push(r.clone());
+            }
+            vcpus.push(v);
+        }
+        let mut runner = Runner::start(vcpus, sys.clone())?;
+        if let Some(r) = ring {
+            runner.watch_rings(
+                rings.watches(),
+                r.entries
+                    .saturating_sub(dirtylog::ring::KVM_DIRTY_RING_RSVD_ENTRIES),
+            )?;
+        }
+        let ring_progress = vec![0; cfg.vcpus as usize];
+        let m = Machine {
+            runner,
+            rings,
+            vm,
+            sys,
+            regions,
+            cfg,
+            ring,
+            ring_progress,
+        };
+        m.runner.wait_all(
+            "the vCPUs to reach their first sync",
+            Duration::from_secs(30),
+            |s| s == VcpuState::Synced,
+        )?;
+        Ok(m)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MachineConfig {
+        &self.cfg
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &KvmVm {
+        &self.vm
+    }
+
+    /// The VM, mutably (toggling logging, ...).
+    pub fn vm_mut(&mut self) -> &mut KvmVm {
+        &mut self.vm
+    }
+
+    /// The vCPU threads.
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    /// The ring setup, if tracking by ring.
+    pub fn ring(&self) -> Option<RingSetup> {
+        self.ring
+    }
+
+    /// The test memslots.
+    pub fn regions(&self) -> &[TestRegion] {
+        &self.regions
+    }
+
+    /// Pages of all test slots together.
+    pub fn test_pages(&self) -> u64 {
+        self.regions.iter().map(|r| r.pages).sum()
+    }
+
+    /// The region holding workload page `page`, and the page's offset in it.
+    pub fn locate(&self, page: u64) -> Option<(&TestRegion, u64)> {
+        self.regions
+            .iter()
+            .find(|r| page >= r.first_page && page < r.first_page + r.pages)
+            .map(|r| (r, page - r.first_page))
+    }
+
+    /// The 8-byte word at the start of workload page `page` (0 if out of range).
+    pub fn read_page_u64(&self, page: u64) -> u64 {
+        match self.locate(page) {
+            Some((r, off)) => r.mem.read_u64(off * sys::host_page_size()),
+            None => 0,
+        }
+    }
+
+    fn ctl(&self, off: u64) -> u64 {
+        self.sys.read_u64(layout::CONTROL + off)
+    }
+
+    fn set_ctl(&self, off: u64, v: u64) {
+        self.sys.write_u64(layout::CONTROL + off, v)
+    }
+
+    /// Set the `ITERATION` word (the value stamping and memstress guests write).
+    pub fn set_iteration(&self, v: u64) {
+        self.set_ctl(control::ITERATION, v)
+    }
+
+    /// The `ITERATION` word.
+    pub fn iteration(&self) -> u64 {
+        self.ctl(control::ITERATION)
+    }
+
+    /// Writes counted by vCPU `i` (see [`control::WRITES`]).
+    pub fn writes(&self, i: u32) -> u64 {
+        self.ctl(control::vcpu(i) + control::WRITES)
+    }
+
+    /// Writes counted by all vCPUs.
+    pub fn total_writes(&self) -> u64 {
+        (0..self.cfg.vcpus).map(|i| self.writes(i)).sum()
+    }
+
+    /// Completed memstress passes of vCPU `i`.
+    pub fn passes(&self, i: u32) -> u64 {
+        self.ctl(control::vcpu(i) + control::PASSES)
+    }
+
+    /// Set the dirtier's working set of vCPU `i` (`pattern` 0 sequential, 1 random); takes
+    /// effect at its next sync (set it while stopped).
+    pub fn set_working_set(&self, i: u32, first_page: u64, pages: u64, random: bool) -> Result<()> {
+        let total = self.test_pages();
+        if pages == 0 || first_page.checked_add(pages).is_none_or(|e| e > total) {
+            return Err(Error::Config(format!(
+                "working set {first_page}+{pages} is outside the {total} test pages"
+            )));
+        }
+        let vb = control::vcpu(i);
+        self.set_ctl(
+            vb + control::WS_BASE,
+            layout::TEST_BASE + first_page * sys::host_page_size(),
+        );
+        self.set_ctl(vb + control::WS_PAGES, pages);
+        self.set_ctl(vb + control::PATTERN, random as u64);
+        Ok(())
+    }
+
+    /// Dirtier busy-wait loop count between writes (global; read at each sync).
+    pub fn set_delay(&self, spins: u64) {
+        self.set_ctl(control::DELAY, spins)
+    }
+
+    /// Dirtier rate in pages per second per vCPU (`None` = as fast as it goes).
+    pub fn set_rate(&self, rate: Option<f64>) {
+        self.runner.set_rate(rate)
+    }
+
+    /// Ask looping guests to stop and wait until no vCPU can write: each is parked at a sync
+    /// exit or blocked on a full ring.
+    pub fn stop(&self, timeout: Duration) -> Result<()> {
+        self.set_ctl(control::STOP, 1);
+        self.runner.poke();
+        self.runner
+            .wait_all("the vCPUs to stop", timeout, VcpuState::is_stopped)
+    }
+
+    /// Wait until every vCPU is parked at a sync exit, zero the write counters if asked, clear
+    /// `STOP` and release them.
+    pub fn resume(&self, reset_writes: bool, timeout: Duration) -> Result<()> {
+        self.runner.wait_all(
+            "every vCPU to park at a sync exit before resuming",
+            timeout,
+            |s| s == VcpuState::Synced,
+        )?;
+        if reset_writes {
+            for i in 0..self.cfg.vcpus {
+                self.set_ctl(control::vcpu(i) + control::WRITES, 0);
+            }
+        }
+        self.set_ctl(control::STOP, 0);
+        self.runner.release();
+        Ok(())
+    }
+
+    /// One memstress iteration: every vCPU writes `iteration` into each page of its partition
+    /// once and syncs. Returns when all have synced.
+    pub fn memstress_pass(&mut self, iteration: u64, timeout: Duration) -> Result<()> {
+        self.memstress_pass_with(iteration, timeout, |_| Ok(()))
+    }
+
+    /// [`memstress_pass`](Self::memstress_pass), calling `poll(self)` about every 200 µs while
+    /// the vCPUs run, e.g. to harvest a ring that would otherwise fill and block them.
+    pub fn memstress_pass_with(
+        &mut self,
+        iteration: u64,
+        timeout: Duration,
+        mut poll: impl FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        let before: Vec<u64> = (0..self.cfg.vcpus).map(|i| self.passes(i)).collect();
+        self.runner
+            .wait_all("every vCPU to park before a memstress pass", timeout, |s| {
+                s == VcpuState::Synced
+            })?;
+        self.set_iteration(iteration);
+        self.runner.release();
+        let deadline = std::time::Instant::now() + timeout;
+        while !(0..self.cfg.vcpus).all(|i| self.passes(i) > before[i as usize]) {
+            self.runner.check()?;
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: "a memstress pass".into(),
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+            poll(self)?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.runner
+            .wait_all("every vCPU to park after a memstress pass", timeout, |s| {
+                s == VcpuState::Synced
+            })
+    }
+
+    /// Harvest every vCPU's ring (collect, commit, `KVM_RESET_DIRTY_RINGS`), giving each entry
+    /// to `sink(vcpu, entry)`, then release vCPUs blocked on a full ring.
+    ///
+    /// Fails with [`Error::RingOverflow`] if a ring is found completely full, or if a vCPU
+    /// keeps exiting with "ring full" while its ring has nothing to harvest: both mean KVM
+    /// pushed past the hard limit and the ring is corrupt.
+    pub fn harvest_rings(&mut self, sink: impl FnMut(usize, RingEntry)) -> Result<HarvestStats> {
+        if self.ring.is_none() {
+            return Err(Error::Config(
+                "this machine does not track with the dirty ring".into(),
+            ));
+        }
+        let exits: Vec<u64> = (0..self.runner.len())
+            .map(|i| self.runner.ring_full_exits(i))
+            .collect();
+        let st = self.rings.harvest(self.vm.fd(), sink);
+        // Even on error, blocked vCPUs must not wait forever.
+        self.runner.ring_reset_done();
+        let st = st?;
+        for (i, &n) in st.per_vcpu.iter().enumerate() {
+            if st.full[i] {
+                return Err(Error::RingOverflow {
+                    vcpu: i as u32,
+                    detail: format!("a harvest found all {n} entries in use"),
+                });
+            }
+            if n > 0 {
+                self.ring_progress[i] = exits[i];
+            } else if exits[i] >= self.ring_progress[i] + 4 {
+                // A ring-full exit always leaves >= soft-limit entries to harvest; at most one
+                // more exit can follow a harvest that raced with it.
+                return Err(Error::RingOverflow {
+                    vcpu: i as u32,
+                    detail: format!(
+                        "{} ring-full exits with no entry to harvest",
+                        exits[i] - self.ring_progress[i]
+                    ),
+                });
+            }
+        }
+        Ok(st)
+    }
+
+    /// Stop the vCPU threads and report the first vCPU error, if any.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.runner.shutdown(Duration::from_secs(10))
+    }
+}

@@ -1,0 +1,649 @@
+//! vCPU threads: one host thread per vCPU running `KVM_RUN`, and the host-side coordination
+//! of their exits.
+//!
+//! | exit | what the vCPU thread does |
+//! |---|---|
+//! | `out` to [`ports::SYNC`] | parks (state [`VcpuState::Synced`]) until the host calls [`Runner::release`] |
+//! | `out` to [`ports::BUDGET`] | paces the dirtier: grants write budget per [`Runner::set_rate`], sleeping as needed |
+//! | `KVM_EXIT_DIRTY_RING_FULL` (31) | counts it, parks ([`VcpuState::RingFull`]) until the host has harvested and reset the rings ([`Runner::ring_reset_done`]), then re-enters |
+//! | `EINTR` / `EAGAIN` | re-enters |
+//! | HLT, shutdown, internal error, failed entry, anything else | stops with [`Error::Guest`] carrying the registers |
+//!
+//! Guests poll the `STOP` word of the control region, so stopping them is a memory write plus
+//! a wait for every vCPU to reach a parked state. Signals ([`kick_signal`]) are used only to
+//! force a vCPU out of `KVM_RUN`: at shutdown, and by the ring watchdog
+//! ([`Runner::watch_rings`]), which kicks a vCPU whose ring has reached the soft limit so that
+//! KVM's next entry takes the ring-full exit. Some hosts (PVM, measured: exits 0–64 entries past
+//! the soft limit, at arbitrary guest instructions) act on the soft-full request only when the
+//! vCPU next leaves for userspace or takes a host interrupt, not right after the faulting write
+//! is logged; without the kick a fast writer overruns the 64 reserved entries and KVM
+//! overwrites entries not yet harvested (a `WARN` in `kvm_dirty_ring_push`, lost dirty pages,
+//! and a ring that never resynchronises: see [`Error::RingOverflow`]).
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_regs;
+use kvm_ioctls::VcpuExit;
+
+use crate::error::{Error, Op, Result};
+use crate::guest::{control, ports};
+use crate::memory::GuestMemory;
+use crate::ring::RingWatch;
+use crate::sys::KVM_EXIT_DIRTY_RING_FULL;
+use crate::vm::KvmVcpu;
+use crate::x86::{describe_state, layout};
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`: `SIGRTMIN() + 1`, with a handler
+/// that does nothing (its only effect is that `KVM_RUN` returns `EINTR`).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    static FAILED: AtomicI32 = AtomicI32::new(0);
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            FAILED.store(e.errno(), Ordering::Release);
+        }
+    });
+    let failed = FAILED.load(Ordering::Acquire);
+    if failed != 0 {
+        return Err(Error::Kvm {
+            op: Op::Signal,
+            errno: failed,
+        });
+    }
+    Ok(())
+}
+
+/// How often the ring watchdog looks at the rings. With the 64 reserved entries, a guest
+/// faulting every 10 µs leaves the watchdog about 600 µs after the soft limit.
+pub const RING_WATCH_PERIOD: Duration = Duration::from_micros(200);
+
+/// How often it looks while a ring is within 64 entries of the soft limit.
+pub const RING_WATCH_PERIOD_NEAR: Duration = Duration::from_micros(25);
+
+/// Put the calling thread in `SCHED_FIFO` at the lowest priority, if allowed (root or
+/// `CAP_SYS_NICE`). The ring watchdog needs it on small hosts: with every core running a vCPU
+/// thread inside `KVM_RUN`, a normal-priority watchdog may not run for milliseconds, while a
+/// fast guest fills the ring's 64 reserved entries in well under one. It sleeps between
+/// polls, so it takes almost no CPU time.
+fn make_realtime() -> bool {
+    let p = libc::sched_param { sched_priority: 1 };
+    // SAFETY: changes only the calling thread's scheduling policy; `p` is a valid sched_param.
+    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &p) == 0 }
+}
+
+/// Where a vCPU thread is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum VcpuState {
+    /// In (or about to enter) `KVM_RUN`.
+    Running,
+    /// Parked at a sync exit, waiting for [`Runner::release`].
+    Synced,
+    /// Parked after a dirty-ring-full exit, waiting for [`Runner::ring_reset_done`].
+    RingFull,
+    /// Sleeping for write budget (dirtier).
+    Paced,
+    /// The thread ended normally (on shutdown).
+    Done,
+    /// The thread ended with an error.
+    Failed,
+}
+
+impl VcpuState {
+    /// Parked where it cannot write guest memory: synced, or blocked on a full ring (whose
+    /// pending write has not retired). Done and failed threads cannot write either.
+    pub fn is_stopped(self) -> bool {
+        matches!(
+            self,
+            VcpuState::Synced | VcpuState::RingFull | VcpuState::Done | VcpuState::Failed
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Pacing {
+    /// Pages per second per vCPU; `None` is unlimited.
+    rate: Option<f64>,
+    t0: Instant,
+    /// Per vCPU, `WRITES` when the rate was set.
+    base: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    vcpus: Vec<VcpuState>,
+    errors: Vec<Option<Error>>,
+    release_gen: u64,
+    ring_gen: u64,
+    quit: bool,
+    pacing: Pacing,
+    /// Per vCPU, the registers at its last ring-full exit.
+    ring_full_regs: Vec<Option<kvm_regs>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    st: Mutex<State>,
+    cv: Condvar,
+    /// The system memory holding the control region.
+    sys: Arc<GuestMemory>,
+    ring_full: Vec<AtomicU64>,
+    sync_exits: Vec<AtomicU64>,
+    /// The vCPU threads, for `pthread_kill` (valid until they are joined).
+    pthreads: Mutex<Vec<libc::pthread_t>>,
+    kicks: AtomicU64,
+    watch_quit: AtomicBool,
+    watchdog_rt: AtomicBool,
+    /// Per vCPU: inside `KVM_RUN` (or about to enter it).
+    in_run: Vec<AtomicBool>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.st.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        match self.cv.wait(g) {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn wait_timeout<'a>(&self, g: MutexGuard<'a, State>, d: Duration) -> MutexGuard<'a, State> {
+        match self.cv.wait_timeout(g, d) {
+            Ok((g, _)) => g,
+            Err(p) => p.into_inner().0,
+        }
+    }
+
+    /// Send the kick signal to vCPU thread `i`.
+    fn kick(&self, i: usize) {
+        let t = match self.pthreads.lock() {
+            Ok(g) => g.get(i).copied(),
+            Err(p) => p.into_inner().get(i).copied(),
+        };
+        if let Some(t) = t {
+            // SAFETY: `t` is a thread of this runner that has not been joined (threads are
+            // joined only after kicking stops), and the signal has a no-op handler.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+            self.kicks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn vcpu_word(&self, i: usize, field: u64) -> u64 {
+        self.sys
+            .read_u64(layout::CONTROL + control::vcpu(i as u32) + field)
+    }
+
+    /// Park at a sync exit until released. False if the runner is shutting down.
+    fn park_sync(&self, i: usize) -> bool {
+        self.sync_exits[i].fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        let gen = st.release_gen;
+        st.vcpus[i] = VcpuState::Synced;
+        self.cv.notify_all();
+        while st.release_gen == gen && !st.quit {
+            st = self.wait(st);
+        }
+        st.vcpus[i] = VcpuState::Running;
+        !st.quit
+    }
+
+    /// Park after a ring-full exit until a harvest that started after `gen` finished.
+    fn park_ring_full(&self, i: usize, gen: u64, regs: Option<kvm_regs>) -> bool {
+        self.ring_full[i].fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.ring_full_regs[i] = regs;
+        st.vcpus[i] = VcpuState::RingFull;
+        self.cv.notify_all();
+        while st.ring_gen == gen && !st.quit {
+            st = self.wait(st);
+        }
+        st.vcpus[i] = VcpuState::Running;
+        !st.quit
+    }
+
+    /// Grant the dirtier more budget, sleeping until its rate allows at least one write.
+    fn pace(&self, i: usize) -> bool {
+        let budget_off = layout::CONTROL + control::vcpu(i as u32) + control::BUDGET;
+        let mut st = self.lock();
+        loop {
+            if st.quit {
+                return false;
+            }
+            if self.sys.read_u64(layout::CONTROL + control::STOP) != 0 {
+                break;
+            }
+            let Some(rate) = st.pacing.rate else {
+                self.sys.write_u64(budget_off, u64::MAX);
+                break;
+            };
+            let writes = self.vcpu_word(i, control::WRITES);
+            let el = st.pacing.t0.elapsed().as_secs_f64();
+            let allowed = st.pacing.base[i].saturating_add((rate * el) as u64);
+            // Grant in quanta of about a millisecond so a slow rate does not mean one exit
+            // per write, and a fast one not one exit per page.
+            let quantum = ((rate / 1000.0) as u64).max(1);
+            if allowed >= writes.saturating_add(quantum) {
+                self.sys.write_u64(budget_off, allowed);
+                break;
+            }
+            let need = writes
+                .saturating_add(quantum)
+                .saturating_sub(st.pacing.base[i]) as f64;
+            let wake = Duration::from_secs_f64((need / rate.max(1e-9) - el).clamp(1e-4, 0.05));
+            st.vcpus[i] = VcpuState::Paced;
+            st = self.wait_timeout(st, wake);
+            st.vcpus[i] = VcpuState::Running;
+        }
+        st.vcpus[i] = VcpuState::Running;
+        true
+    }
+}
+
+/// Owned exit reason (the `VcpuExit` borrows the vCPU).
+enum Exit {
+    Out(u16),
+    RingFull,
+    Retry,
+    Fatal(String),
+}
+
+fn internal_error(vcpu: &mut KvmVcpu) -> String {
+    let run = vcpu.fd_mut().get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the `internal`
+    // member of the exit union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    format!(
+        "internal error, suberror {} data {:x?}",
+        internal.suberror,
+        &internal.data[..n]
+    )
+}
+
+fn run_once(vcpu: &mut KvmVcpu) -> Exit {
+    let r = match vcpu.fd_mut().run() {
+        Ok(VcpuExit::IoOut(port, _)) => Exit::Out(port),
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => Exit::RingFull,
+        Ok(VcpuExit::Intr) => Exit::Retry,
+        Ok(VcpuExit::Hlt) => Exit::Fatal("unexpected HLT".into()),
+        Ok(VcpuExit::Shutdown) => {
+            Exit::Fatal("shutdown (triple fault: the guest took an exception)".into())
+        }
+        Ok(VcpuExit::InternalError) => Exit::Fatal(String::new()),
+        Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!(
+            "VM entry failed: hardware_entry_failure_reason {reason:#x} on cpu {cpu}"
+        )),
+        Ok(VcpuExit::IoIn(port, _)) => Exit::Fatal(format!("unexpected `in` from port {port:#x}")),
+        Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Fatal(format!(
+            "access to unmapped guest-physical address {addr:#x} (MMIO exit)"
+        )),
+        Ok(other) => Exit::Fatal(format!("unexpected exit {other:?}")),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Retry,
+        Err(e) => Exit::Fatal(Error::from_sys(Op::Run, e).to_string()),
+    };
+    match r {
+        Exit::Fatal(s) if s.is_empty() => Exit::Fatal(internal_error(vcpu)),
+        r => r,
+    }
+}
+
+fn vcpu_loop(i: usize, vcpu: &mut KvmVcpu, sh: &Shared) -> Result<()> {
+    loop {
+        let ring_gen = {
+            let st = sh.lock();
+            if st.quit {
+                return Ok(());
+            }
+            st.ring_gen
+        };
+        sh.in_run[i].store(true, Ordering::Release);
+        let exit = run_once(vcpu);
+        sh.in_run[i].store(false, Ordering::Release);
+        let go_on = match exit {
+            Exit::Out(ports::SYNC) => sh.park_sync(i),
+            Exit::Out(ports::BUDGET) => sh.pace(i),
+            Exit::RingFull => sh.park_ring_full(i, ring_gen, vcpu.fd().get_regs().ok()),
+            Exit::Retry => true,
+            Exit::Out(port) => {
+                return Err(Error::Guest {
+                    vcpu: i as u32,
+                    what: format!(
+                        "unexpected `out` to port {port:#x}; {}",
+                        describe_state(vcpu.fd())
+                    ),
+                })
+            }
+            Exit::Fatal(what) => {
+                return Err(Error::Guest {
+                    vcpu: i as u32,
+                    what: format!("{what}; {}", describe_state(vcpu.fd())),
+                })
+            }
+        };
+        if !go_on {
+            return Ok(());
+        }
+    }
+}
+
+/// The vCPU threads of a machine.
+#[derive(Debug)]
+pub struct Runner {
+    sh: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+impl Runner {
+    /// Start one thread per vCPU (already set up to run), in `KVM_RUN` at once. `sys` is the
+    /// system memory holding the control region.
+    pub fn start(vcpus: Vec<KvmVcpu>, sys: Arc<GuestMemory>) -> Result<Self> {
+        install_kick_handler()?;
+        let n = vcpus.len();
+        let sh = Arc::new(Shared {
+            st: Mutex::new(State {
+                vcpus: vec![VcpuState::Running; n],
+                errors: (0..n).map(|_| None).collect(),
+                release_gen: 0,
+                ring_gen: 0,
+                quit: false,
+                pacing: Pacing {
+                    rate: None,
+                    t0: Instant::now(),
+                    base: vec![0; n],
+                },
+                ring_full_regs: vec![None; n],
+            }),
+            cv: Condvar::new(),
+            sys,
+            ring_full: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            sync_exits: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            pthreads: Mutex::new(Vec::with_capacity(n)),
+            kicks: AtomicU64::new(0),
+            watch_quit: AtomicBool::new(false),
+            watchdog_rt: AtomicBool::new(false),
+            in_run: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        });
+        let mut r = Runner {
+            sh: sh.clone(),
+            threads: Vec::with_capacity(n),
+            watchdog: None,
+        };
+        for (i, mut v) in vcpus.into_iter().enumerate() {
+            let tsh = sh.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    let sh = tsh;
+                    let res = vcpu_loop(i, &mut v, &sh);
+                    let mut st = sh.lock();
+                    match res {
+                        Ok(()) => st.vcpus[i] = VcpuState::Done,
+                        Err(e) => {
+                            st.vcpus[i] = VcpuState::Failed;
+                            st.errors[i] = Some(e);
+                        }
+                    }
+                    sh.cv.notify_all();
+                })
+                .map_err(|e| Error::Kvm {
+                    op: Op::SpawnThread,
+                    errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
+                })?;
+            {
+                use std::os::unix::thread::JoinHandleExt;
+                let mut p = match sh.pthreads.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                p.push(h.as_pthread_t() as libc::pthread_t);
+            }
+            r.threads.push(h);
+        }
+        Ok(r)
+    }
+
+    /// Start the ring watchdog: every [`RING_WATCH_PERIOD`], kick each running vCPU whose ring holds at least
+    /// `threshold` unharvested entries (use the soft limit, `entries - 64`), so that KVM takes
+    /// the ring-full exit now rather than at its next exit to userspace. `rings` are in vCPU
+    /// order. On a host that exits at the soft limit by itself the kicks never find a running
+    /// vCPU over the threshold, or are harmless duplicates. The watchdog runs `SCHED_FIFO` when
+    /// the process may ([`Runner::watchdog_realtime`]), so busy vCPU threads cannot starve it.
+    pub fn watch_rings(&mut self, rings: Vec<RingWatch>, threshold: u32) -> Result<()> {
+        if self.watchdog.is_some() || rings.len() != self.len() {
+            return Err(Error::Config("one ring per vCPU, watched once".into()));
+        }
+        let sh = self.sh.clone();
+        let h = std::thread::Builder::new()
+            .name("ring-watchdog".into())
+            .spawn(move || {
+                sh.watchdog_rt.store(make_realtime(), Ordering::Relaxed);
+                // Poll fast only while some ring is within 64 entries of the threshold.
+                let near = threshold.saturating_sub(64).max(1);
+                let mut period = RING_WATCH_PERIOD;
+                while !sh.watch_quit.load(Ordering::Acquire) {
+                    std::thread::sleep(period);
+                    period = RING_WATCH_PERIOD;
+                    for (i, w) in rings.iter().enumerate() {
+                        if !w.holds_at_least(near) {
+                            continue;
+                        }
+                        period = RING_WATCH_PERIOD_NEAR;
+                        if w.holds_at_least(threshold) && sh.in_run[i].load(Ordering::Acquire) {
+                            sh.kick(i);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Kvm {
+                op: Op::SpawnThread,
+                errno: e.raw_os_error().unwrap_or(libc::EAGAIN),
+            })?;
+        self.watchdog = Some(h);
+        Ok(())
+    }
+
+    /// Did the ring watchdog get real-time priority (see [`Runner::watch_rings`])?
+    pub fn watchdog_realtime(&self) -> bool {
+        self.sh.watchdog_rt.load(Ordering::Relaxed)
+    }
+
+    /// Kicks sent so far (watchdog and shutdown).
+    pub fn kicks(&self) -> u64 {
+        self.sh.kicks.load(Ordering::Relaxed)
+    }
+
+    /// Force vCPU `i` out of `KVM_RUN` once (it re-enters unless shutting down).
+    pub fn kick(&self, i: usize) {
+        self.sh.kick(i)
+    }
+
+    /// Number of vCPUs.
+    pub fn len(&self) -> usize {
+        self.sh.ring_full.len()
+    }
+
+    /// No vCPUs?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every vCPU's state.
+    pub fn states(&self) -> Vec<VcpuState> {
+        self.sh.lock().vcpus.clone()
+    }
+
+    /// Ring-full exits of vCPU `i`.
+    pub fn ring_full_exits(&self, i: usize) -> u64 {
+        self.sh.ring_full[i].load(Ordering::Relaxed)
+    }
+
+    /// The registers of vCPU `i` at its last ring-full exit (`KVM_GET_REGS`), which tell which
+    /// guest instruction was interrupted.
+    pub fn ring_full_regs(&self, i: usize) -> Option<kvm_regs> {
+        self.sh.lock().ring_full_regs[i]
+    }
+
+    /// Ring-full exits of all vCPUs.
+    pub fn total_ring_full_exits(&self) -> u64 {
+        self.sh
+            .ring_full
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Sync exits of vCPU `i`.
+    pub fn sync_exits(&self, i: usize) -> u64 {
+        self.sh.sync_exits[i].load(Ordering::Relaxed)
+    }
+
+    /// Wait until every vCPU's state satisfies `ok`. A failed vCPU ends the wait with its error
+    /// (unless `ok` accepts `Failed`); so does the deadline, with [`Error::Timeout`].
+    pub fn wait_all(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(VcpuState) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.sh.lock();
+        loop {
+            if let Some(i) = st
+                .vcpus
+                .iter()
+                .position(|s| *s == VcpuState::Failed && !ok(VcpuState::Failed))
+            {
+                return Err(st.errors[i].take().unwrap_or(Error::Guest {
+                    vcpu: i as u32,
+                    what: "failed (error already reported)".into(),
+                }));
+            }
+            if st.vcpus.iter().all(|s| ok(*s)) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("{what} (vCPU states: {:?})", st.vcpus),
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+            st = self.sh.wait_timeout(st, deadline - now);
+        }
+    }
+
+    /// The error of a failed vCPU, if any (taken: reported once).
+    pub fn check(&self) -> Result<()> {
+        let mut st = self.sh.lock();
+        if let Some(i) = st.vcpus.iter().position(|s| *s == VcpuState::Failed) {
+            if let Some(e) = st.errors[i].take() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Let every vCPU parked at a sync exit continue (vCPUs not parked there are unaffected and
+    /// will park at their next sync).
+    pub fn release(&self) {
+        let mut st = self.sh.lock();
+        st.release_gen += 1;
+        self.sh.cv.notify_all();
+    }
+
+    /// Tell vCPUs blocked on a full ring that a harvest and `KVM_RESET_DIRTY_RINGS` completed.
+    pub fn ring_reset_done(&self) {
+        let mut st = self.sh.lock();
+        st.ring_gen += 1;
+        self.sh.cv.notify_all();
+    }
+
+    /// Dirtier pacing: `Some(pages_per_second)` per vCPU, or `None` for unlimited. Takes effect
+    /// from now on.
+    pub fn set_rate(&self, rate: Option<f64>) {
+        let mut st = self.sh.lock();
+        let base = (0..st.vcpus.len())
+            .map(|i| self.sh.vcpu_word(i, control::WRITES))
+            .collect();
+        st.pacing = Pacing {
+            rate,
+            t0: Instant::now(),
+            base,
+        };
+        self.sh.cv.notify_all();
+    }
+
+    /// Wake paced vCPUs to re-check the `STOP` word and their budget.
+    pub fn poke(&self) {
+        let _st = self.sh.lock();
+        self.sh.cv.notify_all();
+    }
+
+    /// Stop every thread: set `STOP`, release all parks, and join the threads (waiting up to
+    /// `timeout`; a thread stuck in the guest is left detached, still holding its memory).
+    /// Returns the first vCPU error, if any.
+    pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
+        self.sh.watch_quit.store(true, Ordering::Release);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        self.sh.sys.write_u64(layout::CONTROL + control::STOP, 1);
+        {
+            let mut st = self.sh.lock();
+            st.quit = true;
+            self.sh.cv.notify_all();
+        }
+        let deadline = Instant::now() + timeout;
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            // Kick again and again: a kick that lands just before KVM_RUN is lost.
+            for (i, t) in self.threads.iter().enumerate() {
+                if !t.is_finished() {
+                    self.sh.kick(i);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut stuck = 0;
+        for t in self.threads.drain(..) {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        let mut st = self.sh.lock();
+        if let Some(e) = st.errors.iter_mut().find_map(Option::take) {
+            return Err(e);
+        }
+        if stuck > 0 {
+            return Err(Error::Timeout {
+                what: format!("{stuck} vCPU thread(s) to leave the guest at shutdown"),
+                ms: timeout.as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() || self.watchdog.is_some() {
+            let _ = self.shutdown(Duration::from_secs(5));
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The kernel's dirty_log_test protocol (`dirtylog::selftest::run`) on /dev/kvm, in each mode.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use dirtylog::selftest::{run, LogMode, SelftestConfig};
+use dirtylog_kvm::KvmSelftest;
+
+fn run_mode(mode: LogMode, vcpus: u32, ring_entries: u32) -> dirtylog::selftest::Summary {
+    let _kvm = common::require_kvm();
+    let cfg = SelftestConfig {
+        mode,
+        vcpus,
+        pages: 64 * 64 + 3,
+        iterations: 32,
+        interval: Duration::from_millis(10),
+        ring_entries,
+        seed: 0x5eed + vcpus as u64,
+        ..Default::default()
+    };
+    let mut b = KvmSelftest::new(&cfg).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    let t = Instant::now();
+    let sum = run(&mut b, &cfg, |r| {
+        eprintln!(
+            "{} it {:2}: dirty {:5} clean {:5} writes {:6} collections {:3} ring-full {}",
+            mode.name(),
+            r.iteration,
+            r.dirty,
+            r.clean,
+            r.writes,
+            r.collections,
+            r.ring_full_exits
+        )
+    })
+    .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    eprintln!(
+        "{}: {:.2}s, {} writes, {} ring-full exits, fullest ring harvest {} entries",
+        sum.backend,
+        t.elapsed().as_secs_f64(),
+        sum.writes,
+        sum.ring_full_exits,
+        b.max_ring_fill()
+    );
+    b.shutdown().unwrap();
+    for v in sum.violations.iter().take(20) {
+        eprintln!("VIOLATION: {v}");
+    }
+    assert!(sum.passed(), "{} violations", sum.violations.len());
+    sum
+}
+
+#[test]
+fn dirty_log_1vcpu() {
+    run_mode(LogMode::DirtyLog, 1, 0);
+}
+
+#[test]
+fn dirty_log_2vcpu() {
+    run_mode(LogMode::DirtyLog, 2, 0);
+}
+
+#[test]
+fn clear_log_1vcpu() {
+    run_mode(LogMode::ClearLog, 1, 0);
+}
+
+#[test]
+fn clear_log_2vcpu() {
+    run_mode(LogMode::ClearLog, 2, 0);
+}
+
+#[test]
+fn dirty_ring_1vcpu() {
+    // 65536 entries: larger than the writes of an iteration, so it never fills.
+    let s = run_mode(LogMode::DirtyRing, 1, 65536);
+    assert_eq!(s.ring_full_exits, 0);
+}
+
+#[test]
+fn dirty_ring_2vcpu() {
+    run_mode(LogMode::DirtyRing, 2, 4096);
+}
+
+#[test]
+fn dirty_ring_full_1vcpu() {
+    // 256 entries (one page, the minimum): soft-full after 192, far below an iteration's writes.
+    let s = run_mode(LogMode::DirtyRing, 1, 256);
+    assert!(s.ring_full_exits > 0, "the ring never filled");
+}
+
+#[test]
+fn dirty_ring_full_2vcpu() {
+    let s = run_mode(LogMode::DirtyRing, 2, 256);
+    assert!(s.ring_full_exits > 0, "the ring never filled");
+}
