@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod perf;
 mod selftest;
 
 /// Dirty page tracking with KVM's semantics: conformance self-tests, capabilities,
@@ -23,12 +24,16 @@ enum Cmd {
     /// run, stops them, collects again, and checks that every dirty page holds the current
     /// iteration and every clean page an older one. Exits non-zero on any violation.
     Selftest(selftest::Args),
+    /// Time dirty logging like the kernel's dirty_log_perf_test: populate, enable logging,
+    /// per-iteration dirty-memory / get / clear times, disable logging.
+    Perf(perf::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Selftest(a) => selftest::run(a),
+        Cmd::Perf(a) => perf::run(a),
     };
     match r {
         Ok(code) => code,

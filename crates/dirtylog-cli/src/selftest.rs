@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, ValueEnum};
-use dirtylog::selftest::{self, IterationReport, LogMode, SelftestBackend, SelftestConfig, Summary};
+use dirtylog::selftest::{
+    self, IterationReport, LogMode, SelftestBackend, SelftestConfig, Summary,
+};
 use dirtylog::softmmu::{FlushKind, SoftmmuSelftest};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +89,9 @@ fn backend(a: &Args, cfg: &SelftestConfig) -> Result<Box<dyn SelftestBackend>, S
                 Flush::Full => FlushKind::FullOnly,
                 Flush::Request => FlushKind::RequestOnly,
             };
-            Ok(Box::new(SoftmmuSelftest::new(cfg, kind).map_err(|e| e.to_string())?))
+            Ok(Box::new(
+                SoftmmuSelftest::new(cfg, kind).map_err(|e| e.to_string())?,
+            ))
         }
     }
 }
@@ -97,13 +101,19 @@ fn validate(a: &Args) -> Result<(), String> {
         return Err(format!("--vcpus {} is out of range: use 1 to 64", a.vcpus));
     }
     if a.pages == 0 || a.pages > 1 << 24 {
-        return Err(format!("--pages {} is out of range: use 1 to 16777216", a.pages));
+        return Err(format!(
+            "--pages {} is out of range: use 1 to 16777216",
+            a.pages
+        ));
     }
     if a.iterations == 0 {
         return Err("--iterations must be at least 1".into());
     }
     if !a.ring_entries.is_power_of_two() || !(256..=65536).contains(&a.ring_entries) {
-        return Err(format!("--ring-entries {} must be a power of two from 256 to 65536", a.ring_entries));
+        return Err(format!(
+            "--ring-entries {} must be a power of two from 256 to 65536",
+            a.ring_entries
+        ));
     }
     Ok(())
 }
@@ -135,7 +145,11 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
                     r.dirty,
                     r.clean,
                     r.writes,
-                    if r.ring_full_exits > 0 { format!(" ring-full exits: {}", r.ring_full_exits) } else { String::new() }
+                    if r.ring_full_exits > 0 {
+                        format!(" ring-full exits: {}", r.ring_full_exits)
+                    } else {
+                        String::new()
+                    }
                 );
             }
             lines.push(r.clone());
@@ -150,12 +164,21 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     if a.json {
         let runs: Vec<_> = summaries
             .iter()
-            .map(|(s, l)| serde_json::json!({ "summary": s, "iterations": l, "passed": s.passed() }))
+            .map(
+                |(s, l)| serde_json::json!({ "summary": s, "iterations": l, "passed": s.passed() }),
+            )
             .collect();
         let doc = serde_json::json!({ "backend": format!("{:?}", a.backend).to_lowercase(), "passed": ok, "runs": runs });
-        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+        );
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn report(s: &Summary) {

@@ -26,6 +26,7 @@ pub mod arch;
 pub mod bitmap;
 pub mod error;
 pub mod memslot;
+pub mod perf;
 pub mod ring;
 pub mod selftest;
 pub mod softmmu;

@@ -494,6 +494,10 @@ impl SoftVcpu {
 }
 
 #[cfg(not(loom))]
+mod perf;
+#[cfg(not(loom))]
 mod selftest;
+#[cfg(not(loom))]
+pub use perf::SoftmmuPerf;
 #[cfg(not(loom))]
 pub use selftest::SoftmmuSelftest;
