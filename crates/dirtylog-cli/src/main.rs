@@ -27,6 +27,13 @@ enum Cmd {
     /// Time dirty logging like the kernel's dirty_log_perf_test: populate, enable logging,
     /// per-iteration dirty-memory / get / clear times, disable logging.
     Perf(perf::Args),
+    /// Show what the running kernel's /dev/kvm offers for dirty logging (manual protect,
+    /// dirty ring sizes, memslots, ...).
+    Caps {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +41,12 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Selftest(a) => selftest::run(a),
         Cmd::Perf(a) => perf::run(a),
+        Cmd::Caps { json } => dirtylog_kvm::caps_report(json)
+            .map(|r| {
+                println!("{r}");
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| e.to_string()),
     };
     match r {
         Ok(code) => code,

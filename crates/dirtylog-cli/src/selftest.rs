@@ -13,6 +13,8 @@ use dirtylog::softmmu::{FlushKind, SoftmmuSelftest};
 pub enum Backend {
     /// The software-MMU reference arch (per-vCPU TLBs, write-protection faults).
     Softmmu,
+    /// Real guests on /dev/kvm.
+    Kvm,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +63,7 @@ pub struct Args {
     /// Milliseconds the vCPUs run per iteration at least.
     #[arg(long, default_value_t = 10)]
     interval_ms: u64,
-    /// Remote TLB flush hooks of the softmmu arch.
+    /// Remote TLB flush hooks of the softmmu arch (ignored for kvm: the kernel flushes).
     #[arg(long, value_enum, default_value_t = Flush::Ranged)]
     flush: Flush,
     /// Seed for the host's reap points and the vCPUs' page choice.
@@ -93,6 +95,9 @@ fn backend(a: &Args, cfg: &SelftestConfig) -> Result<Box<dyn SelftestBackend>, S
                 SoftmmuSelftest::new(cfg, kind).map_err(|e| e.to_string())?,
             ))
         }
+        Backend::Kvm => Ok(Box::new(
+            dirtylog_kvm::KvmSelftest::new(cfg).map_err(|e| e.to_string())?,
+        )),
     }
 }
 
