@@ -52,6 +52,71 @@ pub struct RoundStats {
     pub mbps: f64,
 }
 
+/// One row of the per-round table: [`RoundStats`] plus what the engine measured after the
+/// round.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RoundReport {
+    /// Pages, times and bandwidth of the round.
+    #[serde(flatten)]
+    pub stats: RoundStats,
+    /// Bytes put on the wire in the round, frame overhead included (`transferred`).
+    pub transferred: u64,
+    /// Pages dirtied per second, measured by the harvest that started the round; 0 for the
+    /// bulk pass (`dirty-pages-rate`).
+    pub dirty_pages_rate: u64,
+    /// Expected downtime in milliseconds when the round started (`expected-downtime`).
+    pub expected_downtime: u64,
+    /// vCPU throttle during the round, percent (`cpu-throttle-percentage`).
+    pub cpu_throttle_percentage: u8,
+    /// Whether this is the final round, sent with the guest paused (`final`).
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+/// What the source reports at the end of a successful migration.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SendReport {
+    /// QEMU-named totals.
+    #[serde(flatten)]
+    pub stats: MigrationStats,
+    /// Why pre-copy stopped.
+    pub switchover: crate::convergence::SwitchoverReason,
+    /// vCPU throttle at switchover, percent (`cpu-throttle-percentage`).
+    pub cpu_throttle_percentage: u8,
+    /// TCP connections used.
+    pub connections: usize,
+    /// Page size of the stream.
+    pub page_size: u32,
+    /// Guest memory in bytes (`total`).
+    pub total: u64,
+    /// One row per round: the bulk pass, the pre-copy rounds and the final round.
+    pub rounds: Vec<RoundReport>,
+}
+
+/// What the destination reports once the guest runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReceiveReport {
+    /// Milliseconds from the first connection to the acknowledgement (`total-time`).
+    pub total_time: u64,
+    /// Bytes received over all connections (`transferred`).
+    pub transferred: u64,
+    /// Pages received with contents (`normal`).
+    pub normal: u64,
+    /// Pages received as zero markers (`duplicate`).
+    pub duplicate: u64,
+    /// Rounds received, the bulk pass and the final round included.
+    pub rounds: u64,
+    /// TCP connections used.
+    pub connections: usize,
+    /// Milliseconds spent checking the memory hashes (`hash-check-time`).
+    pub hash_check_time: u64,
+    /// Milliseconds from the sender's `Done` to the guest running (`resume-time`).
+    pub resume_time: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

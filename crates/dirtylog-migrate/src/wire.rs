@@ -22,6 +22,7 @@
 //! | 8    | `Error`     | code u32                                    | UTF-8 message            |
 //! | 9    | `Ack`       | code u32                                    |                          |
 //! | 10   | `Cancel`    |                                             |                          |
+//! | 11   | `Hello`     | connection u32, connections u32, session u64 |                         |
 //!
 //! A region entry is slot u32, gpa u64, size u64.
 //!
@@ -75,6 +76,8 @@ pub const MIN_PAGE_SIZE: u32 = 4096;
 pub const MAX_PAGE_SIZE: u32 = 2 << 20;
 /// Most vCPUs a header may declare (KVM's `KVM_MAX_VCPUS` on x86).
 pub const MAX_VCPUS: u32 = 4096;
+/// Most TCP connections one migration may use; a `Hello` frame declaring more is refused.
+pub const MAX_CONNECTIONS: u32 = 64;
 /// Most regions in the memory map.
 pub const MAX_REGIONS: usize = 512;
 /// Most guest memory, in bytes, the memory map may add up to: 1 TiB.
@@ -158,6 +161,16 @@ pub enum Message<'a> {
     },
     /// Either side cancels the migration.
     Cancel,
+    /// Sender to receiver, right after the header on every connection of a migration: which
+    /// connection this is, how many there are, and a random session id that ties them together.
+    Hello {
+        /// This connection's index, below `connections`; 0 carries the control frames.
+        connection: u32,
+        /// Connections of the migration, `1..=`[`MAX_CONNECTIONS`].
+        connections: u32,
+        /// The same random value on every connection of one migration.
+        session: u64,
+    },
 }
 
 /// The frame types. `Header` only starts a stream; the others carry a [`Message`].
@@ -173,10 +186,11 @@ enum Kind {
     Error,
     Ack,
     Cancel,
+    Hello,
 }
 
 impl Kind {
-    const ALL: [Kind; 10] = [
+    const ALL: [Kind; 11] = [
         Kind::Header,
         Kind::Pages,
         Kind::ZeroPages,
@@ -187,6 +201,7 @@ impl Kind {
         Kind::Error,
         Kind::Ack,
         Kind::Cancel,
+        Kind::Hello,
     ];
 
     fn from_u8(byte: u8) -> Option<Kind> {
@@ -205,6 +220,7 @@ impl Kind {
             Kind::Error => "Error frame",
             Kind::Ack => "Ack frame",
             Kind::Cancel => "Cancel frame",
+            Kind::Hello => "Hello frame",
         }
     }
 
@@ -220,6 +236,7 @@ impl Kind {
             Kind::Done | Kind::Cancel => (0, 0),
             Kind::Error => (4, MAX_ERROR_MESSAGE),
             Kind::Ack => (4, 0),
+            Kind::Hello => (16, 0),
         }
     }
 
@@ -314,6 +331,15 @@ fn encode_fields<'a>(msg: Message<'a>) -> (Kind, Fixed, &'a [u8]) {
         Message::Error { code, message } => (Kind::Error, f.u32(code), message.as_bytes()),
         Message::Ack { code } => (Kind::Ack, f.u32(code), &[]),
         Message::Cancel => (Kind::Cancel, f, &[]),
+        Message::Hello {
+            connection,
+            connections,
+            session,
+        } => (
+            Kind::Hello,
+            f.u32(connection).u32(connections).u64(session),
+            &[],
+        ),
     }
 }
 
@@ -350,6 +376,11 @@ fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message
         },
         Kind::Ack => Message::Ack { code: f.u32() },
         Kind::Cancel => Message::Cancel,
+        Kind::Hello => Message::Hello {
+            connection: f.u32(),
+            connections: f.u32(),
+            session: f.u64(),
+        },
     })
 }
 
@@ -366,6 +397,16 @@ impl StreamHeader {
                 })
             }
             Message::MemHash { slot, .. } => self.region(slot).map(drop),
+            Message::Hello {
+                connection,
+                connections,
+                ..
+            } if !(1..=MAX_CONNECTIONS).contains(&connections) || connection >= connections => {
+                Err(WireError::Connection {
+                    connection,
+                    connections,
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -496,6 +537,11 @@ impl<W: Write> Encoder<W> {
         &self.header
     }
 
+    /// Flush the writer, for a buffered one.
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        Ok(self.writer.flush()?)
+    }
+
     /// Bytes written so far, preamble and header included.
     pub fn position(&self) -> u64 {
         self.position
@@ -512,6 +558,31 @@ impl<W: Write> Encoder<W> {
 pub trait GuestMemoryMut {
     /// The memory of region `index`, or `None` if there is none.
     fn region_mut(&mut self, index: usize) -> Option<&mut [u8]>;
+
+    /// Where the data of a `Pages` frame for `range` goes: the `len` bytes at byte `start` of
+    /// region `index`, whose size is `size`. The decoder has checked that the range lies
+    /// inside the region. The default slices [`region_mut`](Self::region_mut), which must be
+    /// exactly `size` bytes long. Override it to hand out only the range, for example when
+    /// several decoders write disjoint ranges of one memory concurrently and must not each
+    /// hold the whole region.
+    fn range_mut(
+        &mut self,
+        index: usize,
+        size: u64,
+        range: PageRange,
+        start: usize,
+        len: usize,
+    ) -> Result<&mut [u8], WireError> {
+        match self.region_mut(index) {
+            // In bounds: the range was checked against the region, and the region is `size`.
+            Some(region) if region.len() as u64 == size => Ok(&mut region[start..start + len]),
+            other => Err(WireError::Destination {
+                slot: range.slot,
+                have: other.map_or(0, |r| r.len() as u64),
+                size,
+            }),
+        }
+    }
 }
 
 impl<T: AsMut<[u8]>> GuestMemoryMut for [T] {
@@ -739,7 +810,7 @@ fn read_header<R: Read>(
     StreamHeader::decode(fixed, entries)
 }
 
-/// The bytes of `range` in `memory`, which must hold region `index` at its full size.
+/// The bytes of `range` in `memory`, through [`GuestMemoryMut::range_mut`].
 fn destination<'m, M: GuestMemoryMut + ?Sized>(
     header: &StreamHeader,
     memory: &'m mut M,
@@ -747,18 +818,9 @@ fn destination<'m, M: GuestMemoryMut + ?Sized>(
     range: PageRange,
 ) -> Result<&'m mut [u8], WireError> {
     let size = header.regions()[index].size;
-    match memory.region_mut(index) {
-        Some(region) if region.len() as u64 == size => {
-            // In bounds: the range was checked against the region, and the region is `size`.
-            let page_size = u64::from(header.page_size());
-            let start = (range.first_page * page_size) as usize;
-            let len = (range.npages * page_size) as usize;
-            Ok(&mut region[start..start + len])
-        }
-        other => Err(WireError::Destination {
-            slot: range.slot,
-            have: other.map_or(0, |r| r.len() as u64),
-            size,
-        }),
-    }
+    // In range, so below MAX_GUEST_MEMORY: no overflow, and it fits in usize on 64-bit hosts.
+    let page_size = u64::from(header.page_size());
+    let start = (range.first_page * page_size) as usize;
+    let len = (range.npages * page_size) as usize;
+    memory.range_mut(index, size, range, start, len)
 }

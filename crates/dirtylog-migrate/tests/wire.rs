@@ -364,8 +364,8 @@ fn absurd_lengths_fail_before_reading_or_allocating() {
 
 #[test]
 fn unknown_types_flags_and_misplaced_headers_are_rejected() {
-    let err = next_error(&stream_with(&raw_frame(11, &[])));
-    assert_eq!(err.to_string(), "unknown frame type 11");
+    let err = next_error(&stream_with(&raw_frame(12, &[])));
+    assert_eq!(err.to_string(), "unknown frame type 12");
 
     let mut done = raw_frame(7, &[]);
     done[1] = 0x40;

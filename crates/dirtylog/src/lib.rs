@@ -16,7 +16,7 @@
 //!     memory_size: 67 * 4096, userspace_addr: 0,
 //! }).unwrap();
 //! let vcpu = m.create_vcpu();
-//! vcpu.write_u64(5 * 4096, 42);           // a guest write: faults, is logged
+//! vcpu.write_u64(5 * 4096, 42).unwrap();  // a guest write: faults, is logged
 //! let mut log = [0u64; 2];
 //! m.vm().get_dirty_log(0, &mut log).unwrap();
 //! assert_eq!(log, [1 << 5, 0]);

@@ -2,7 +2,10 @@
 
 use std::io;
 
-use super::{MAX_GUEST_MEMORY, MAX_PAGE_SIZE, MAX_REGIONS, MAX_VCPUS, MIN_PAGE_SIZE, VERSION};
+use super::{
+    MAX_CONNECTIONS, MAX_GUEST_MEMORY, MAX_PAGE_SIZE, MAX_REGIONS, MAX_VCPUS, MIN_PAGE_SIZE,
+    VERSION,
+};
 
 /// An error encoding or decoding a migration stream. Each message says what was wrong and,
 /// for input, where.
@@ -157,6 +160,30 @@ pub enum WireError {
         id: u32,
         /// vCPUs in the stream header.
         count: u32,
+    },
+    /// A range that the receiver has already been sent in the current round (or that another
+    /// connection is writing): every page travels at most once per round.
+    #[error(
+        "range slot {slot} pages {first_page}..{end} overlaps pages already received this round"
+    )]
+    Overlap {
+        /// The range's slot id.
+        slot: u32,
+        /// The range's first page.
+        first_page: u64,
+        /// One past its last page.
+        end: u64,
+    },
+    /// A `Hello` frame whose connection index or count is impossible.
+    #[error(
+        "Hello frame for connection {connection} of {connections}: the count must be \
+         1..={MAX_CONNECTIONS} and the index below it"
+    )]
+    Connection {
+        /// The connection index declared.
+        connection: u32,
+        /// The connection count declared.
+        connections: u32,
     },
     /// An `Error` frame's message is not UTF-8.
     #[error("Error frame message is not valid UTF-8")]
