@@ -1,0 +1,178 @@
+//! The errors of a migration, one variant per way it can fail, each with a message that says
+//! what happened and on which side.
+
+use std::io;
+use std::time::Duration;
+
+use crate::wire::WireError;
+
+/// An error from the VM behind [`MigrationSource`](crate::MigrationSource) or
+/// [`MigrationTarget`](crate::MigrationTarget): whatever the implementation reports.
+pub type VmError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a migration failed. On the source, any of these means the guest was resumed (and the
+/// resume's own failure, if any, is in [`MigrateError::ResumeFailed`]); on the destination, it
+/// means the guest was never run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrateError {
+    /// The configuration is unusable.
+    #[error("invalid migration configuration: {0}")]
+    Config(String),
+    /// Setting up the connections failed.
+    #[error("{what}: {source}")]
+    Connect {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The stream on one connection is broken, malformed or failed validation.
+    #[error("connection {connection}: {source}")]
+    Wire {
+        /// The connection's index.
+        connection: usize,
+        /// What was wrong.
+        #[source]
+        source: WireError,
+    },
+    /// The peer broke the protocol with well-formed frames in the wrong place.
+    #[error("connection {connection}: protocol violation: {message}")]
+    Protocol {
+        /// The connection's index.
+        connection: usize,
+        /// What was wrong.
+        message: String,
+    },
+    /// The VM failed an operation.
+    #[error("VM {op} failed: {source}")]
+    Vm {
+        /// The operation: `harvest`, `pause`, ...
+        op: &'static str,
+        /// The VM's error.
+        #[source]
+        source: VmError,
+    },
+    /// The other side closed a connection before the migration was over.
+    #[error("connection {connection}: the {side} closed the connection {when}")]
+    Closed {
+        /// The connection's index.
+        connection: usize,
+        /// `source` or `destination`.
+        side: &'static str,
+        /// When: `before acknowledging`, ...
+        when: &'static str,
+    },
+    /// The other side reported an error and gave up.
+    #[error("the {side} reported an error (code {code}): {message}")]
+    Remote {
+        /// `source` or `destination`.
+        side: &'static str,
+        /// Its error code.
+        code: u32,
+        /// Its message.
+        message: String,
+    },
+    /// The source cancelled the migration.
+    #[error("the source cancelled the migration")]
+    Cancelled,
+    /// Pre-copy did not converge before the round limit or the timeout, and the policy is to
+    /// cancel.
+    #[error(
+        "migration did not converge after {rounds} rounds in {elapsed_ms} ms ({why}): expected \
+         downtime {expected_downtime_ms} ms exceeds the limit of {limit_ms} ms at {dirty_rate} \
+         dirty pages/s and {mbps:.0} Mbit/s; cancelled (raise the downtime limit or the timeout, \
+         enable auto-converge, or choose the switchover policy)"
+    )]
+    NotConverged {
+        /// Rounds sent, the bulk pass included.
+        rounds: u64,
+        /// Milliseconds since the start.
+        elapsed_ms: u64,
+        /// `timeout` or `round limit`.
+        why: &'static str,
+        /// The last estimate of the downtime.
+        expected_downtime_ms: u64,
+        /// The downtime limit.
+        limit_ms: u64,
+        /// The last measured dirty rate.
+        dirty_rate: u64,
+        /// The last measured bandwidth.
+        mbps: f64,
+    },
+    /// The content hash of a region differs between the source and the destination.
+    #[error(
+        "memory hash mismatch in slot {slot}: the source sent {expected:#018x}, the destination \
+         has {actual:#018x}"
+    )]
+    HashMismatch {
+        /// The region's slot.
+        slot: u32,
+        /// The source's hash.
+        expected: u64,
+        /// The destination's hash.
+        actual: u64,
+    },
+    /// Something took too long.
+    #[error("timed out after {0:?} {1}")]
+    Timeout(Duration, &'static str),
+    /// A local I/O error outside the framed streams.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The migration failed, and resuming the source guest afterwards failed too.
+    #[error("{error}; resuming the source guest failed as well: {resume}")]
+    ResumeFailed {
+        /// Why the migration failed.
+        error: Box<MigrateError>,
+        /// Why the resume failed.
+        resume: VmError,
+    },
+}
+
+impl MigrateError {
+    pub(crate) fn vm(op: &'static str) -> impl FnOnce(VmError) -> MigrateError {
+        move |source| MigrateError::Vm { op, source }
+    }
+
+    pub(crate) fn wire(connection: usize) -> impl FnOnce(WireError) -> MigrateError {
+        move |source| MigrateError::Wire { connection, source }
+    }
+
+    pub(crate) fn protocol(connection: usize, message: impl Into<String>) -> MigrateError {
+        MigrateError::Protocol {
+            connection,
+            message: message.into(),
+        }
+    }
+
+    /// Is this a broken connection (reset, closed, timed out) rather than a real cause? Used to
+    /// prefer the first real cause when several threads fail together.
+    pub(crate) fn is_secondary(&self) -> bool {
+        match self {
+            MigrateError::Wire { source, .. } => {
+                matches!(source, WireError::Io(_) | WireError::Truncated { .. })
+            }
+            MigrateError::Closed { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// The error codes of `Error` frames.
+pub mod code {
+    /// The source failed (VM error, I/O, configuration) and gives up.
+    pub const SOURCE_FAILED: u32 = 1;
+    /// The destination rejected the stream (malformed, out of range, protocol violation).
+    pub const BAD_STREAM: u32 = 2;
+    /// The destination's memory hash differs from the source's.
+    pub const HASH_MISMATCH: u32 = 3;
+    /// The destination VM failed (creation, vCPU state, resume).
+    pub const TARGET_FAILED: u32 = 4;
+}

@@ -1,0 +1,116 @@
+//! Reading guest memory that vCPUs write concurrently.
+//!
+//! While the guest runs, a page can change under the reader at any time. The engine copies
+//! pages into its own buffers before framing them (the CRC and the bytes on the wire must
+//! agree) and tests pages for zero in place. Both read the memory one aligned 64-bit word at a
+//! time with relaxed atomic loads: a torn *page* is harmless (the write that tore it set the
+//! page's dirty bit after the page was re-armed, so a later round sends the page again), and
+//! word-sized atomic loads keep every individual read well defined even when the concurrent
+//! writer is Rust code (the software VM's vCPU threads) rather than a guest behind KVM. They
+//! cost about 20% against `memcpy` (6.8 against 8.5 GB/s on the project machine).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::vm::RegionMemory;
+
+/// The words `offset..offset + len` bytes into `mem`, as atomics.
+///
+/// # Panics
+/// If the range is not inside the region or not 8-byte aligned (callers pass page ranges of
+/// validated regions).
+fn words(mem: RegionMemory, offset: usize, len: usize) -> &'static [AtomicU64] {
+    assert!(
+        offset % 8 == 0 && len % 8 == 0 && mem.ptr as usize % 8 == 0,
+        "unaligned guest memory access"
+    );
+    assert!(
+        offset.checked_add(len).is_some_and(|end| end <= mem.len),
+        "guest memory access {offset:#x}+{len:#x} past the region's {:#x} bytes",
+        mem.len
+    );
+    // SAFETY: the range is inside the region's mapping (checked above), which the VM keeps
+    // valid for the whole migration (the `MigrationSource`/`MigrationTarget` memory contract),
+    // and 8-byte aligned. `AtomicU64` has the size and alignment of `u64` and may alias memory
+    // that other threads, or the guest through KVM, write concurrently: all our accesses
+    // through it are atomic. The 'static lifetime never escapes this module's functions.
+    unsafe { std::slice::from_raw_parts(mem.ptr.add(offset).cast::<AtomicU64>(), len / 8) }
+}
+
+/// Copy `dst.len()` bytes from `offset` of `mem` into `dst`, word by word.
+pub(crate) fn copy_out(mem: RegionMemory, offset: usize, dst: &mut [u8]) {
+    let src = words(mem, offset, dst.len());
+    for (d, s) in dst.chunks_exact_mut(8).zip(src) {
+        d.copy_from_slice(&s.load(Ordering::Relaxed).to_ne_bytes());
+    }
+}
+
+/// Are the `len` bytes at `offset` of `mem` all zero? Reads 512 bytes between early exits, so
+/// a non-zero page costs one cache line or so and a zero page one pass.
+pub(crate) fn is_zero(mem: RegionMemory, offset: usize, len: usize) -> bool {
+    words(mem, offset, len).chunks(64).all(|block| {
+        block
+            .iter()
+            .fold(0, |acc, w| acc | w.load(Ordering::Relaxed))
+            == 0
+    })
+}
+
+/// Is `bytes` all zero? The same scan over a private buffer.
+pub(crate) fn is_zero_bytes(bytes: &[u8]) -> bool {
+    bytes.chunks(512).all(|block| {
+        let (head, words, tail) = {
+            // SAFETY: every bit pattern is a valid u64; `align_to` only reinterprets the
+            // aligned middle of the slice.
+            unsafe { block.align_to::<u64>() }
+        };
+        head.iter().all(|&b| b == 0)
+            && words.iter().fold(0, |acc, w| acc | w) == 0
+            && tail.iter().all(|&b| b == 0)
+    })
+}
+
+/// The bytes of a whole region, for hashing. Only while nobody writes it: the source guest
+/// paused, or the target not yet resumed and every receiving thread joined.
+///
+/// # Safety
+/// No thread and no guest may write the region while the returned slice is alive.
+pub(crate) unsafe fn frozen(mem: RegionMemory) -> &'static [u8] {
+    // SAFETY: valid mapping (memory contract); no writer for the slice's lifetime (caller).
+    unsafe { std::slice::from_raw_parts(mem.ptr, mem.len) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(buf: &mut [u64]) -> RegionMemory {
+        RegionMemory {
+            ptr: buf.as_mut_ptr().cast(),
+            len: buf.len() * 8,
+        }
+    }
+
+    #[test]
+    fn copies_and_scans_words() {
+        let mut buf = vec![0u64; 1024];
+        buf[600] = 0x0102_0304_0506_0708;
+        let mem = region(&mut buf);
+        assert!(is_zero(mem, 0, 4096));
+        assert!(!is_zero(mem, 4096, 4096));
+        let mut out = vec![0xffu8; 4096];
+        copy_out(mem, 4096, &mut out);
+        assert_eq!(out[(600 - 512) * 8], 0x08);
+        assert_eq!(out.iter().filter(|&&b| b != 0).count(), 8);
+        assert!(!is_zero_bytes(&out));
+        assert!(is_zero_bytes(&out[..8 * 88]));
+        assert!(is_zero_bytes(&[0u8; 13]));
+        assert!(!is_zero_bytes(&[0, 0, 1]));
+    }
+
+    #[test]
+    #[should_panic(expected = "past the region")]
+    fn refuses_out_of_bounds() {
+        let mut buf = vec![0u64; 8];
+        is_zero(region(&mut buf), 64, 8);
+    }
+}

@@ -1,0 +1,906 @@
+//! The receiving engine: accept a migration's connections, build the target from the stream
+//! header, apply every connection's frames straight into the target's memory, check each
+//! region's hash, and only then resume the guest and acknowledge.
+//!
+//! **Validation.** Every frame is CRC-checked and every range checked against the header's
+//! memory map by the [`wire`] decoder before a byte lands. Every allocation is bounded by the
+//! header: one claim bit per page (at most 32 MiB for the 1 TiB limit), one flag per declared
+//! vCPU, one hash per region, and the decoder's buffer for one frame.
+//!
+//! **Concurrency.** One thread per connection decodes into the shared target memory. A thread
+//! only ever holds a `&mut [u8]` for the pages of the frame it is decoding, after atomically
+//! *claiming* them in a per-round bitmap: a page claimed twice in one round (a confused or
+//! hostile sender) is a protocol error, never two threads writing the same bytes. At each
+//! `RoundEnd` the threads meet at a fence; the last to arrive forgets the claims and opens the
+//! next round. So no frame of round `r + 1` is applied before every connection has delivered
+//! all of round `r`, and a page resent in a later round always overwrites the older copy.
+//!
+//! **Failure.** Any error stops every thread, is reported to the source in an `Error` frame
+//! (unless the source itself gave up), and is returned; the target is dropped without ever
+//! being resumed.
+
+use std::io::BufReader;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{code, MigrateError, VmError};
+use crate::guestmem;
+use crate::stats::ReceiveReport;
+use crate::transport::{self, Killer};
+use crate::vm::{MigrationTarget, RegionMemory};
+use crate::wire::{
+    self, Decoder, Encoder, GuestMemoryMut, Message, PageRange, StreamHeader, WireError,
+    MAX_CONNECTIONS, MAX_GUEST_MEMORY,
+};
+
+/// Read buffer per connection.
+const READ_BUFFER: usize = 256 << 10;
+
+/// How to receive.
+#[derive(Clone, Debug)]
+pub struct ReceiveConfig {
+    /// How long to wait for the first connection; `None` to wait for ever. Default `None`.
+    pub accept_timeout: Option<Duration>,
+    /// How long to wait for the other connections once the first has said how many there
+    /// are. Default 10 s.
+    pub connections_timeout: Duration,
+    /// Timeout of each blocking socket read or write. Default 60 s.
+    pub io_timeout: Duration,
+    /// Most connections accepted. Default [`MAX_CONNECTIONS`].
+    pub max_connections: u32,
+    /// Most guest memory accepted, in bytes. Default [`MAX_GUEST_MEMORY`] (1 TiB).
+    pub max_guest_memory: u64,
+}
+
+impl Default for ReceiveConfig {
+    fn default() -> Self {
+        ReceiveConfig {
+            accept_timeout: None,
+            connections_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(60),
+            max_connections: MAX_CONNECTIONS,
+            max_guest_memory: MAX_GUEST_MEMORY,
+        }
+    }
+}
+
+type Input = Decoder<BufReader<TcpStream>>;
+
+/// Receive one migration on `listener`. `make_target` builds the empty VM from the stream
+/// header. Returns the target, running, and a report; on error the target (if any was built)
+/// is dropped without having run.
+pub fn receive<T, F>(
+    listener: &TcpListener,
+    config: &ReceiveConfig,
+    make_target: F,
+) -> Result<(T, ReceiveReport), MigrateError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&StreamHeader) -> Result<T, VmError>,
+{
+    let accept = |deadline: Instant, what: &str| {
+        let stream =
+            transport::accept(listener, deadline).map_err(|source| MigrateError::Connect {
+                what: format!("accepting {what}"),
+                source,
+            })?;
+        transport::configure(&stream, config.io_timeout).map_err(|source| {
+            MigrateError::Connect {
+                what: format!("setting up {what}"),
+                source,
+            }
+        })?;
+        Ok(stream)
+    };
+    let forever = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    let first = accept(
+        config
+            .accept_timeout
+            .map_or(forever, |t| Instant::now() + t),
+        "the first connection",
+    )?;
+    receive_with(first, config, make_target, |i| {
+        accept(
+            Instant::now() + config.connections_timeout,
+            &format!("connection {i}"),
+        )
+    })
+}
+
+/// [`receive`] on connections the caller accepted: `first`, then `more` in any order.
+pub fn receive_on<T, F>(
+    first: TcpStream,
+    more: Vec<TcpStream>,
+    config: &ReceiveConfig,
+    make_target: F,
+) -> Result<(T, ReceiveReport), MigrateError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&StreamHeader) -> Result<T, VmError>,
+{
+    let mut more = more.into_iter();
+    receive_with(first, config, make_target, |i| {
+        more.next().ok_or_else(|| MigrateError::Connect {
+            what: format!("connection {i}"),
+            source: std::io::ErrorKind::NotConnected.into(),
+        })
+    })
+}
+
+fn receive_with<T, F>(
+    first: TcpStream,
+    config: &ReceiveConfig,
+    make_target: F,
+    mut next: impl FnMut(usize) -> Result<TcpStream, MigrateError>,
+) -> Result<(T, ReceiveReport), MigrateError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&StreamHeader) -> Result<T, VmError>,
+{
+    let start = Instant::now();
+    let killer = Killer::default();
+    let reply = first.try_clone().map_err(|source| MigrateError::Connect {
+        what: "setting up the reply channel".into(),
+        source,
+    });
+    let result = reply.and_then(|reply| {
+        let _ = killer.add(&first);
+        let outcome = receive_inner(first, config, make_target, &mut next, &killer, start);
+        finish(outcome, reply)
+    });
+    killer.kill();
+    result
+}
+
+/// Tell the source how it ended: `Ack` once the guest runs, or why it failed.
+fn finish<T>(
+    outcome: Result<(T, ReceiveReport, StreamHeader), (MigrateError, Option<StreamHeader>)>,
+    reply: TcpStream,
+) -> Result<(T, ReceiveReport), MigrateError> {
+    let fallback = || StreamHeader::new(wire::MIN_PAGE_SIZE, 1, Vec::new());
+    match outcome {
+        Ok((target, report, header)) => {
+            let mut enc = Encoder::back_channel(&reply, header);
+            match enc.send(Message::Ack { code: 0 }) {
+                Ok(()) => Ok((target, report)),
+                // The guest runs here, but the source cannot know: it will resume its own.
+                // Dropping the target stops this one.
+                Err(e) => Err(MigrateError::Wire {
+                    connection: 0,
+                    source: e,
+                }),
+            }
+        }
+        Err((error, header)) => {
+            let code = match &error {
+                MigrateError::Remote { .. } | MigrateError::Cancelled => None,
+                MigrateError::HashMismatch { .. } => Some(code::HASH_MISMATCH),
+                MigrateError::Vm { .. } => Some(code::TARGET_FAILED),
+                _ => Some(code::BAD_STREAM),
+            };
+            if let (Some(code), Some(header)) = (code, header.or_else(|| fallback().ok())) {
+                let message = error.to_string();
+                let mut end = message.len().min(wire::MAX_ERROR_MESSAGE);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let _ = reply.set_write_timeout(Some(Duration::from_secs(2)));
+                let mut enc = Encoder::back_channel(&reply, header);
+                let _ = enc.send(Message::Error {
+                    code,
+                    message: &message[..end],
+                });
+            }
+            Err(error)
+        }
+    }
+}
+
+type Outcome<T> = Result<(T, ReceiveReport, StreamHeader), (MigrateError, Option<StreamHeader>)>;
+
+fn receive_inner<T, F>(
+    first: TcpStream,
+    config: &ReceiveConfig,
+    make_target: F,
+    next: &mut dyn FnMut(usize) -> Result<TcpStream, MigrateError>,
+    killer: &Killer,
+    start: Instant,
+) -> Outcome<T>
+where
+    T: MigrationTarget,
+    F: FnOnce(&StreamHeader) -> Result<T, VmError>,
+{
+    let open = |stream: &TcpStream| -> Result<Input, MigrateError> {
+        let reader = stream.try_clone().map_err(|source| MigrateError::Io {
+            what: "cloning a connection",
+            source,
+        })?;
+        Decoder::new(BufReader::with_capacity(READ_BUFFER, reader)).map_err(|source| {
+            MigrateError::Wire {
+                connection: 0,
+                source,
+            }
+        })
+    };
+    let mut first_input = open(&first).map_err(|e| (e, None))?;
+    let header = first_input.header().clone();
+    let fail = |e: MigrateError| (e, Some(header.clone()));
+    let (n, session) = match hello(&mut first_input, 0) {
+        Ok((0, n, session)) => (n, session),
+        Ok((i, ..)) => {
+            return Err(fail(MigrateError::protocol(
+                0,
+                format!("the first connection says it is connection {i}"),
+            )))
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    if n > config.max_connections {
+        return Err(fail(MigrateError::protocol(
+            0,
+            format!(
+                "{n} connections requested, more than the limit of {}",
+                config.max_connections
+            ),
+        )));
+    }
+    let total: u64 = header.regions().iter().map(|r| r.size).sum();
+    if total > config.max_guest_memory {
+        return Err(fail(MigrateError::protocol(
+            0,
+            format!(
+                "the guest has {total} bytes of memory, more than the limit of {}",
+                config.max_guest_memory
+            ),
+        )));
+    }
+    let target = make_target(&header).map_err(|e| fail(MigrateError::vm("create target")(e)))?;
+    let mems = target_memory(&target, &header).map_err(fail)?;
+
+    // The other connections, in any order, each with the same header and session.
+    let mut inputs: Vec<Option<Input>> = (0..n).map(|_| None).collect();
+    inputs[0] = Some(first_input);
+    for k in 1..n as usize {
+        let stream = next(k).map_err(fail)?;
+        let _ = killer.add(&stream);
+        let mut input = open(&stream).map_err(|e| fail(renumber(e, k)))?;
+        if input.header() != &header {
+            return Err(fail(MigrateError::protocol(
+                k,
+                "its stream header differs from connection 0's",
+            )));
+        }
+        let (i, count, id) = hello(&mut input, k).map_err(fail)?;
+        let i = i as usize;
+        if count != n || id != session || i == 0 || inputs[i].is_some() {
+            return Err(fail(MigrateError::protocol(
+                k,
+                format!(
+                    "Hello for connection {i} of {count} (session {id:#x}) does not belong to \
+                     this migration of {n} connections (session {session:#x}) or repeats one"
+                ),
+            )));
+        }
+        inputs[i] = Some(input);
+    }
+
+    let shared = Shared {
+        header: &header,
+        target: &target,
+        mems,
+        claims: claim_bitmaps(&header),
+        fence: Fence::new(n as usize),
+        killer,
+        failure: Mutex::new(None),
+        bytes: AtomicU64::new(0),
+        normal: AtomicU64::new(0),
+        zero: AtomicU64::new(0),
+    };
+    let outcomes: Vec<Option<ConnOutcome>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, input)| {
+                let shared = &shared;
+                scope.spawn(move || {
+                    let input = input?;
+                    match shared.connection(i, input) {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            shared.fail(e);
+                            None
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(None))
+            .collect()
+    });
+    if let Some(e) = lock(&shared.failure).take() {
+        return Err(fail(e));
+    }
+    let done_at = Instant::now();
+    let Some(Some(control)) = outcomes.first() else {
+        return Err(fail(MigrateError::protocol(
+            0,
+            "connection thread ended without a result",
+        )));
+    };
+    let rounds = control.rounds;
+    for (i, o) in outcomes.iter().enumerate() {
+        match o {
+            Some(o) if o.rounds == rounds => {}
+            _ => {
+                return Err(fail(MigrateError::protocol(
+                    i,
+                    format!(
+                        "ended after a different number of rounds than connection 0 ({rounds})"
+                    ),
+                )))
+            }
+        }
+    }
+    let missing_vcpu = control.vcpus.iter().position(|&seen| !seen);
+    if let Some(id) = missing_vcpu {
+        return Err(fail(MigrateError::protocol(
+            0,
+            format!("Done without the state of vCPU {id}"),
+        )));
+    }
+
+    // Every thread has ended: the memory is ours alone. Check it against the source.
+    let t = Instant::now();
+    for (i, region) in header.regions().iter().enumerate() {
+        let Some(expected) = control.hashes[i] else {
+            return Err(fail(MigrateError::protocol(
+                0,
+                format!("Done without the hash of slot {}", region.slot),
+            )));
+        };
+        // SAFETY: every connection thread has been joined and the guest has not run: nobody
+        // writes the region while we read it (the `MigrationTarget` memory contract).
+        let actual = wire::mem_hash(unsafe { guestmem::frozen(shared.mems[i]) });
+        if actual != expected {
+            return Err(fail(MigrateError::HashMismatch {
+                slot: region.slot,
+                expected,
+                actual,
+            }));
+        }
+    }
+    let hash_check_time = t.elapsed();
+    target
+        .resume()
+        .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
+    let report = ReceiveReport {
+        total_time: ms(start.elapsed()),
+        transferred: shared.bytes.load(Ordering::Relaxed),
+        normal: shared.normal.load(Ordering::Relaxed),
+        duplicate: shared.zero.load(Ordering::Relaxed),
+        rounds,
+        connections: n as usize,
+        hash_check_time: ms(hash_check_time),
+        resume_time: ms(done_at.elapsed()),
+    };
+    drop(shared);
+    Ok((target, report, header))
+}
+
+/// The Hello frame that must follow the header on every connection.
+fn hello(input: &mut Input, conn: usize) -> Result<(u32, u32, u64), MigrateError> {
+    match input.next(&mut ()).map_err(MigrateError::wire(conn))? {
+        Some(Message::Hello {
+            connection,
+            connections,
+            session,
+        }) => Ok((connection, connections, session)),
+        Some(Message::Error { code, message }) => Err(MigrateError::Remote {
+            side: "source",
+            code,
+            message: message.into(),
+        }),
+        Some(Message::Cancel) => Err(MigrateError::Cancelled),
+        Some(other) => Err(MigrateError::protocol(
+            conn,
+            format!(
+                "expected a Hello frame after the header, got {}",
+                frame_name(&other)
+            ),
+        )),
+        None => Err(MigrateError::wire(conn)(WireError::Truncated {
+            offset: input.position(),
+            what: "stream before its Hello frame",
+        })),
+    }
+}
+
+fn renumber(e: MigrateError, conn: usize) -> MigrateError {
+    match e {
+        MigrateError::Wire { source, .. } => MigrateError::Wire {
+            connection: conn,
+            source,
+        },
+        other => other,
+    }
+}
+
+fn target_memory<T: MigrationTarget>(
+    target: &T,
+    header: &StreamHeader,
+) -> Result<Vec<RegionMemory>, MigrateError> {
+    header
+        .regions()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mem = target.memory(i);
+            if mem.len as u64 != r.size || mem.ptr.is_null() || mem.ptr as usize % 8 != 0 {
+                return Err(MigrateError::Config(format!(
+                    "the target maps {} bytes at {:p} for slot {} of {} bytes",
+                    mem.len, mem.ptr, r.slot, r.size
+                )));
+            }
+            Ok(mem)
+        })
+        .collect()
+}
+
+fn claim_bitmaps(header: &StreamHeader) -> Vec<Box<[AtomicU64]>> {
+    let page = u64::from(header.page_size());
+    header
+        .regions()
+        .iter()
+        .map(|r| {
+            (0..(r.size / page).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        })
+        .collect()
+}
+
+/// What one connection's thread learned.
+struct ConnOutcome {
+    /// Rounds completed before `Done`.
+    rounds: u64,
+    /// Connection 0: which vCPU states arrived.
+    vcpus: Vec<bool>,
+    /// Connection 0: each region's hash from the source.
+    hashes: Vec<Option<u64>>,
+}
+
+/// State shared by the connection threads.
+struct Shared<'a, T> {
+    header: &'a StreamHeader,
+    target: &'a T,
+    mems: Vec<RegionMemory>,
+    /// One bit per page: claimed in the current round.
+    claims: Vec<Box<[AtomicU64]>>,
+    fence: Fence,
+    killer: &'a Killer,
+    failure: Mutex<Option<MigrateError>>,
+    bytes: AtomicU64,
+    normal: AtomicU64,
+    zero: AtomicU64,
+}
+
+impl<T: MigrationTarget> Shared<'_, T> {
+    /// Record a failure (the first real cause wins over the broken connections it causes)
+    /// and stop every thread.
+    fn fail(&self, e: MigrateError) {
+        {
+            let mut slot = lock(&self.failure);
+            let replace = match &*slot {
+                None => true,
+                Some(old) => old.is_secondary() && !e.is_secondary(),
+            };
+            if replace {
+                *slot = Some(e);
+            }
+        }
+        self.fence.abort();
+        // Unblock the readers; the reply direction stays open for the Error frame.
+        self.killer.shutdown_reads();
+    }
+
+    fn connection(&self, conn: usize, mut input: Input) -> Result<ConnOutcome, MigrateError> {
+        let control = conn == 0;
+        let mut memory = Claimed { shared: self };
+        let mut rounds = 0u64;
+        let mut switchover = false;
+        let mut vcpus = vec![
+            false;
+            if control {
+                self.header.vcpu_count() as usize
+            } else {
+                0
+            }
+        ];
+        let mut hashes = vec![
+            None;
+            if control {
+                self.header.regions().len()
+            } else {
+                0
+            }
+        ];
+        let (mut normal, mut zero) = (0, 0);
+        let mut last_position = input.position();
+        let outcome = loop {
+            let position = input.position();
+            self.bytes
+                .fetch_add(position - last_position, Ordering::Relaxed);
+            last_position = position;
+            let msg = input.next(&mut memory).map_err(MigrateError::wire(conn))?;
+            let late =
+                |what: &str| MigrateError::protocol(conn, format!("{what} after the vCPU states"));
+            match msg {
+                None => {
+                    return Err(MigrateError::wire(conn)(WireError::Truncated {
+                        offset: input.position(),
+                        what: "stream before its Done frame",
+                    }))
+                }
+                Some(Message::Pages { range, .. }) => {
+                    if switchover {
+                        return Err(late("Pages frame"));
+                    }
+                    normal += range.npages;
+                }
+                Some(Message::ZeroPages(range)) => {
+                    if switchover {
+                        return Err(late("ZeroPages frame"));
+                    }
+                    let index = self
+                        .header
+                        .check_range(range)
+                        .map_err(MigrateError::wire(conn))?;
+                    let size = self.header.regions()[index].size;
+                    let page = self.header.page_size() as usize;
+                    let (start, len) = (
+                        range.first_page as usize * page,
+                        range.npages as usize * page,
+                    );
+                    let bytes = memory
+                        .range_mut(index, size, range, start, len)
+                        .map_err(MigrateError::wire(conn))?;
+                    // Round 0 is the first time any page arrives, into zero-filled memory.
+                    if rounds > 0 {
+                        for p in bytes.chunks_mut(page) {
+                            if !guestmem::is_zero_bytes(p) {
+                                p.fill(0);
+                            }
+                        }
+                    }
+                    zero += range.npages;
+                }
+                Some(Message::RoundEnd { round, .. }) => {
+                    if switchover {
+                        return Err(late("RoundEnd frame"));
+                    }
+                    if round != rounds {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("RoundEnd for round {round} where round {rounds} ends"),
+                        ));
+                    }
+                    self.fence
+                        .arrive(round, || self.forget_claims())
+                        .map_err(|m| MigrateError::protocol(conn, m))?;
+                    rounds += 1;
+                }
+                Some(Message::VcpuState { vcpu_id, blob }) if control => {
+                    if rounds == 0 {
+                        return Err(MigrateError::protocol(conn, "vCPU state before any round"));
+                    }
+                    switchover = true;
+                    let seen = &mut vcpus[vcpu_id as usize];
+                    if std::mem::replace(seen, true) {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("state of vCPU {vcpu_id} sent twice"),
+                        ));
+                    }
+                    self.target
+                        .restore_vcpu_state(vcpu_id, blob)
+                        .map_err(MigrateError::vm("restore vCPU state"))?;
+                }
+                Some(Message::MemHash { slot, hash }) if control => {
+                    if rounds == 0 {
+                        return Err(MigrateError::protocol(conn, "memory hash before any round"));
+                    }
+                    switchover = true;
+                    let (index, _) = self.header.region(slot).map_err(MigrateError::wire(conn))?;
+                    if hashes[index].replace(hash).is_some() {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("hash of slot {slot} sent twice"),
+                        ));
+                    }
+                }
+                Some(Message::Done) => {
+                    self.fence
+                        .leave(rounds)
+                        .map_err(|m| MigrateError::protocol(conn, m))?;
+                    break ConnOutcome {
+                        rounds,
+                        vcpus,
+                        hashes,
+                    };
+                }
+                Some(Message::Cancel) => return Err(MigrateError::Cancelled),
+                Some(Message::Error { code, message }) => {
+                    return Err(MigrateError::Remote {
+                        side: "source",
+                        code,
+                        message: message.into(),
+                    })
+                }
+                Some(other) => {
+                    return Err(MigrateError::protocol(
+                        conn,
+                        format!("unexpected {} on this connection", frame_name(&other)),
+                    ))
+                }
+            }
+        };
+        self.bytes
+            .fetch_add(input.position() - last_position, Ordering::Relaxed);
+        self.normal.fetch_add(normal, Ordering::Relaxed);
+        self.zero.fetch_add(zero, Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    /// Called by the last thread to reach a round's fence, while all others wait at it.
+    fn forget_claims(&self) {
+        for words in &self.claims {
+            for w in words.iter() {
+                if w.load(Ordering::Relaxed) != 0 {
+                    w.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The target memory as the decoder sees it: only claimed ranges, never whole regions.
+struct Claimed<'s, 'a, T> {
+    shared: &'s Shared<'a, T>,
+}
+
+impl<T: MigrationTarget> GuestMemoryMut for Claimed<'_, '_, T> {
+    fn region_mut(&mut self, _index: usize) -> Option<&mut [u8]> {
+        None
+    }
+
+    fn range_mut(
+        &mut self,
+        index: usize,
+        size: u64,
+        range: PageRange,
+        start: usize,
+        len: usize,
+    ) -> Result<&mut [u8], WireError> {
+        let s = self.shared;
+        let (Some(&mem), Some(claims)) = (s.mems.get(index), s.claims.get(index)) else {
+            return Err(WireError::UnknownSlot(range.slot));
+        };
+        let fits = matches!(start.checked_add(len), Some(end) if end <= mem.len);
+        if mem.len as u64 != size || !fits {
+            return Err(WireError::Destination {
+                slot: range.slot,
+                have: mem.len as u64,
+                size,
+            });
+        }
+        claim(claims, range)?;
+        // SAFETY: `start..start + len` lies inside the region's mapping (checked above), which
+        // the target keeps valid and which nobody else touches until resume (the
+        // `MigrationTarget` memory contract). Its pages were just claimed by this thread for
+        // the current round: no other thread can claim them, and so hold a reference to them,
+        // until every thread has reached the round's fence, and the slice dies before this
+        // thread does (at the end of the frame's decoding).
+        Ok(unsafe { std::slice::from_raw_parts_mut(mem.ptr.add(start), len) })
+    }
+}
+
+/// Claim the pages of `range` for this round; fail if any was already claimed.
+fn claim(claims: &[AtomicU64], range: PageRange) -> Result<(), WireError> {
+    let end = range.first_page + range.npages;
+    let mut page = range.first_page;
+    while page < end {
+        let word = (page / 64) as usize;
+        let lo = page % 64;
+        let hi = (end - word as u64 * 64).min(64);
+        let mask = (u64::MAX >> (64 - (hi - lo))) << lo;
+        let before = claims[word].fetch_or(mask, Ordering::AcqRel);
+        if before & mask != 0 {
+            return Err(WireError::Overlap {
+                slot: range.slot,
+                first_page: range.first_page,
+                end,
+            });
+        }
+        page = word as u64 * 64 + hi;
+    }
+    Ok(())
+}
+
+/// The per-round meeting point of the connection threads. A thread that has sent `Done`
+/// leaves; a round that a departed thread never reached is a protocol error, as is any
+/// wait once a thread has failed.
+struct Fence {
+    state: Mutex<FenceState>,
+    cv: Condvar,
+}
+
+struct FenceState {
+    active: usize,
+    arrived: usize,
+    generation: u64,
+    aborted: bool,
+    /// Rounds completed by the threads that have left.
+    ended_after: Option<u64>,
+}
+
+impl Fence {
+    fn new(n: usize) -> Self {
+        Fence {
+            state: Mutex::new(FenceState {
+                active: n,
+                arrived: 0,
+                generation: 0,
+                aborted: false,
+                ended_after: None,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Wait until every connection has ended `round`; the last to arrive runs `last` first.
+    fn arrive(&self, round: u64, last: impl FnOnce()) -> Result<(), String> {
+        let mut s = lock(&self.state);
+        if s.aborted {
+            return Err("stopped: another connection failed".into());
+        }
+        if let Some(ended) = s.ended_after {
+            if round >= ended {
+                s.aborted = true;
+                self.cv.notify_all();
+                return Err(format!(
+                    "round {round} ended here, but another connection finished after {ended} rounds"
+                ));
+            }
+        }
+        s.arrived += 1;
+        if s.arrived == s.active {
+            last();
+            s.arrived = 0;
+            s.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let generation = s.generation;
+        while s.generation == generation && !s.aborted {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.aborted {
+            return Err("stopped: another connection failed".into());
+        }
+        Ok(())
+    }
+
+    /// Leave after `rounds` rounds.
+    fn leave(&self, rounds: u64) -> Result<(), String> {
+        let mut s = lock(&self.state);
+        if s.aborted {
+            return Err("stopped: another connection failed".into());
+        }
+        let mismatch = s.arrived > 0 || s.ended_after.is_some_and(|e| e != rounds);
+        if mismatch {
+            s.aborted = true;
+            self.cv.notify_all();
+            return Err(format!(
+                "Done after {rounds} rounds while another connection is in a different round"
+            ));
+        }
+        s.ended_after = Some(rounds);
+        s.active -= 1;
+        Ok(())
+    }
+
+    fn abort(&self) {
+        lock(&self.state).aborted = true;
+        self.cv.notify_all();
+    }
+}
+
+fn frame_name(msg: &Message<'_>) -> &'static str {
+    match msg {
+        Message::Pages { .. } => "Pages frame",
+        Message::ZeroPages(_) => "ZeroPages frame",
+        Message::RoundEnd { .. } => "RoundEnd frame",
+        Message::VcpuState { .. } => "VcpuState frame",
+        Message::MemHash { .. } => "MemHash frame",
+        Message::Done => "Done frame",
+        Message::Error { .. } => "Error frame",
+        Message::Ack { .. } => "Ack frame",
+        Message::Cancel => "Cancel frame",
+        Message::Hello { .. } => "Hello frame",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_refuse_overlap_within_a_round() {
+        let claims: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let r = |first_page, npages| PageRange {
+            slot: 7,
+            first_page,
+            npages,
+        };
+        claim(&claims, r(10, 100)).unwrap();
+        claim(&claims, r(110, 50)).unwrap();
+        claim(&claims, r(0, 10)).unwrap();
+        let e = claim(&claims, r(150, 20)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "range slot 7 pages 150..170 overlaps pages already received this round"
+        );
+    }
+
+    #[test]
+    fn fence_orders_rounds_and_detects_early_done() {
+        let fence = Fence::new(2);
+        let resets = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                for r in 0..3 {
+                    fence.arrive(r, || {
+                        resets.fetch_add(1, Ordering::Relaxed);
+                    })?;
+                }
+                fence.leave(3)
+            });
+            for r in 0..3 {
+                fence
+                    .arrive(r, || {
+                        resets.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .unwrap();
+            }
+            fence.leave(3).unwrap();
+            a.join().unwrap().unwrap();
+        });
+        assert_eq!(resets.load(Ordering::Relaxed), 3);
+
+        // One connection says Done after 1 round, the other goes on to round 1.
+        let fence = Fence::new(2);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                fence.arrive(0, || ())?;
+                fence.arrive(1, || ())
+            });
+            fence.arrive(0, || ()).unwrap();
+            // Either the leave sees the other waiting, or the other sees the leave.
+            let left = fence.leave(1);
+            let other = a.join().unwrap();
+            assert!(left.is_err() || other.is_err());
+        });
+    }
+}

@@ -1,0 +1,1403 @@
+//! The sending engine: pre-copy from a [`MigrationSource`] over one or more TCP connections.
+//!
+//! ```text
+//! setup      connect N; header + Hello on each; start tracking; first harvest
+//! bulk       round 0: every page, zero pages as ZeroPages markers, the rest as Pages runs
+//! rounds     harvest (tracker ∪ VMM bitmap) → estimate → switch over, stop, or send the round
+//! switchover pause; final harvest; final round; vCPU states; MemHash per slot; Done; wait Ack
+//! ```
+//!
+//! **Threads.** The calling thread is the control thread: it harvests, decides, clears chunks
+//! and cuts the dirty set into *spans* (a run of bitmap words of one region, up to
+//! `job_bytes` of dirty pages). One sender thread per connection copies the span's pages from
+//! guest memory into its own bounded buffer and writes the frames, pipelined, with no
+//! acknowledgement per chunk. Spans go to whichever connection has room in its short queue, so
+//! every connection carries every round, the final one too. One more thread reads the
+//! destination's replies on connection 0.
+//!
+//! **Rounds are fenced.** Every connection ends every round with a `RoundEnd` frame, and the
+//! receiver applies no frame of round `r + 1` on any connection before all connections have
+//! delivered round `r`. So a page sent in two rounds on two connections always lands in
+//! round order.
+//!
+//! **Chunked re-arming.** With manual protect, the control thread calls
+//! [`MigrationSource::clear`] for a chunk (default 1 GiB) just before it hands out the first span
+//! of that chunk, with the chunk's harvested bits only; every page whose bit it clears is
+//! copied afterwards. A write that races the copy is logged again and sent in a later round.
+//!
+//! **Failure.** Whatever fails before the destination's `Ack`, the source guest is un-throttled
+//! and resumed, tracking is stopped, and the first real cause is returned (a remote error
+//! message before the broken pipe it caused). Local failures are announced to the destination
+//! with an `Error` (or `Cancel`) frame on every connection.
+
+use std::io::BufWriter;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dirtylog::bitmap::runs;
+use serde::Serialize;
+
+use crate::convergence::TimeoutPolicy;
+use crate::convergence::{self, AutoConverge, Decision, Limits, Throttle};
+use crate::error::{code, MigrateError};
+use crate::guestmem;
+use crate::stats::{MigrationStats, RoundReport, RoundStats, SendReport};
+use crate::transport::{self, Killer, RateLimiter};
+use crate::vm::{MigrationSource, RegionMemory};
+use crate::wire::{
+    self, Decoder, Encoder, Message, PageRange, Region, StreamHeader, MAX_CONNECTIONS,
+    MAX_PAGES_BYTES,
+};
+
+/// Most bytes of send buffers over all connections together.
+const SEND_BUFFER_BUDGET: usize = 32 << 20;
+/// Bitmap words in one span: 4096 pages.
+const SPAN_WORDS: usize = 64;
+/// Spans queued per connection.
+const QUEUE_DEPTH: usize = 2;
+/// How long the destination gets to explain a failure before the connections are cut.
+const GRACE: Duration = Duration::from_millis(500);
+/// How often the progress callback runs at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// How to migrate. [`Default`] gives QEMU's and Cloud Hypervisor's defaults.
+#[derive(Clone, Debug)]
+pub struct SendConfig {
+    /// TCP connections, `1..=`[`MAX_CONNECTIONS`]. Default 1.
+    pub connections: usize,
+    /// Switch over once the expected downtime is at most this. Default 300 ms.
+    pub downtime_limit: Duration,
+    /// Bytes per second over all connections; `None` for no limit. Default `None`.
+    pub max_bandwidth: Option<u64>,
+    /// Most pre-copy rounds after the bulk pass before the timeout policy applies. Default 30.
+    pub max_rounds: u64,
+    /// Most time before switchover, from the start; `None` for no limit. Default `None`.
+    pub timeout: Option<Duration>,
+    /// What to do at the round limit or the timeout. Default cancel.
+    pub on_timeout: TimeoutPolicy,
+    /// Throttle vCPUs when the dirty rate keeps exceeding the bandwidth's threshold; `None`
+    /// to never throttle. Default `None`.
+    pub auto_converge: Option<AutoConverge>,
+    /// Bytes of guest memory re-armed by one [`MigrationSource::clear`]; a power of two of at
+    /// least 64 pages. Default 1 GiB (QEMU's `clear_bmap_shift` 18 with 4 KiB pages).
+    pub clear_chunk_bytes: u64,
+    /// Most page bytes in one `Pages` frame, and so the size of each connection's copy
+    /// buffer; capped so that all connections' buffers stay within 32 MiB. Default 2 MiB.
+    pub frame_bytes: usize,
+    /// Most dirty bytes handed to a connection at once; smaller in small rounds so that every
+    /// connection gets a share. Default 16 MiB.
+    pub job_bytes: usize,
+    /// Connecting timeout. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Timeout of each blocking socket write or read. Default 30 s.
+    pub io_timeout: Duration,
+    /// How long to wait for the destination's `Ack` after `Done`. Default 60 s.
+    pub ack_timeout: Duration,
+}
+
+impl Default for SendConfig {
+    fn default() -> Self {
+        SendConfig {
+            connections: 1,
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: None,
+            max_rounds: 30,
+            timeout: None,
+            on_timeout: TimeoutPolicy::Cancel,
+            auto_converge: None,
+            clear_chunk_bytes: 1 << 30,
+            frame_bytes: 2 << 20,
+            job_bytes: 16 << 20,
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SendConfig {
+    fn check(&self, page_size: u64) -> Result<(), MigrateError> {
+        let bad = |m: String| Err(MigrateError::Config(m));
+        if !(1..=MAX_CONNECTIONS as usize).contains(&self.connections) {
+            return bad(format!(
+                "{} connections; use 1..={MAX_CONNECTIONS}",
+                self.connections
+            ));
+        }
+        let chunk_pages = self.clear_chunk_bytes / page_size.max(1);
+        if !self.clear_chunk_bytes.is_power_of_two() || chunk_pages < 64 {
+            return bad(format!(
+                "clear chunk of {} bytes: it must be a power of two of at least 64 pages \
+                 ({} bytes)",
+                self.clear_chunk_bytes,
+                64 * page_size
+            ));
+        }
+        if self.frame_bytes == 0 || self.job_bytes == 0 {
+            return bad("frame and job sizes must not be zero".into());
+        }
+        if self.max_bandwidth == Some(0) {
+            return bad("a bandwidth limit of 0 bytes/s would never finish".into());
+        }
+        if let Some(a) = self.auto_converge {
+            if a.initial == 0 || a.max == 0 || a.max > 99 || a.initial > a.max {
+                return bad(format!(
+                    "auto-converge throttle {}%..{}%: use 1..=99 with initial ≤ max",
+                    a.initial, a.max
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the migration is, for a progress display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Connecting, sending the header, starting tracking.
+    Setup,
+    /// Sending all memory once (round 0).
+    Bulk,
+    /// Sending a round of dirty pages.
+    Iterating,
+    /// The guest is paused; sending the rest.
+    Switchover,
+    /// Everything is sent; waiting for the destination's acknowledgement.
+    WaitingForAck,
+    /// The destination runs the guest.
+    Completed,
+}
+
+/// A snapshot for the progress callback.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Progress {
+    /// The phase.
+    pub phase: Phase,
+    /// The round being sent.
+    pub round: u64,
+    /// Pages the round has to send.
+    pub round_pages: u64,
+    /// Pages of the round handed to the connections so far.
+    pub round_done_pages: u64,
+    /// Bytes sent so far in total.
+    pub transferred: u64,
+    /// The last expected downtime, in milliseconds.
+    pub expected_downtime_ms: u64,
+    /// The last measured dirty rate, pages per second.
+    pub dirty_pages_rate: u64,
+    /// The last measured bandwidth, Mbit/s.
+    pub mbps: f64,
+    /// vCPU throttle, percent.
+    pub throttle: u8,
+    /// Time since the start.
+    pub elapsed_ms: u64,
+}
+
+/// Migrate `source` to the receiver listening at `to`. See the [module docs](self).
+///
+/// On success the source guest stays paused: it now runs at the destination, and the caller
+/// should tear it down. On failure it runs again (see [`MigrateError`]).
+pub fn send<S: MigrationSource>(
+    source: &S,
+    to: SocketAddr,
+    config: &SendConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<SendReport, MigrateError> {
+    config.check(u64::from(source.page_size()))?;
+    let streams = transport::connect(
+        to,
+        config.connections,
+        config.connect_timeout,
+        config.io_timeout,
+    )?;
+    send_on(source, streams, config, progress)
+}
+
+/// [`send`] over connections the caller opened (all to the same receiver; their number
+/// overrides `config.connections`).
+pub fn send_on<S: MigrationSource>(
+    source: &S,
+    streams: Vec<TcpStream>,
+    config: &SendConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<SendReport, MigrateError> {
+    let config = SendConfig {
+        connections: streams.len(),
+        ..config.clone()
+    };
+    config.check(u64::from(source.page_size()))?;
+    let mut guard = SourceGuard {
+        source,
+        tracking: false,
+        paused: false,
+        throttled: false,
+    };
+    let result =
+        Shared::new(source, &config).and_then(|shared| shared.run(streams, &mut guard, progress));
+    match result {
+        Ok(report) => {
+            // The guest lives at the destination now; tracking it further is pointless, and a
+            // failure to stop is not a failure of the migration.
+            if guard.tracking {
+                let _ = source.stop_tracking();
+            }
+            Ok(report)
+        }
+        Err(e) => Err(guard.recover(e)),
+    }
+}
+
+/// Puts the source back as it was when the migration fails.
+struct SourceGuard<'a, S: MigrationSource> {
+    source: &'a S,
+    tracking: bool,
+    paused: bool,
+    throttled: bool,
+}
+
+impl<S: MigrationSource> SourceGuard<'_, S> {
+    fn recover(&mut self, error: MigrateError) -> MigrateError {
+        let mut error = error;
+        if self.throttled {
+            if let Err(e) = self.source.throttle(0) {
+                error = MigrateError::ResumeFailed {
+                    error: Box::new(error),
+                    resume: e,
+                };
+            }
+        }
+        if self.paused {
+            if let Err(e) = self.source.resume() {
+                error = MigrateError::ResumeFailed {
+                    error: Box::new(error),
+                    resume: e,
+                };
+            }
+        }
+        if self.tracking {
+            let _ = self.source.stop_tracking();
+        }
+        error
+    }
+}
+
+/// A piece of work for a connection's thread.
+enum Job {
+    /// Send the dirty pages of a span.
+    Span(Box<Span>),
+    /// End the round on this connection.
+    RoundEnd { round: u64, dirty_pages: u64 },
+    /// End the stream: on connection 0, first the vCPU states and the hashes.
+    Finish(Option<Arc<Control>>),
+    /// Tell the destination why we give up, and stop.
+    Abort { cancel: bool, message: Arc<str> },
+}
+
+/// The switchover frames of connection 0.
+struct Control {
+    vcpus: Vec<Vec<u8>>,
+    hashes: Vec<(u32, u64)>,
+}
+
+/// Dirty pages of a run of bitmap words of one region.
+struct Span {
+    region: usize,
+    first_word: usize,
+    nwords: usize,
+    /// Pages in the span.
+    count: u64,
+    words: [u64; SPAN_WORDS],
+}
+
+/// What the threads tell the control thread.
+enum Event {
+    RoundDone,
+    Finished,
+    Failed(MigrateError),
+    /// A reply from the destination, or the end of its replies.
+    Reply(Reply),
+}
+
+enum Reply {
+    Ack(u32),
+    Error(u32, String),
+    Cancel,
+    Closed,
+    Broken(MigrateError),
+}
+
+/// Totals the connection threads add to.
+#[derive(Default)]
+struct Counters {
+    bytes: AtomicU64,
+    normal: AtomicU64,
+    zero: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.normal.load(Ordering::Relaxed),
+            self.zero.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What the control thread and the connection threads share, fixed for the migration.
+struct Shared<'a, S: MigrationSource> {
+    source: &'a S,
+    config: &'a SendConfig,
+    header: StreamHeader,
+    mems: Vec<RegionMemory>,
+    page_size: u64,
+    frame_pages: usize,
+    chunk_words: usize,
+    total_pages: u64,
+    counters: Counters,
+    limiter: RateLimiter,
+    killer: Killer,
+    start: Instant,
+}
+
+/// The control thread's state.
+struct Engine<'s, 'a, S: MigrationSource> {
+    sh: &'s Shared<'a, S>,
+    /// The merged dirty set, one bitmap per region: the only per-page state of the engine.
+    dirty: Vec<Vec<u64>>,
+    rounds: Vec<RoundReport>,
+    stats: MigrationStats,
+    throttle: Option<Throttle>,
+    last_mbps: f64,
+    last_progress: Instant,
+}
+
+impl<'a, S: MigrationSource> Shared<'a, S> {
+    fn new(source: &'a S, config: &'a SendConfig) -> Result<Self, MigrateError> {
+        let start = Instant::now();
+        let regions = source.regions();
+        let header = StreamHeader::new(source.page_size(), source.vcpu_count(), regions.clone())
+            .map_err(|e| {
+                MigrateError::Config(format!("the VM's memory layout cannot be migrated: {e}"))
+            })?;
+        let page_size = u64::from(header.page_size());
+        let mut mems = Vec::with_capacity(regions.len());
+        for (i, r) in regions.iter().enumerate() {
+            let mem = source.memory(i);
+            if mem.len as u64 != r.size || mem.ptr.is_null() || mem.ptr as usize % 8 != 0 {
+                return Err(MigrateError::Config(format!(
+                    "slot {}: the VM maps {} bytes at {:p} for a region of {} bytes",
+                    r.slot, mem.len, mem.ptr, r.size
+                )));
+            }
+            mems.push(mem);
+        }
+        let per_conn = (SEND_BUFFER_BUDGET / config.connections)
+            .min(config.frame_bytes)
+            .min(MAX_PAGES_BYTES);
+        Ok(Shared {
+            source,
+            config,
+            total_pages: regions.iter().map(|r| r.size / page_size).sum(),
+            header,
+            mems,
+            page_size,
+            frame_pages: (per_conn / page_size as usize).max(1),
+            chunk_words: (config.clear_chunk_bytes / page_size / 64) as usize,
+            counters: Counters::default(),
+            limiter: RateLimiter::new(config.max_bandwidth),
+            killer: Killer::default(),
+            start,
+        })
+    }
+
+    fn run(
+        &self,
+        streams: Vec<TcpStream>,
+        guard: &mut SourceGuard<'_, S>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<SendReport, MigrateError> {
+        let mut engine = Engine {
+            sh: self,
+            dirty: self
+                .header
+                .regions()
+                .iter()
+                .map(|r| vec![0u64; (r.size / self.page_size).div_ceil(64) as usize])
+                .collect(),
+            rounds: Vec::new(),
+            stats: MigrationStats::default(),
+            throttle: self.config.auto_converge.map(Throttle::new),
+            last_mbps: 0.0,
+            last_progress: self.start,
+        };
+        engine.report(progress, Phase::Setup, 0, 0, 0, true);
+        let session = transport::session_id();
+        let n = streams.len();
+        // Preamble, header and Hello on every connection before any thread starts: the
+        // receiver learns the layout and the connection count from connection 0.
+        let mut encoders = Vec::with_capacity(n);
+        for (i, stream) in streams.iter().enumerate() {
+            let setup = |e| MigrateError::Connect {
+                what: format!("setting up connection {i}"),
+                source: e,
+            };
+            self.killer.add(stream).map_err(setup)?;
+            let writer = BufWriter::with_capacity(64 << 10, stream.try_clone().map_err(setup)?);
+            let mut enc =
+                Encoder::new(writer, self.header.clone()).map_err(MigrateError::wire(i))?;
+            enc.send(Message::Hello {
+                connection: i as u32,
+                connections: n as u32,
+                session,
+            })
+            .map_err(MigrateError::wire(i))?;
+            encoders.push(enc);
+        }
+        let back = streams[0].try_clone().map_err(|e| MigrateError::Connect {
+            what: "setting up the reply channel".into(),
+            source: e,
+        })?;
+        drop(streams);
+
+        let (event_tx, events) = mpsc::channel();
+        std::thread::scope(|scope| {
+            let this = self;
+            let mut queues = Vec::with_capacity(n);
+            for (conn, enc) in encoders.into_iter().enumerate() {
+                let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+                queues.push(tx);
+                let event_tx = event_tx.clone();
+                scope.spawn(move || this.connection(conn, enc, rx, event_tx));
+            }
+            {
+                let event_tx = event_tx.clone();
+                let header = self.header.clone();
+                let killer = &self.killer;
+                scope.spawn(move || read_replies(back, header, event_tx, killer));
+            }
+            drop(event_tx);
+            let mut control = Conns {
+                queues,
+                events,
+                next: 0,
+                abort_sent: false,
+            };
+            let result = engine.precopy(&mut control, guard, progress);
+            let result = match result {
+                Ok(report) => Ok(report),
+                Err(e) => Err(engine.abort(&mut control, e)),
+            };
+            // Every thread ends: the queues close, and the reply reader sees the sockets shut.
+            drop(control.queues);
+            self.killer.kill();
+            result
+        })
+    }
+}
+
+impl<S: MigrationSource> Shared<'_, S> {
+    /// The body of connection `conn`'s thread.
+    fn connection(
+        &self,
+        conn: usize,
+        enc: Encoder<BufWriter<TcpStream>>,
+        jobs: Receiver<Job>,
+        events: Sender<Event>,
+    ) {
+        let mut worker = Worker {
+            sender: self,
+            conn,
+            enc,
+            buf: Vec::new(),
+            position: 0,
+        };
+        worker.position = worker.enc.position();
+        worker.account();
+        for job in jobs {
+            let event = match worker.run(job) {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                Err(e) => Event::Failed(e),
+            };
+            let stop = matches!(event, Event::Failed(_) | Event::Finished);
+            if events.send(event).is_err() || stop {
+                return;
+            }
+        }
+    }
+}
+
+impl<S: MigrationSource> Engine<'_, '_, S> {
+    /// Pre-copy and switchover, on the control thread.
+    fn precopy(
+        &mut self,
+        ctl: &mut Conns,
+        guard: &mut SourceGuard<'_, S>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<SendReport, MigrateError> {
+        let source = self.sh.source;
+        source
+            .start_tracking()
+            .map_err(MigrateError::vm("start tracking"))?;
+        guard.tracking = true;
+        let (mut harvest_time, _) = self.harvest()?;
+        let mut last_harvest = Instant::now();
+        self.stats.setup_time = ms(self.sh.start.elapsed());
+
+        // Round 0: all memory.
+        let mut bandwidth = self.send_round(ctl, 0, Phase::Bulk, harvest_time, 0, 0, progress)?;
+        let limits = Limits {
+            downtime: self.sh.config.downtime_limit,
+            max_rounds: self.sh.config.max_rounds,
+            timeout: self.sh.config.timeout,
+            policy: self.sh.config.on_timeout,
+        };
+        let mut round = 0;
+        let reason = loop {
+            let (t, pages) = self.harvest()?;
+            harvest_time = t;
+            let now = Instant::now();
+            let rate = convergence::dirty_rate(pages, now - last_harvest);
+            last_harvest = now;
+            let expected = convergence::expected_downtime(pages * self.sh.page_size, bandwidth);
+            self.stats.dirty_pages_rate = rate;
+            self.stats.expected_downtime = ms(expected);
+            self.stats.remaining = pages * self.sh.page_size;
+            match limits.decide(expected, round, self.sh.start.elapsed()) {
+                Decision::Switchover(reason) => break reason,
+                Decision::Cancel(why) => {
+                    return Err(self.not_converged(round, why));
+                }
+                Decision::Continue => {}
+            }
+            if let Some(throttle) = &mut self.throttle {
+                let dirty_bytes = rate as f64 * self.sh.page_size as f64;
+                if let Some(percent) = throttle.observe(dirty_bytes, bandwidth) {
+                    source
+                        .throttle(percent)
+                        .map_err(MigrateError::vm("throttle"))?;
+                    guard.throttled = true;
+                }
+            }
+            round += 1;
+            bandwidth = self.send_round(
+                ctl,
+                round,
+                Phase::Iterating,
+                harvest_time,
+                pages,
+                rate,
+                progress,
+            )?;
+        };
+
+        // Switchover.
+        let pause_start = Instant::now();
+        source.pause().map_err(MigrateError::vm("pause"))?;
+        guard.paused = true;
+        let (harvest_time, pages) = self.harvest()?;
+        let vcpus = source
+            .save_vcpu_state()
+            .map_err(MigrateError::vm("save vCPU state"))?;
+        if vcpus.len() != self.sh.header.vcpu_count() as usize {
+            return Err(MigrateError::Config(format!(
+                "the VM saved {} vCPU states for {} vCPUs",
+                vcpus.len(),
+                self.sh.header.vcpu_count()
+            )));
+        }
+        self.stats.remaining = pages * self.sh.page_size;
+        round += 1;
+        let mems = self.sh.mems.clone();
+        let regions = self.sh.header.regions().to_vec();
+        let hashes = std::thread::scope(|scope| {
+            // The guest is paused: hash its memory while the final round goes out.
+            let hasher = scope.spawn(move || hash_regions(&regions, &mems));
+            let sent = self.send_round(
+                ctl,
+                round,
+                Phase::Switchover,
+                harvest_time,
+                pages,
+                self.stats.dirty_pages_rate,
+                progress,
+            );
+            let hashes = hasher
+                .join()
+                .map_err(|_| MigrateError::Config("hashing guest memory panicked".into()));
+            sent.and(hashes)
+        })?;
+        let control = Arc::new(Control { vcpus, hashes });
+        for (conn, queue) in ctl.queues.iter().enumerate() {
+            let job = Job::Finish((conn == 0).then(|| control.clone()));
+            if queue.send(job).is_err() {
+                return Err(ctl.wait_failure(self.sh));
+            }
+        }
+        ctl.wait_for(self.sh, ctl.queues.len(), |e| matches!(e, Event::Finished))?;
+        self.report(progress, Phase::WaitingForAck, round, 0, 0, true);
+        let deadline = Instant::now() + self.sh.config.ack_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ctl.events.recv_timeout(left) {
+                Ok(Event::Reply(Reply::Ack(0))) => break,
+                Ok(Event::Reply(reply)) => return Err(reply_error(reply)),
+                Ok(Event::Failed(e)) => return Err(e),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(MigrateError::Timeout(
+                        self.sh.config.ack_timeout,
+                        "waiting for the destination's acknowledgement",
+                    ))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(reply_error(Reply::Closed));
+                }
+            }
+        }
+        self.stats.downtime = ms(pause_start.elapsed());
+        self.stats.total_time = ms(self.sh.start.elapsed());
+        self.stats.remaining = 0;
+        let (bytes, normal, zero) = self.sh.counters.snapshot();
+        self.stats.transferred = bytes;
+        self.stats.normal = normal;
+        self.stats.duplicate = zero;
+        let transfer_ms = self
+            .stats
+            .total_time
+            .saturating_sub(self.stats.setup_time)
+            .max(1);
+        self.stats.mbps = bytes as f64 * 8.0 / (transfer_ms as f64 / 1000.0) / 1e6;
+        self.report(progress, Phase::Completed, round, 0, 0, true);
+        Ok(SendReport {
+            stats: self.stats.clone(),
+            switchover: reason,
+            cpu_throttle_percentage: self.throttle.as_ref().map_or(0, Throttle::percent),
+            connections: ctl.queues.len(),
+            page_size: self.sh.header.page_size(),
+            total: self.sh.total_pages * self.sh.page_size,
+            rounds: std::mem::take(&mut self.rounds),
+        })
+    }
+
+    fn not_converged(&self, round: u64, why: &'static str) -> MigrateError {
+        MigrateError::NotConverged {
+            rounds: round + 1,
+            elapsed_ms: ms(self.sh.start.elapsed()),
+            why,
+            expected_downtime_ms: self.stats.expected_downtime,
+            limit_ms: ms(self.sh.config.downtime_limit),
+            dirty_rate: self.stats.dirty_pages_rate,
+            mbps: self.last_mbps,
+        }
+    }
+
+    /// Harvest every region: the tracker's bits, then the VMM's, ORed into the dirty set.
+    /// Returns the time taken and the number of distinct dirty pages.
+    fn harvest(&mut self) -> Result<(Duration, u64), MigrateError> {
+        let t = Instant::now();
+        let mut pages = 0;
+        for (i, words) in self.dirty.iter_mut().enumerate() {
+            self.sh
+                .source
+                .harvest(i, words)
+                .map_err(MigrateError::vm("harvest"))?;
+            if let Some(vmm) = self.sh.source.vmm_bitmap(i) {
+                if vmm.words() != words.len() {
+                    return Err(MigrateError::Config(format!(
+                        "the VMM bitmap of region {i} has {} words, the region needs {}",
+                        vmm.words(),
+                        words.len()
+                    )));
+                }
+                vmm.take_into(words);
+            }
+            // Bits past the region's end would name pages that do not exist.
+            let npages = self.sh.header.regions()[i].size / self.sh.page_size;
+            if npages % 64 != 0 {
+                if let Some(last) = words.last_mut() {
+                    *last &= (1u64 << (npages % 64)) - 1;
+                }
+            }
+            pages += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        }
+        self.stats.dirty_sync_count += 1;
+        Ok((t.elapsed(), pages))
+    }
+
+    /// Send one round: every page in the bulk pass (round 0), the dirty set otherwise. Returns
+    /// the round's bandwidth in bytes per second.
+    #[allow(clippy::too_many_arguments)]
+    fn send_round(
+        &mut self,
+        ctl: &mut Conns,
+        round: u64,
+        phase: Phase,
+        harvest_time: Duration,
+        dirty_pages: u64,
+        rate: u64,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<f64, MigrateError> {
+        let t = Instant::now();
+        let bulk = round == 0;
+        let is_final = phase == Phase::Switchover;
+        let round_pages = if bulk {
+            self.sh.total_pages
+        } else {
+            dirty_pages
+        };
+        let before = self.sh.counters.snapshot();
+        let n = ctl.queues.len() as u64;
+        // Small rounds are cut finer, so that every connection carries a share.
+        let job_pages = (self.sh.config.job_bytes as u64 / self.sh.page_size)
+            .min(round_pages.div_ceil(n * 4))
+            .clamp(1, SPAN_WORDS as u64 * 64);
+        let cancel_at = match self.sh.config.on_timeout {
+            TimeoutPolicy::Cancel => self.sh.config.timeout,
+            TimeoutPolicy::Switchover => None,
+        };
+        let mut done_pages = 0;
+        self.report(progress, phase, round, round_pages, 0, true);
+        for region in 0..self.dirty.len() {
+            let npages = self.sh.header.regions()[region].size / self.sh.page_size;
+            let nwords = self.dirty[region].len();
+            let mut span = Span::new(region, 0);
+            let mut cleared_chunk = None;
+            let (mut w, mut taken) = (0, 0u64);
+            while w < nwords {
+                // The pages of word `w` still to send: all of them in the bulk pass, the dirty
+                // ones otherwise, less those already put in a span.
+                let pending = if bulk {
+                    word_mask(npages, w)
+                } else {
+                    self.dirty[region][w]
+                } & !taken;
+                if pending == 0 {
+                    // In the bulk pass the harvested bits served the chunk's clear only.
+                    self.dirty[region][w] = 0;
+                    (w, taken) = (w + 1, 0);
+                    continue;
+                }
+                // Re-arm the chunk before any of its pages is copied, with the bits harvested
+                // for it (none in the final round: the guest is paused, nothing can dirty the
+                // pages again).
+                let chunk = w / self.sh.chunk_words;
+                if !is_final && cleared_chunk != Some(chunk) {
+                    cleared_chunk = Some(chunk);
+                    let c0 = chunk * self.sh.chunk_words;
+                    let c1 = (c0 + self.sh.chunk_words).min(nwords);
+                    let chunk_bits = &self.dirty[region][c0..c1];
+                    if chunk_bits.iter().any(|&b| b != 0) {
+                        self.sh
+                            .source
+                            .clear(region, c0 as u64 * 64, chunk_bits)
+                            .map_err(MigrateError::vm("clear"))?;
+                    }
+                }
+                if span.count > 0 && w >= span.first_word + SPAN_WORDS {
+                    let full = std::mem::replace(&mut span, Span::new(region, w));
+                    done_pages += ctl.dispatch(self.sh, full)?;
+                }
+                if span.count == 0 {
+                    span.first_word = w;
+                }
+                let room = job_pages - span.count;
+                let bits = if u64::from(pending.count_ones()) > room {
+                    lowest_bits(pending, room as u32)
+                } else {
+                    pending
+                };
+                span.add(w, bits);
+                taken |= bits;
+                if !bulk {
+                    self.dirty[region][w] &= !bits;
+                }
+                if span.count >= job_pages {
+                    let full = std::mem::replace(&mut span, Span::new(region, w));
+                    done_pages += ctl.dispatch(self.sh, full)?;
+                    if let Some(limit) = cancel_at {
+                        if !is_final && self.sh.start.elapsed() >= limit {
+                            return Err(self.not_converged(round, "timeout"));
+                        }
+                    }
+                    self.report(progress, phase, round, round_pages, done_pages, false);
+                }
+            }
+            if span.count > 0 {
+                done_pages += ctl.dispatch(self.sh, span)?;
+            }
+        }
+        for queue in &ctl.queues {
+            let job = Job::RoundEnd {
+                round,
+                dirty_pages: round_pages,
+            };
+            if queue.send(job).is_err() {
+                return Err(ctl.wait_failure(self.sh));
+            }
+        }
+        ctl.wait_for(self.sh, ctl.queues.len(), |e| matches!(e, Event::RoundDone))?;
+        let send_time = t.elapsed();
+        let (bytes, normal, zero) = self.sh.counters.snapshot();
+        let round_bytes = bytes - before.0;
+        let bandwidth = convergence::bandwidth(round_bytes, send_time);
+        let mbps = bandwidth * 8.0 / 1e6;
+        self.last_mbps = mbps;
+        self.stats.mbps = mbps;
+        self.stats.transferred = bytes;
+        self.stats.normal = normal;
+        self.stats.duplicate = zero;
+        self.rounds.push(RoundReport {
+            stats: RoundStats {
+                round,
+                dirty_pages: round_pages,
+                sent_pages: normal - before.1,
+                zero_pages: zero - before.2,
+                harvest_time_us: micros(harvest_time),
+                send_time_us: micros(send_time),
+                mbps,
+            },
+            transferred: round_bytes,
+            dirty_pages_rate: rate,
+            expected_downtime: if bulk {
+                0
+            } else {
+                self.stats.expected_downtime
+            },
+            cpu_throttle_percentage: self.throttle.as_ref().map_or(0, Throttle::percent),
+            is_final,
+        });
+        self.report(progress, phase, round, round_pages, round_pages, true);
+        Ok(bandwidth)
+    }
+
+    fn report(
+        &mut self,
+        progress: &mut dyn FnMut(&Progress),
+        phase: Phase,
+        round: u64,
+        round_pages: u64,
+        round_done_pages: u64,
+        force: bool,
+    ) {
+        let now = Instant::now();
+        if !force && now - self.last_progress < PROGRESS_EVERY {
+            return;
+        }
+        self.last_progress = now;
+        progress(&Progress {
+            phase,
+            round,
+            round_pages,
+            round_done_pages,
+            transferred: self.sh.counters.bytes.load(Ordering::Relaxed),
+            expected_downtime_ms: self.stats.expected_downtime,
+            dirty_pages_rate: self.stats.dirty_pages_rate,
+            mbps: self.last_mbps,
+            throttle: self.throttle.as_ref().map_or(0, Throttle::percent),
+            elapsed_ms: ms(self.sh.start.elapsed()),
+        });
+    }
+
+    /// Stop everything after `error`, telling the destination when the cause is ours; return
+    /// the most telling error.
+    fn abort(&self, ctl: &mut Conns, error: MigrateError) -> MigrateError {
+        let local = matches!(
+            error,
+            MigrateError::NotConverged { .. }
+                | MigrateError::Vm { .. }
+                | MigrateError::Config(_)
+                | MigrateError::ResumeFailed { .. }
+        );
+        if local && !ctl.abort_sent {
+            ctl.abort_sent = true;
+            let cancel = matches!(error, MigrateError::NotConverged { .. });
+            let message: Arc<str> = Arc::from(error.to_string());
+            for queue in &ctl.queues {
+                let _ = queue.send(Job::Abort {
+                    cancel,
+                    message: message.clone(),
+                });
+            }
+            // Let the connection threads drain their queues and write the news.
+            let deadline = Instant::now() + self.sh.config.io_timeout.min(Duration::from_secs(5));
+            let mut finished = 0;
+            while finished < ctl.queues.len() {
+                match ctl
+                    .events
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    Ok(Event::Finished) | Ok(Event::Failed(_)) => finished += 1,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            return error;
+        }
+        // A remote or transport failure: stop writing at once, then give the destination a
+        // moment to say why, and prefer its word over our broken pipe.
+        self.sh.killer.shutdown_writes();
+        let mut best = error;
+        let deadline = Instant::now() + GRACE;
+        while let Ok(event) = ctl
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            let candidate = match event {
+                Event::Reply(Reply::Closed) => break,
+                Event::Reply(r) => reply_error(r),
+                Event::Failed(e) => e,
+                _ => continue,
+            };
+            if best.is_secondary() && !candidate.is_secondary() {
+                best = candidate;
+            }
+        }
+        best
+    }
+}
+
+/// The control thread's side of the connection threads.
+struct Conns {
+    queues: Vec<SyncSender<Job>>,
+    events: Receiver<Event>,
+    next: usize,
+    abort_sent: bool,
+}
+
+impl Conns {
+    /// Hand a span to the first connection with room, starting after the last one used;
+    /// block on that one if all are full. Returns the span's pages.
+    fn dispatch<S: MigrationSource>(
+        &mut self,
+        sender: &Shared<'_, S>,
+        span: Span,
+    ) -> Result<u64, MigrateError> {
+        let pages = span.count;
+        self.check(sender)?;
+        let n = self.queues.len();
+        let mut job = Job::Span(Box::new(span));
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            match self.queues[i].try_send(job) {
+                Ok(()) => {
+                    self.next = i + 1;
+                    return Ok(pages);
+                }
+                Err(TrySendError::Full(j)) => job = j,
+                Err(TrySendError::Disconnected(_)) => return Err(self.wait_failure(sender)),
+            }
+        }
+        let i = self.next % n;
+        self.next = i + 1;
+        match self.queues[i].send(job) {
+            Ok(()) => Ok(pages),
+            Err(_) => Err(self.wait_failure(sender)),
+        }
+    }
+
+    /// Fail early if a thread has reported trouble.
+    fn check<S: MigrationSource>(&mut self, _sender: &Shared<'_, S>) -> Result<(), MigrateError> {
+        loop {
+            match self.events.try_recv() {
+                Ok(Event::Failed(e)) => return Err(e),
+                Ok(Event::Reply(r)) => return Err(reply_error(r)),
+                Ok(_) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// Wait for `count` events matching `want`, failing on the first failure, or when no
+    /// byte has gone out for twice the I/O timeout (every blocking write is bounded by it).
+    fn wait_for<S: MigrationSource>(
+        &mut self,
+        sender: &Shared<'_, S>,
+        count: usize,
+        want: impl Fn(&Event) -> bool,
+    ) -> Result<(), MigrateError> {
+        let mut seen = 0;
+        let stall = sender.config.io_timeout * 2;
+        let mut last_bytes = sender.counters.bytes.load(Ordering::Relaxed);
+        let mut last_move = Instant::now();
+        while seen < count {
+            match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(Event::Failed(e)) => return Err(e),
+                Ok(Event::Reply(r)) => return Err(reply_error(r)),
+                Ok(e) if want(&e) => seen += 1,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    let bytes = sender.counters.bytes.load(Ordering::Relaxed);
+                    if bytes != last_bytes {
+                        (last_bytes, last_move) = (bytes, Instant::now());
+                    } else if last_move.elapsed() > stall {
+                        return Err(MigrateError::Timeout(
+                            stall,
+                            "without progress while the connections finish sending",
+                        ));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Config("every connection thread ended".into()))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A queue was closed: its thread failed; find out why.
+    fn wait_failure<S: MigrationSource>(&mut self, sender: &Shared<'_, S>) -> MigrateError {
+        let deadline = Instant::now() + sender.config.io_timeout;
+        loop {
+            match self
+                .events
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(Event::Failed(e)) => return e,
+                Ok(Event::Reply(r)) => return reply_error(r),
+                Ok(_) => {}
+                Err(_) => {
+                    return MigrateError::Config("a connection thread ended unexpectedly".into())
+                }
+            }
+        }
+    }
+}
+
+/// One connection's thread: copies pages into its buffer and writes frames.
+struct Worker<'s, 'a, S: MigrationSource> {
+    sender: &'s Shared<'a, S>,
+    conn: usize,
+    enc: Encoder<BufWriter<TcpStream>>,
+    buf: Vec<u8>,
+    position: u64,
+}
+
+impl<S: MigrationSource> Worker<'_, '_, S> {
+    fn run(&mut self, job: Job) -> Result<Option<Event>, MigrateError> {
+        let event = match job {
+            Job::Span(span) => {
+                self.span(&span)?;
+                None
+            }
+            Job::RoundEnd { round, dirty_pages } => {
+                self.send(Message::RoundEnd { round, dirty_pages })?;
+                self.flush()?;
+                Some(Event::RoundDone)
+            }
+            Job::Finish(control) => {
+                if let Some(control) = control {
+                    for (id, blob) in control.vcpus.iter().enumerate() {
+                        self.send(Message::VcpuState {
+                            vcpu_id: id as u32,
+                            blob,
+                        })?;
+                    }
+                    for &(slot, hash) in &control.hashes {
+                        self.send(Message::MemHash { slot, hash })?;
+                    }
+                }
+                self.send(Message::Done)?;
+                self.flush()?;
+                Some(Event::Finished)
+            }
+            Job::Abort { cancel, message } => {
+                let msg = if cancel {
+                    Message::Cancel
+                } else {
+                    Message::Error {
+                        code: code::SOURCE_FAILED,
+                        message: truncate(&message, wire::MAX_ERROR_MESSAGE),
+                    }
+                };
+                // Best effort: the destination may be gone already.
+                let _ = self.send(msg).and_then(|()| self.flush());
+                Some(Event::Finished)
+            }
+        };
+        Ok(event)
+    }
+
+    fn send(&mut self, msg: Message<'_>) -> Result<(), MigrateError> {
+        let r = self.enc.send(msg).map_err(MigrateError::wire(self.conn));
+        self.account();
+        r
+    }
+
+    fn flush(&mut self) -> Result<(), MigrateError> {
+        self.enc.flush().map_err(MigrateError::wire(self.conn))
+    }
+
+    fn account(&mut self) {
+        let pos = self.enc.position();
+        self.sender
+            .counters
+            .bytes
+            .fetch_add(pos - self.position, Ordering::Relaxed);
+        self.position = pos;
+    }
+
+    /// Send the pages of `span`: zero runs as markers, the rest copied and framed as runs.
+    fn span(&mut self, span: &Span) -> Result<(), MigrateError> {
+        let s = self.sender;
+        let mem = s.mems[span.region];
+        let slot = s.header.regions()[span.region].slot;
+        let ps = s.page_size as usize;
+        let cap = s.frame_pages;
+        if self.buf.len() < cap * ps {
+            self.buf = vec![0; cap * ps];
+        }
+        let base = span.first_word as u64 * 64;
+        let range = |first_page, npages| PageRange {
+            slot,
+            first_page,
+            npages,
+        };
+        let (mut normal, mut zero) = (0, 0);
+        for (first, len) in runs(&span.words[..span.nwords]) {
+            let (mut p, end) = (base + first, base + first + len);
+            while p < end {
+                let mut z = 0;
+                while p + z < end && guestmem::is_zero(mem, ((p + z) as usize) * ps, ps) {
+                    z += 1;
+                }
+                if z > 0 {
+                    self.send(Message::ZeroPages(range(p, z)))?;
+                    zero += z;
+                    p += z;
+                    continue;
+                }
+                let mut n = 0usize;
+                while p + (n as u64) < end && n < cap {
+                    let offset = (p as usize + n) * ps;
+                    if n > 0 && guestmem::is_zero(mem, offset, ps) {
+                        break;
+                    }
+                    guestmem::copy_out(mem, offset, &mut self.buf[n * ps..(n + 1) * ps]);
+                    n += 1;
+                }
+                s.limiter.acquire(n * ps);
+                let data = &self.buf[..n * ps];
+                let r = self
+                    .enc
+                    .send(Message::Pages {
+                        range: range(p, n as u64),
+                        data,
+                    })
+                    .map_err(MigrateError::wire(self.conn));
+                self.account();
+                r?;
+                normal += n as u64;
+                p += n as u64;
+            }
+        }
+        s.counters.normal.fetch_add(normal, Ordering::Relaxed);
+        s.counters.zero.fetch_add(zero, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Span {
+    fn new(region: usize, first_word: usize) -> Self {
+        Span {
+            region,
+            first_word,
+            nwords: 0,
+            count: 0,
+            words: [0; SPAN_WORDS],
+        }
+    }
+
+    /// Add `bits` of word `w`, which lies within `SPAN_WORDS` of the first.
+    fn add(&mut self, w: usize, bits: u64) {
+        let i = w - self.first_word;
+        self.words[i] |= bits;
+        self.nwords = self.nwords.max(i + 1);
+        self.count += u64::from(bits.count_ones());
+    }
+}
+
+/// The replies thread: decode the destination's frames on connection 0 and pass them on.
+fn read_replies(stream: TcpStream, header: StreamHeader, events: Sender<Event>, killer: &Killer) {
+    // Replies come at the end, after the last round: no read timeout while we send.
+    let _ = stream.set_read_timeout(None);
+    let mut decoder = Decoder::back_channel(std::io::BufReader::new(stream), header);
+    let reply = match decoder.next(&mut ()) {
+        Ok(Some(Message::Ack { code })) => Reply::Ack(code),
+        Ok(Some(Message::Error { code, message })) => Reply::Error(code, message.into()),
+        Ok(Some(Message::Cancel)) => Reply::Cancel,
+        Ok(Some(other)) => Reply::Broken(MigrateError::protocol(
+            0,
+            format!("the destination replied with {other:?}"),
+        )),
+        Ok(None) => Reply::Closed,
+        Err(e) => Reply::Broken(MigrateError::wire(0)(e)),
+    };
+    let failed = !matches!(reply, Reply::Ack(0));
+    let _ = events.send(Event::Reply(reply));
+    if failed {
+        // The destination gave up: unblock every writer.
+        killer.shutdown_writes();
+    }
+}
+
+fn reply_error(reply: Reply) -> MigrateError {
+    match reply {
+        Reply::Ack(code) => MigrateError::Remote {
+            side: "destination",
+            code,
+            message: "negative acknowledgement".into(),
+        },
+        Reply::Error(code, message) => MigrateError::Remote {
+            side: "destination",
+            code,
+            message,
+        },
+        Reply::Cancel => MigrateError::Remote {
+            side: "destination",
+            code: 0,
+            message: "cancelled".into(),
+        },
+        Reply::Closed => MigrateError::Closed {
+            connection: 0,
+            side: "destination",
+            when: "before acknowledging",
+        },
+        Reply::Broken(e) => e,
+    }
+}
+
+/// XXH3 of every region, in header order, with its slot.
+fn hash_regions(regions: &[Region], mems: &[RegionMemory]) -> Vec<(u32, u64)> {
+    regions
+        .iter()
+        .zip(mems)
+        .map(|(r, &mem)| {
+            // SAFETY: called between `pause` and the end of the final round: nobody writes the
+            // guest's memory (the `MigrationSource` memory contract); the connection threads
+            // only read it.
+            let bytes = unsafe { guestmem::frozen(mem) };
+            (r.slot, wire::mem_hash(bytes))
+        })
+        .collect()
+}
+
+/// The bits of word `w` that are pages of a region of `npages` pages.
+fn word_mask(npages: u64, w: usize) -> u64 {
+    let first = w as u64 * 64;
+    match npages.saturating_sub(first) {
+        0 => 0,
+        n if n >= 64 => u64::MAX,
+        n => (1u64 << n) - 1,
+    }
+}
+
+/// The lowest `n` set bits of `bits`.
+fn lowest_bits(mut bits: u64, n: u32) -> u64 {
+    let mut out = 0;
+    for _ in 0..n {
+        let low = bits & bits.wrapping_neg();
+        out |= low;
+        bits &= !low;
+    }
+    out
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_masks_cover_the_region() {
+        assert_eq!(word_mask(130, 0), u64::MAX);
+        assert_eq!(word_mask(130, 1), u64::MAX);
+        assert_eq!(word_mask(130, 2), 0b11);
+        assert_eq!(word_mask(130, 3), 0);
+        assert_eq!(word_mask(128, 1), u64::MAX);
+    }
+
+    #[test]
+    fn lowest_bits_takes_in_page_order() {
+        assert_eq!(lowest_bits(0b1011_0110, 3), 0b0001_0110);
+        assert_eq!(lowest_bits(u64::MAX, 64), u64::MAX);
+        assert_eq!(lowest_bits(0b100, 0), 0);
+    }
+
+    #[test]
+    fn truncates_on_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let ok = SendConfig::default();
+        assert!(ok.check(4096).is_ok());
+        let bad = |c: SendConfig| c.check(4096).unwrap_err().to_string();
+        assert!(bad(SendConfig {
+            connections: 0,
+            ..ok.clone()
+        })
+        .contains("0 connections"));
+        assert!(bad(SendConfig {
+            connections: 65,
+            ..ok.clone()
+        })
+        .contains("65 connections"));
+        assert!(bad(SendConfig {
+            clear_chunk_bytes: 32 * 4096,
+            ..ok.clone()
+        })
+        .contains("at least 64 pages"));
+        assert!(bad(SendConfig {
+            clear_chunk_bytes: 3 << 20,
+            ..ok.clone()
+        })
+        .contains("power of two"));
+        assert!(ok.clone().check(4096).is_ok());
+        let min_chunk = SendConfig {
+            clear_chunk_bytes: 64 * 4096,
+            ..ok.clone()
+        };
+        assert!(min_chunk.check(4096).is_ok());
+        assert!(bad(SendConfig {
+            max_bandwidth: Some(0),
+            ..ok.clone()
+        })
+        .contains("bandwidth"));
+        assert!(bad(SendConfig {
+            auto_converge: Some(AutoConverge {
+                max: 100,
+                ..AutoConverge::default()
+            }),
+            ..ok
+        })
+        .contains("auto-converge"));
+    }
+}

@@ -1,0 +1,321 @@
+//! Fault injection: every failure ends with the source guest running again and the receiver
+//! returning an error without ever resuming its guest.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use dirtylog_migrate::soft::{SoftTracker, SoftVm};
+use dirtylog_migrate::wire::{Decoder, Encoder, Message, Region, StreamHeader};
+use dirtylog_migrate::{send, MigrateError, Phase, Progress, SendConfig};
+
+fn source() -> SoftVm {
+    soft(
+        layout(4, 2),
+        2,
+        SoftTracker::ClearLog,
+        workload(256, Some(2000), true),
+    )
+}
+
+/// Migrate through a proxy applying `fault`; `arm` sets the proxy's flag from the progress
+/// callback. Returns the source's error and the receiver's.
+fn faulty(
+    src: &SoftVm,
+    connections: usize,
+    fault: Fault,
+    arm: impl Fn(&Progress) -> bool,
+) -> (MigrateError, MigrateError) {
+    let (addr, receiver, resumed) = spawn_receiver(recv_config());
+    let proxy = proxy(addr, fault);
+    let config = SendConfig {
+        downtime_limit: Duration::from_millis(5),
+        max_bandwidth: Some(32 << 20),
+        io_timeout: Duration::from_secs(5),
+        ack_timeout: Duration::from_secs(5),
+        ..send_config(connections)
+    };
+    let flag = proxy.flag.clone();
+    let sent = send(src, proxy.addr, &config, &mut |p| {
+        if arm(p) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
+    let err = sent.expect_err("the migration must fail");
+    let rerr = receiver
+        .join()
+        .unwrap()
+        .expect_err("the receiver must fail");
+    assert!(
+        !resumed.load(Ordering::SeqCst),
+        "the receiver resumed a guest"
+    );
+    assert_source_recovered(src);
+    (err, rerr)
+}
+
+fn assert_source_recovered(src: &SoftVm) {
+    assert!(!src.is_paused(), "source guest left paused");
+    assert_eq!(src.throttle_percent(), 0);
+    assert_runs("source after failure", || source_progress(src));
+}
+
+#[test]
+fn connection_cut_during_bulk_pass() {
+    let src = source();
+    let (err, rerr) = faulty(&src, 1, Fault::CutAfter(300_000), |_| false);
+    eprintln!("source: {err}\nreceiver: {rerr}");
+    assert!(err.to_string().starts_with("connection 0:"), "{err}");
+    assert!(rerr.to_string().starts_with("connection 0:"), "{rerr}");
+}
+
+#[test]
+fn connection_cut_during_a_round_three_connections() {
+    let src = source();
+    let (err, rerr) = faulty(&src, 3, Fault::CutAfterFlag(20_000), |p| {
+        p.phase == Phase::Iterating
+    });
+    eprintln!("source: {err}\nreceiver: {rerr}");
+}
+
+#[test]
+fn connection_cut_during_switchover() {
+    let src = source();
+    let (err, rerr) = faulty(&src, 2, Fault::CutAfterFlag(0), |p| {
+        p.phase == Phase::Switchover
+    });
+    eprintln!("source: {err}\nreceiver: {rerr}");
+    // The source had paused its guest for the final round; it runs again.
+    assert_eq!(src.resume_count(), 1);
+}
+
+#[test]
+fn flipped_byte_fails_the_crc() {
+    let src = source();
+    let (err, rerr) = faulty(&src, 1, Fault::FlipAt(200_000), |_| false);
+    eprintln!("source: {err}\nreceiver: {rerr}");
+    assert!(rerr.to_string().contains("CRC mismatch"), "{rerr}");
+    // The receiver's explanation reaches the source.
+    assert!(
+        matches!(&err, MigrateError::Remote { message, .. } if message.contains("CRC mismatch")),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_stream() {
+    let src = source();
+    let (err, rerr) = faulty(&src, 1, Fault::TruncateAt(150_000), |_| false);
+    eprintln!("source: {err}\nreceiver: {rerr}");
+    assert!(rerr.to_string().contains("stream truncated"), "{rerr}");
+    assert!(
+        matches!(&err, MigrateError::Remote { message, .. } if message.contains("truncated")),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_version_is_refused() {
+    let src = source();
+    let (err, rerr) = faulty(&src, 1, Fault::Patch(8, &[9, 0, 0, 0]), |_| false);
+    eprintln!("source: {err}\nreceiver: {rerr}");
+    assert!(
+        rerr.to_string().contains("unsupported stream version 9"),
+        "{rerr}"
+    );
+    assert!(
+        err.to_string().contains("unsupported stream version 9"),
+        "{err}"
+    );
+}
+
+#[test]
+fn receiver_dropped_mid_stream() {
+    let src = source();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 100_000];
+        s.read_exact(&mut buf).unwrap();
+        // Gone: close with unread data (a reset).
+    });
+    let err = send(&src, addr, &send_config(1), &mut |_| {}).unwrap_err();
+    fake.join().unwrap();
+    eprintln!("source: {err}");
+    assert!(err.to_string().starts_with("connection 0:"), "{err}");
+    assert_source_recovered(&src);
+}
+
+#[test]
+fn untracked_write_is_caught_by_the_hash() {
+    let src = source();
+    let (addr, receiver, resumed) = spawn_receiver(recv_config());
+    let config = SendConfig {
+        downtime_limit: Duration::from_millis(5),
+        ..send_config(1)
+    };
+    let mut done = false;
+    let err = send(&src, addr, &config, &mut |p| {
+        if p.phase == Phase::Iterating && !done {
+            done = true;
+            src.write_untracked(1000, 0xbad);
+        }
+    })
+    .unwrap_err();
+    eprintln!("source: {err}");
+    assert!(done, "no pre-copy round ran");
+    assert!(
+        matches!(&err, MigrateError::Remote { code: 3, message, .. }
+            if message.contains("memory hash mismatch in slot 0")),
+        "{err}"
+    );
+    let rerr = receiver.join().unwrap().unwrap_err();
+    assert!(
+        matches!(rerr, MigrateError::HashMismatch { slot: 0, .. }),
+        "{rerr}"
+    );
+    assert!(!resumed.load(Ordering::SeqCst));
+    assert_source_recovered(&src);
+}
+
+// Hand-made streams against the receiver alone.
+
+fn raw_header() -> StreamHeader {
+    StreamHeader::new(
+        4096,
+        1,
+        vec![Region {
+            slot: 2,
+            gpa: 0,
+            size: 64 * 4096,
+        }],
+    )
+    .unwrap()
+}
+
+fn raw_frame(ty: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![ty, 0];
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    f.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&f);
+    f.extend_from_slice(&crc.to_le_bytes());
+    f
+}
+
+/// Send a valid preamble, header and Hello, then `tail`; return the receiver's error and the
+/// reply frame it sent back.
+fn hostile(tail: &[u8]) -> (MigrateError, String) {
+    let (addr, receiver, resumed) = spawn_receiver(recv_config());
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut enc = Encoder::new(&mut s, raw_header()).unwrap();
+    enc.send(Message::Hello {
+        connection: 0,
+        connections: 1,
+        session: 1,
+    })
+    .unwrap();
+    s.write_all(tail).unwrap();
+    let err = receiver
+        .join()
+        .unwrap()
+        .expect_err("the receiver must fail");
+    assert!(!resumed.load(Ordering::SeqCst));
+    let mut replies = Decoder::back_channel(&s, raw_header());
+    let reply = match replies.next(&mut ()) {
+        Ok(Some(Message::Error { code, message })) => format!("{code}: {message}"),
+        other => format!("{other:?}"),
+    };
+    (err, reply)
+}
+
+#[test]
+fn range_past_the_end_is_refused() {
+    let mut p = Vec::new();
+    p.extend_from_slice(&2u32.to_le_bytes());
+    p.extend_from_slice(&60u64.to_le_bytes());
+    p.extend_from_slice(&8u64.to_le_bytes());
+    p.extend_from_slice(&vec![0xaa; 8 * 4096]);
+    let (err, reply) = hostile(&raw_frame(2, &p));
+    assert_eq!(
+        err.to_string(),
+        "connection 0: range slot 2 pages 60..68 is past the end of the region (64 pages)"
+    );
+    assert_eq!(
+        reply,
+        "2: connection 0: range slot 2 pages 60..68 is past the end of the region (64 pages)"
+    );
+}
+
+#[test]
+fn absurd_length_is_refused_before_allocating() {
+    let mut head = vec![5u8, 0];
+    head.extend_from_slice(&u32::MAX.to_le_bytes());
+    let (err, reply) = hostile(&head);
+    assert!(
+        err.to_string()
+            .contains("VcpuState frame payload of 4294967295 bytes"),
+        "{err}"
+    );
+    assert!(reply.starts_with("2: "), "{reply}");
+}
+
+#[test]
+fn page_sent_twice_in_one_round_is_refused() {
+    let zero = |first: u64, n: u64| {
+        let mut p = Vec::new();
+        p.extend_from_slice(&2u32.to_le_bytes());
+        p.extend_from_slice(&first.to_le_bytes());
+        p.extend_from_slice(&n.to_le_bytes());
+        raw_frame(3, &p)
+    };
+    let mut tail = zero(0, 10);
+    tail.extend(zero(5, 1));
+    let (err, _) = hostile(&tail);
+    assert!(
+        err.to_string().contains("overlaps pages already received"),
+        "{err}"
+    );
+}
+
+#[test]
+fn done_without_hashes_is_refused() {
+    let mut tail = Vec::new();
+    let mut p = Vec::new();
+    p.extend_from_slice(&2u32.to_le_bytes());
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&64u64.to_le_bytes());
+    tail.extend(raw_frame(3, &p));
+    let mut r = 0u64.to_le_bytes().to_vec();
+    r.extend_from_slice(&64u64.to_le_bytes());
+    tail.extend(raw_frame(4, &r));
+    tail.extend(raw_frame(7, &[]));
+    let (err, _) = hostile(&tail);
+    assert!(
+        err.to_string().contains("without the state of vCPU 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hostile_hello_is_refused() {
+    let (addr, receiver, resumed) = spawn_receiver(recv_config());
+    let mut s = TcpStream::connect(addr).unwrap();
+    Encoder::new(&mut s, raw_header()).unwrap();
+    // Valid framing, but an impossible count.
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&1000u32.to_le_bytes());
+    p.extend_from_slice(&1u64.to_le_bytes());
+    s.write_all(&raw_frame(11, &p)).unwrap();
+    let err = receiver.join().unwrap().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("Hello frame for connection 0 of 1000"),
+        "{err}"
+    );
+    assert!(!resumed.load(Ordering::SeqCst));
+}

@@ -1,0 +1,192 @@
+//! End-to-end loopback migrations between two software VMs: sender and receiver in threads
+//! of this process on 127.0.0.1. Bandwidth is capped in the convergence tests so that they
+//! behave the same in debug and release builds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use dirtylog_migrate::soft::{SoftTracker, Workload};
+use dirtylog_migrate::{
+    AutoConverge, MigrateError, Progress, SendConfig, SwitchoverReason, TimeoutPolicy,
+};
+
+fn check_success(
+    name: &str,
+    src: &dirtylog_migrate::soft::SoftVm,
+    sent: Result<dirtylog_migrate::SendReport, MigrateError>,
+    received: Received,
+) -> dirtylog_migrate::SendReport {
+    let report = sent.unwrap_or_else(|e| panic!("{name}: send failed: {e}"));
+    let (dst, rrep) = received.unwrap_or_else(|e| panic!("{name}: receive failed: {e}"));
+    // The source stays paused after success: its memory is the final image.
+    assert!(src.is_paused(), "{name}: source runs after success");
+    assert_same_memory(src, &dst);
+    assert_eq!(rrep.transferred, report.stats.transferred, "{name}");
+    assert_eq!(rrep.normal, report.stats.normal, "{name}");
+    assert_eq!(rrep.duplicate, report.stats.duplicate, "{name}");
+    assert_eq!(rrep.rounds, report.rounds.len() as u64, "{name}");
+    assert_eq!(dst.resume_count(), 1);
+    let final_progress = source_progress(src);
+    assert!(target_progress(&dst) >= final_progress);
+    assert_runs(name, || target_progress(&dst));
+    let r = report.rounds.last().unwrap();
+    assert!(r.is_final);
+    eprintln!(
+        "{name}: {} rounds, {} sent, {} zero, downtime {} ms, total {} ms, switchover {:?}, \
+         throttle {}%",
+        report.rounds.len(),
+        report.stats.normal,
+        report.stats.duplicate,
+        report.stats.downtime,
+        report.stats.total_time,
+        report.switchover,
+        report.cpu_throttle_percentage
+    );
+    report
+}
+
+#[test]
+fn idle_guest_one_connection() {
+    let src = soft(layout(6, 2), 1, SoftTracker::DirtyLog, Workload::idle());
+    let (sent, received) = migrate(&src, &send_config(1));
+    let report = check_success("idle-1", &src, sent, received);
+    assert_eq!(report.switchover, SwitchoverReason::Converged);
+    let total_pages = 8 << 20 >> 12;
+    assert_eq!(report.stats.normal + report.stats.duplicate, total_pages);
+    // 40% of pages have content; the rest travel as markers.
+    assert!(report.stats.duplicate > total_pages / 2, "{report:?}");
+    assert!(
+        report.stats.transferred < 4 << 20,
+        "{}",
+        report.stats.transferred
+    );
+    assert_eq!(report.rounds.len(), 2, "bulk pass and final round");
+}
+
+#[test]
+fn idle_guest_three_connections() {
+    let src = soft(layout(6, 2), 2, SoftTracker::DirtyLog, Workload::idle());
+    let (sent, received) = migrate(&src, &send_config(3));
+    let report = check_success("idle-3", &src, sent, received);
+    assert_eq!(report.connections, 3);
+}
+
+fn moderate(tracker: SoftTracker, connections: usize, chunk: u64) {
+    let name = format!("moderate-{tracker:?}-{connections}");
+    let mut w = workload(512, Some(1000), true);
+    w.vmm_rate = Some(1000);
+    let src = soft(layout(6, 2), 2, tracker, w);
+    std::thread::sleep(Duration::from_millis(20));
+    let config = SendConfig {
+        clear_chunk_bytes: chunk,
+        downtime_limit: Duration::from_millis(5),
+        max_bandwidth: Some(40 << 20),
+        ..send_config(connections)
+    };
+    let (sent, received) = migrate(&src, &config);
+    let report = check_success(&name, &src, sent, received);
+    assert!(
+        report.rounds.len() >= 3,
+        "expected pre-copy rounds: {report:?}"
+    );
+    assert!(report.rounds[1].stats.dirty_pages > 0);
+    assert_eq!(report.switchover, SwitchoverReason::Converged);
+    assert!(src.vmm_writes() > 0, "the device thread wrote nothing");
+}
+
+#[test]
+fn moderate_dirty_log_one_connection() {
+    moderate(SoftTracker::DirtyLog, 1, 1 << 30);
+}
+
+#[test]
+fn moderate_clear_log_small_chunks_three_connections() {
+    // 64-page chunks: the smallest QEMU allows.
+    moderate(SoftTracker::ClearLog, 3, 64 * PAGE);
+}
+
+#[test]
+fn moderate_ring_three_connections() {
+    moderate(SoftTracker::Ring(256), 3, 1 << 30);
+}
+
+/// A writer that out-dirties the capped bandwidth: 40 000 random page writes per second over
+/// 4 MiB, against 16 MiB/s (4 000 pages/s) and a 20 ms downtime budget.
+fn heavy(tracker: SoftTracker) -> dirtylog_migrate::soft::SoftVm {
+    soft(layout(6, 2), 1, tracker, workload(1024, Some(40_000), true))
+}
+
+fn heavy_config(connections: usize) -> SendConfig {
+    SendConfig {
+        downtime_limit: Duration::from_millis(20),
+        max_bandwidth: Some(16 << 20),
+        ..send_config(connections)
+    }
+}
+
+#[test]
+fn heavy_converges_with_auto_converge() {
+    let src = heavy(SoftTracker::ClearLog);
+    let config = SendConfig {
+        auto_converge: Some(AutoConverge {
+            trigger_rounds: 1,
+            ..AutoConverge::default()
+        }),
+        ..heavy_config(2)
+    };
+    let mut throttles = Vec::new();
+    let (addr, receiver, _) = spawn_receiver(recv_config());
+    let sent = dirtylog_migrate::send(&src, addr, &config, &mut |p: &Progress| {
+        if throttles.last() != Some(&p.throttle) {
+            throttles.push(p.throttle);
+        }
+    });
+    let report = check_success("heavy-auto-converge", &src, sent, receiver.join().unwrap());
+    assert_eq!(report.switchover, SwitchoverReason::Converged);
+    assert!(report.cpu_throttle_percentage >= 20, "{report:?}");
+    // QEMU's steps: 20, then +10.
+    assert_eq!(throttles[..3], [0, 20, 30], "{throttles:?}");
+}
+
+#[test]
+fn heavy_without_throttle_cancels_at_the_timeout() {
+    let src = heavy(SoftTracker::DirtyLog);
+    let config = SendConfig {
+        timeout: Some(Duration::from_millis(1500)),
+        on_timeout: TimeoutPolicy::Cancel,
+        ..heavy_config(1)
+    };
+    let t = Instant::now();
+    let (addr, receiver, resumed) = spawn_receiver(recv_config());
+    let err = dirtylog_migrate::send(&src, addr, &config, &mut |_| {}).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, MigrateError::NotConverged { why: "timeout", .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("did not converge"), "{msg}");
+    assert!(msg.contains("exceeds the limit of 20 ms"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    eprintln!("{msg}");
+    assert!(!src.is_paused());
+    assert_runs("source after cancel", || source_progress(&src));
+    let rerr = receiver.join().unwrap().expect_err("receiver must fail");
+    assert!(matches!(rerr, MigrateError::Cancelled), "{rerr}");
+    assert!(!resumed.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[test]
+fn heavy_switches_over_at_the_round_limit() {
+    let src = heavy(SoftTracker::Ring(4096));
+    let config = SendConfig {
+        max_rounds: 3,
+        on_timeout: TimeoutPolicy::Switchover,
+        ..heavy_config(3)
+    };
+    let (sent, received) = migrate(&src, &config);
+    let report = check_success("heavy-round-limit", &src, sent, received);
+    assert_eq!(report.switchover, SwitchoverReason::RoundLimit);
+    assert_eq!(report.rounds.len(), 5, "bulk, 3 rounds, final");
+}
