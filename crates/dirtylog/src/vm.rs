@@ -406,34 +406,47 @@ impl<A: ArchMmu> Vm<A> {
     /// non-writable entry does not prove no vCPU can write through a stale TLB entry
     /// (see the reference, known bug #5).
     fn slot_enable_log_dirty(&self, g: &SlotsGuard<'_>, slot: &Memslot) {
+        self.protect_words_and_flush(g, slot, |protect| {
+            for w in 0..dirty_bitmap_words(slot.npages) {
+                let n = (slot.npages - w as u64 * 64).min(64);
+                protect(w, if n == 64 { !0 } else { (1u64 << n) - 1 });
+            }
+        });
+    }
+
+    /// The shared second half of enabling logging, GET and CLEAR. Under the MMU lock,
+    /// `produce` hands `(word, mask)` pairs to its argument, which write-protects those
+    /// pages; then, with the MMU lock dropped but the slots lock still held, the memslot's
+    /// TLB entries are flushed if any protection was asked for (changed or not).
+    fn protect_words_and_flush(
+        &self,
+        g: &SlotsGuard<'_>,
+        slot: &Memslot,
+        produce: impl FnOnce(&mut dyn FnMut(usize, u64)),
+    ) {
         #[cfg(test)]
         if self.mutant == Mutant::FlushBeforeProtect {
             self.flush_remote_tlbs_memslot(g, slot);
         }
-        let changed = {
+        let mut flush = false;
+        let mut protected = 0u64;
+        {
             let mmu = self.lock_mmu();
-            let mut changed = false;
-            for w in 0..dirty_bitmap_words(slot.npages) {
-                let lo = w as u64 * 64;
-                let n = (slot.npages - lo).min(64);
-                let mask = if n == 64 { !0 } else { (1u64 << n) - 1 };
-                changed |= self.protect_masked(&mmu, slot, lo, mask);
-            }
-            self.stats
-                .pages_protected
-                .fetch_add(slot.npages, Ordering::Relaxed);
-            changed
-        };
-        let _ = changed;
-        #[cfg(test)]
-        if self.mutant == Mutant::FlushOnlyIfChanged && !changed {
-            return;
+            produce(&mut |w, mask| {
+                protected += mask.count_ones() as u64;
+                flush |= self.protect_masked(&mmu, slot, w as u64 * 64, mask);
+            });
         }
+        self.stats
+            .pages_protected
+            .fetch_add(protected, Ordering::Relaxed);
         #[cfg(test)]
         if self.mutant == Mutant::FlushBeforeProtect {
-            return;
+            flush = false;
         }
-        self.flush_remote_tlbs_memslot(g, slot);
+        if flush {
+            self.flush_remote_tlbs_memslot(g, slot);
+        }
     }
 
     /// `kvm_arch_mmu_enable_log_dirty_pt_masked`. Returns whether the caller must flush:
@@ -578,29 +591,7 @@ impl<A: ArchMmu> Vm<A> {
             bm.snapshot_into(&mut out[..n]);
             return Ok(());
         }
-        #[cfg(test)]
-        if self.mutant == Mutant::FlushBeforeProtect {
-            self.flush_remote_tlbs_memslot(g, &memslot);
-        }
-        let mut flush = false;
-        let mut protected = 0u64;
-        {
-            let mmu = self.lock_mmu();
-            bm.take_into(out, |i, mask| {
-                protected += mask.count_ones() as u64;
-                flush |= self.protect_masked(&mmu, &memslot, i as u64 * 64, mask);
-            });
-        }
-        self.stats
-            .pages_protected
-            .fetch_add(protected, Ordering::Relaxed);
-        #[cfg(test)]
-        if self.mutant == Mutant::FlushBeforeProtect {
-            flush = false;
-        }
-        if flush {
-            self.flush_remote_tlbs_memslot(g, &memslot);
-        }
+        self.protect_words_and_flush(g, &memslot, |protect| bm.take_into(out, protect));
         Ok(())
     }
 
@@ -660,37 +651,18 @@ impl<A: ArchMmu> Vm<A> {
             .dirty_bitmap
             .as_deref()
             .expect("checked by lookup_logging_slot");
-        #[cfg(test)]
-        if self.mutant == Mutant::FlushBeforeProtect {
-            self.flush_remote_tlbs_memslot(g, &memslot);
-        }
-        let mut flush = false;
-        let mut protected = 0u64;
-        {
-            let mmu = self.lock_mmu();
-            let first_word = (first_page / 64) as usize;
+        let first_word = (first_page / 64) as usize;
+        self.protect_words_and_flush(g, &memslot, |protect| {
             for (j, &user) in bitmap[..words].iter().enumerate() {
                 if user == 0 {
                     continue;
                 }
-                let i = first_word + j;
-                let mask = bm.clear_word_bits(i, user);
+                let mask = bm.clear_word_bits(first_word + j, user);
                 if mask != 0 {
-                    protected += mask.count_ones() as u64;
-                    flush |= self.protect_masked(&mmu, &memslot, i as u64 * 64, mask);
+                    protect(first_word + j, mask);
                 }
             }
-        }
-        self.stats
-            .pages_protected
-            .fetch_add(protected, Ordering::Relaxed);
-        #[cfg(test)]
-        if self.mutant == Mutant::FlushBeforeProtect {
-            flush = false;
-        }
-        if flush {
-            self.flush_remote_tlbs_memslot(g, &memslot);
-        }
+        });
         Ok(())
     }
 
