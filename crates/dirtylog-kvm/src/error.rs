@@ -207,6 +207,19 @@ pub enum Error {
     /// Assembling a guest program failed (a bug in the program generator).
     #[error("assembling the guest program failed: {0}")]
     Assemble(String),
+    /// Saving or restoring a vCPU's state failed ([`crate::vcpu_state`]).
+    #[error("vCPU {vcpu}: {ioctl} failed: {} (errno {errno}); the vCPU must be parked (not in KVM_RUN), and a restored state must come from a host with the same CPU features", strerror(*.errno))]
+    VcpuState {
+        /// The vCPU index.
+        vcpu: u32,
+        /// The ioctl, or the MSR the kernel refused.
+        ioctl: &'static str,
+        /// The kernel's errno.
+        errno: i32,
+    },
+    /// A saved vCPU state blob is malformed ([`crate::vcpu_state`]).
+    #[error("bad vCPU state: {0}")]
+    VcpuBlob(String),
 }
 
 impl Error {

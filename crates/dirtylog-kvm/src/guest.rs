@@ -24,6 +24,10 @@ pub mod ports {
     pub const SYNC: u16 = 0x10;
     /// The dirtier ran out of write budget: the host paces it.
     pub const BUDGET: u16 = 0x11;
+    /// The device dirtier asks the VMM to fill its mailbox (a VMM write to guest memory; see
+    /// [`super::Program::DeviceDirtier`]). Handled by a device the VMM registers
+    /// ([`crate::runner::Runner::set_port_handler`]).
+    pub const MAILBOX: u16 = 0x12;
 }
 
 /// The control region at [`crate::x86::layout::CONTROL`]: a global header, then one 128-byte
@@ -35,6 +39,12 @@ pub mod control {
     pub const ITERATION: u64 = 0x08;
     /// Header: dirtier busy-wait loop count between writes (0 = none).
     pub const DELAY: u64 = 0x10;
+    /// Header: the device dirtier does an `out` to [`super::ports::MAILBOX`] every this many
+    /// writes (0 = never; read after every sync).
+    pub const MAILBOX_EVERY: u64 = 0x18;
+    /// Header: guest-physical address of the mailbox page the VMM fills (0 = none). Set by
+    /// the VMM; it lives in guest memory so that a migrated guest brings it along.
+    pub const MAILBOX: u64 = 0x20;
     /// Offset of vCPU 0's block.
     pub const VCPU_BASE: u64 = 0x100;
     /// Size of a vCPU block.
@@ -51,6 +61,11 @@ pub mod control {
     pub const WS_PAGES: u64 = 0x20;
     /// vCPU block: dirtier pattern, 0 = sequential, 1 = random (read after every sync).
     pub const PATTERN: u64 = 0x28;
+    /// vCPU block: script program, guest-physical address of this vCPU's page list (8-byte
+    /// page indexes into the test range; read after every sync).
+    pub const SCRIPT: u64 = 0x30;
+    /// vCPU block: script program, number of entries in the page list (read after every sync).
+    pub const SCRIPT_LEN: u64 = 0x38;
 
     /// Offset of vCPU `i`'s block in the control region.
     pub const fn vcpu(i: u32) -> u64 {
@@ -78,6 +93,16 @@ pub enum Program {
     /// (`rbx | write serial`) to the next page of the working set (sequential or random), then
     /// spin `DELAY` times; out of budget, exit to the host through `BUDGET`.
     Dirtier,
+    /// A scripted writer: sync; then, for each page index of the list at `SCRIPT`
+    /// (`SCRIPT_LEN` entries, set by the host while the vCPU is parked), write `ITERATION`
+    /// into the first 8 bytes of that page of the test range, in list order (repeats write
+    /// again); count the writes and the pass, and sync again. The host drives passes as for
+    /// memstress (see [`crate::machine::Machine::set_script`]).
+    Script,
+    /// [`Dirtier`](Self::Dirtier), plus a device request: every `MAILBOX_EVERY` writes (a
+    /// countdown in `rdi`, reloaded after each sync), an `out` to [`ports::MAILBOX`], on which
+    /// the VMM writes into the mailbox page. Two instructions per write more than the dirtier.
+    DeviceDirtier,
 }
 
 fn asm_err(e: iced_x86::IcedError) -> Error {
@@ -147,6 +172,33 @@ fn memstress(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     Ok(())
 }
 
+fn script(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    use control::*;
+    let mut top = a.create_label();
+    let mut each = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut top)?;
+    a.out(ports::SYNC as i32, al)?;
+    a.mov(rax, qword_ptr(r9 + ITERATION))?;
+    a.mov(rcx, qword_ptr(r8 + SCRIPT))?;
+    a.mov(rdx, qword_ptr(r8 + SCRIPT_LEN))?;
+    a.test(rdx, rdx)?;
+    a.jz(done)?;
+    a.mov(r13, rdx)?;
+    a.set_label(&mut each)?;
+    a.mov(rdi, qword_ptr(rcx))?;
+    a.shl(rdi, 12)?;
+    a.mov(qword_ptr(r10 + rdi), rax)?;
+    a.add(rcx, 8)?;
+    a.dec(rdx)?;
+    a.jnz(each)?;
+    a.add(qword_ptr(r8 + WRITES), r13)?;
+    a.set_label(&mut done)?;
+    a.inc(qword_ptr(r8 + PASSES))?;
+    a.jmp(top)?;
+    Ok(())
+}
+
 fn dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     use control::*;
     let mut reload = a.create_label();
@@ -208,6 +260,74 @@ fn dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     Ok(())
 }
 
+fn device_dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+    use control::*;
+    let mut reload = a.create_label();
+    let mut top = a.create_label();
+    let mut sync = a.create_label();
+    let mut budget = a.create_label();
+    let mut random = a.create_label();
+    let mut write = a.create_label();
+    let mut wrote = a.create_label();
+    let mut delay = a.create_label();
+    let mut seq_ok = a.create_label();
+    // As the dirtier; rdi = writes left until the next mailbox request.
+    lcg_init(a)?;
+    a.xor(r13, r13)?;
+    a.set_label(&mut reload)?;
+    a.mov(r10, qword_ptr(r8 + WS_BASE))?;
+    a.mov(r11, qword_ptr(r8 + WS_PAGES))?;
+    a.mov(r15, qword_ptr(r8 + PATTERN))?;
+    a.mov(r14, qword_ptr(r9 + DELAY))?;
+    a.mov(rdi, qword_ptr(r9 + MAILBOX_EVERY))?;
+    a.cmp(r13, r11)?;
+    a.jb(top)?;
+    a.xor(r13, r13)?;
+    a.set_label(&mut top)?;
+    a.cmp(qword_ptr(r9 + STOP), 0)?;
+    a.jne(sync)?;
+    a.mov(rax, qword_ptr(r8 + WRITES))?;
+    a.cmp(rax, qword_ptr(r8 + BUDGET))?;
+    a.jae(budget)?;
+    a.test(r15, r15)?;
+    a.jnz(random)?;
+    a.mov(rdx, r13)?;
+    a.inc(r13)?;
+    a.cmp(r13, r11)?;
+    a.jb(seq_ok)?;
+    a.xor(r13, r13)?;
+    a.set_label(&mut seq_ok)?;
+    a.jmp(write)?;
+    a.set_label(&mut random)?;
+    random_page(a)?;
+    a.set_label(&mut write)?;
+    a.shl(rdx, 12)?;
+    a.mov(rax, qword_ptr(r8 + WRITES))?;
+    a.inc(rax)?;
+    a.mov(qword_ptr(r8 + WRITES), rax)?;
+    a.or(rax, rbx)?;
+    a.mov(qword_ptr(r10 + rdx), rax)?;
+    a.dec(rdi)?;
+    a.jnz(wrote)?;
+    a.out(ports::MAILBOX as i32, al)?;
+    a.mov(rdi, qword_ptr(r9 + MAILBOX_EVERY))?;
+    a.set_label(&mut wrote)?;
+    a.mov(rcx, r14)?;
+    a.test(rcx, rcx)?;
+    a.jz(top)?;
+    a.set_label(&mut delay)?;
+    a.dec(rcx)?;
+    a.jnz(delay)?;
+    a.jmp(top)?;
+    a.set_label(&mut budget)?;
+    a.out(ports::BUDGET as i32, al)?;
+    a.jmp(top)?;
+    a.set_label(&mut sync)?;
+    a.out(ports::SYNC as i32, al)?;
+    a.jmp(reload)?;
+    Ok(())
+}
+
 impl Program {
     /// Machine code of the program, linked to run at guest address `ip`.
     pub fn assemble(self, ip: u64) -> Result<Vec<u8>> {
@@ -216,6 +336,8 @@ impl Program {
             Program::Stamp => stamp(&mut a),
             Program::Memstress => memstress(&mut a),
             Program::Dirtier => dirtier(&mut a),
+            Program::Script => script(&mut a),
+            Program::DeviceDirtier => device_dirtier(&mut a),
         }
         .map_err(asm_err)?;
         a.assemble(ip).map_err(asm_err)
@@ -241,7 +363,13 @@ mod tests {
 
     #[test]
     fn programs_assemble_and_loop_without_exits() {
-        for p in [Program::Stamp, Program::Memstress, Program::Dirtier] {
+        for p in [
+            Program::Stamp,
+            Program::Memstress,
+            Program::Dirtier,
+            Program::Script,
+            Program::DeviceDirtier,
+        ] {
             let code = p.assemble(0x20000).unwrap();
             let text = disasm(&code, 0x20000);
             assert!(
@@ -250,7 +378,8 @@ mod tests {
             );
             // The only exits are `out` to our ports.
             let outs: Vec<_> = text.iter().filter(|l| l.starts_with("out")).collect();
-            assert!(!outs.is_empty() && outs.len() <= 2, "{p:?}: {outs:?}");
+            let most = if p == Program::DeviceDirtier { 3 } else { 2 };
+            assert!(!outs.is_empty() && outs.len() <= most, "{p:?}: {outs:?}");
             assert!(
                 !text
                     .iter()

@@ -10,10 +10,15 @@
 //! - [`memory`], [`vm`]: anonymous guest memory, memslots with logging toggled at run time,
 //!   vCPUs with their dirty rings mapped ([`ring`]).
 //! - [`x86`], [`guest`], [`runner`], [`machine`]: a VMM that boots vCPUs straight into long
-//!   mode and runs generated guest programs (stamping, memstress, a tunable dirtier), one host
-//!   thread per vCPU, handling sync, pacing and dirty-ring-full exits.
+//!   mode and runs generated guest programs (stamping, memstress, a tunable dirtier, a
+//!   scripted writer, a dirtier with a device request), one host thread per vCPU, handling
+//!   sync, pacing, device-port and dirty-ring-full exits, and throttling vCPUs.
 //! - [`selftest`]: the kernel's `dirty_log_test` protocol on KVM, through
 //!   [`dirtylog::selftest::run`].
+//! - [`vcpu_state`]: saving and restoring a parked vCPU's registers, MSRs, XSAVE and events
+//!   as a versioned little-endian blob, for live migration.
+//! - [`perf`]: the kernel's `dirty_log_perf_test` on KVM ([`KvmPerf`], through
+//!   [`dirtylog::perf::run`]), timing our API against the bare ioctls.
 //!
 //! Tests that need `/dev/kvm` fail (never skip) when it is missing.
 //!
@@ -33,10 +38,12 @@ pub mod error;
 pub mod guest;
 pub mod machine;
 pub mod memory;
+pub mod perf;
 pub mod ring;
 pub mod runner;
 pub mod selftest;
 pub mod sys;
+pub mod vcpu_state;
 pub mod vm;
 pub mod x86;
 
@@ -45,8 +52,10 @@ pub use error::{Error, Op, Result};
 pub use guest::Program;
 pub use machine::{Machine, MachineConfig, TestRegion, Tracking};
 pub use memory::{GuestMemory, MemoryOptions};
+pub use perf::KvmPerf;
 pub use ring::{DirtyRings, HarvestStats, RingMap};
 pub use runner::{Runner, VcpuState};
 pub use selftest::KvmSelftest;
 pub use sys::RingFlavor;
+pub use vcpu_state::VcpuSnapshot;
 pub use vm::{KvmVcpu, KvmVm, RingSetup, Slot};

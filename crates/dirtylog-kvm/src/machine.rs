@@ -115,6 +115,11 @@ fn guest_seed(seed: u64, i: u32) -> u64 {
     (z ^ (z >> 31)) | 1
 }
 
+/// Entries of each vCPU's script page list.
+fn script_capacity(vcpus: u32) -> u64 {
+    layout::SCRIPT_SIZE / 8 / vcpus.max(1) as u64
+}
+
 impl Machine {
     /// Build the VM, load the program, create the vCPUs and start their threads. Every guest
     /// starts parked at its first sync exit, having written nothing.
@@ -204,12 +209,19 @@ impl Machine {
                 total * (i as u64 + 1) / cfg.vcpus as u64,
             );
             let (base, pages) = match cfg.program {
-                Program::Stamp => (layout::TEST_BASE, total),
-                Program::Memstress | Program::Dirtier => (layout::TEST_BASE + lo * page, hi - lo),
+                Program::Stamp | Program::Script => (layout::TEST_BASE, total),
+                Program::Memstress | Program::Dirtier | Program::DeviceDirtier => {
+                    (layout::TEST_BASE + lo * page, hi - lo)
+                }
             };
             let vb = ctl + control::vcpu(i);
             sys.write_u64(vb + control::WS_BASE, base);
             sys.write_u64(vb + control::WS_PAGES, pages);
+            sys.write_u64(
+                vb + control::SCRIPT,
+                layout::SCRIPT + 8 * script_capacity(cfg.vcpus) * i as u64,
+            );
+            sys.write_u64(vb + control::SCRIPT_LEN, 0);
             let tag = (i as u64 + 1) << 48;
             let regs = EntryRegs {
                 rip: layout::CODE,
@@ -395,7 +407,11 @@ impl Machine {
     }
 
     /// [`memstress_pass`](Self::memstress_pass), calling `poll(self)` about every 200 µs while
-    /// the vCPUs run, e.g. to harvest a ring that would otherwise fill and block them.
+    /// the vCPUs run, e.g. to harvest a ring that would otherwise fill and block them. Polling
+    /// goes on until every vCPU has parked at its sync exit, since a vCPU can block on a full
+    /// ring after finishing its writes (hosts that take the ring-full exit late).
+    ///
+    /// The script program is driven the same way (one pass over its page list).
     pub fn memstress_pass_with(
         &mut self,
         iteration: u64,
@@ -421,10 +437,70 @@ impl Machine {
             poll(self)?;
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.runner
-            .wait_all("every vCPU to park after a memstress pass", timeout, |s| {
-                s == VcpuState::Synced
-            })
+        loop {
+            match self.runner.wait_all(
+                "every vCPU to park after a memstress pass",
+                Duration::from_micros(200),
+                |s| s == VcpuState::Synced,
+            ) {
+                Err(Error::Timeout { .. }) => {}
+                r => return r,
+            }
+            if std::time::Instant::now() > deadline {
+                return self.runner.wait_all(
+                    "every vCPU to park after a memstress pass",
+                    Duration::ZERO,
+                    |s| s == VcpuState::Synced,
+                );
+            }
+            poll(self)?;
+        }
+    }
+
+    /// One pass of the script program: every vCPU writes `iteration` into each page of its
+    /// list (see [`set_script`](Self::set_script)), in order, and syncs. Returns when all have
+    /// synced. Same as [`memstress_pass`](Self::memstress_pass).
+    pub fn script_pass(&mut self, iteration: u64, timeout: Duration) -> Result<()> {
+        self.memstress_pass(iteration, timeout)
+    }
+
+    /// Entries of each vCPU's script page list.
+    pub fn script_capacity(&self) -> u64 {
+        script_capacity(self.cfg.vcpus)
+    }
+
+    /// Set vCPU `i`'s page list for the script program: workload page indexes (each below
+    /// [`test_pages`](Self::test_pages)), written in this order at its next pass; repeats are
+    /// written again. The list lives in the system slot, which is never logged. Set it while
+    /// the vCPU is parked at a sync exit (between passes).
+    pub fn set_script(&self, i: u32, pages: &[u64]) -> Result<()> {
+        if i >= self.cfg.vcpus {
+            return Err(Error::Config(format!(
+                "vCPU {i}: the machine has {}",
+                self.cfg.vcpus
+            )));
+        }
+        let cap = self.script_capacity();
+        if pages.len() as u64 > cap {
+            return Err(Error::Config(format!(
+                "a script of {} pages: each vCPU's list holds at most {cap}",
+                pages.len()
+            )));
+        }
+        let total = self.test_pages();
+        if let Some(p) = pages.iter().find(|&&p| p >= total) {
+            return Err(Error::Config(format!(
+                "script page {p} is outside the {total} test pages"
+            )));
+        }
+        let base = layout::SCRIPT + 8 * cap * i as u64;
+        for (k, &p) in pages.iter().enumerate() {
+            self.sys.write_u64(base + 8 * k as u64, p);
+        }
+        let vb = control::vcpu(i);
+        self.set_ctl(vb + control::SCRIPT, base);
+        self.set_ctl(vb + control::SCRIPT_LEN, pages.len() as u64);
+        Ok(())
     }
 
     /// Harvest every vCPU's ring (collect, commit, `KVM_RESET_DIRTY_RINGS`), giving each entry
@@ -434,18 +510,64 @@ impl Machine {
     /// keeps exiting with "ring full" while its ring has nothing to harvest: both mean KVM
     /// pushed past the hard limit and the ring is corrupt.
     pub fn harvest_rings(&mut self, sink: impl FnMut(usize, RingEntry)) -> Result<HarvestStats> {
+        self.require_ring()?;
+        let exits = self.ring_exits();
+        let mut st = self.rings.collect(sink);
+        // Even if the reset fails, blocked vCPUs must not wait forever (`reset_rings`).
+        st.reset = self.reset_rings()?;
+        self.check_ring_progress(&st, &exits)?;
+        Ok(st)
+    }
+
+    /// The first half of [`harvest_rings`](Self::harvest_rings): collect every published entry
+    /// of every ring, giving each to `sink(vcpu, entry)`, without handing them back. The pages
+    /// stay dirty, and the entries in use, until [`reset_rings`](Self::reset_rings). Same
+    /// overflow checks.
+    pub fn collect_rings(&mut self, sink: impl FnMut(usize, RingEntry)) -> Result<HarvestStats> {
+        self.require_ring()?;
+        let exits = self.ring_exits();
+        let st = self.rings.collect(sink);
+        self.check_ring_progress(&st, &exits)?;
+        Ok(st)
+    }
+
+    /// The second half of [`harvest_rings`](Self::harvest_rings): hand back every entry
+    /// collected so far (mark them RESET, `KVM_RESET_DIRTY_RINGS`), then release vCPUs blocked
+    /// on a full ring. Returns what the kernel reported reset.
+    pub fn reset_rings(&mut self) -> Result<u64> {
+        self.require_ring()?;
+        let r = self.rings.commit_and_reset(self.vm.fd());
+        self.runner.ring_reset_done();
+        r
+    }
+
+    /// Does some vCPU's ring hold at least `n` (≥ 1) entries not yet collected? (False
+    /// without rings.)
+    pub fn rings_hold_at_least(&self, n: u32) -> bool {
+        self.rings.any_holds_at_least(n)
+    }
+
+    /// The rings, for harvesting them directly (the perf comparison's bare layer).
+    pub(crate) fn rings_mut(&mut self) -> &mut DirtyRings {
+        &mut self.rings
+    }
+
+    fn require_ring(&self) -> Result<()> {
         if self.ring.is_none() {
             return Err(Error::Config(
                 "this machine does not track with the dirty ring".into(),
             ));
         }
-        let exits: Vec<u64> = (0..self.runner.len())
+        Ok(())
+    }
+
+    fn ring_exits(&self) -> Vec<u64> {
+        (0..self.runner.len())
             .map(|i| self.runner.ring_full_exits(i))
-            .collect();
-        let st = self.rings.harvest(self.vm.fd(), sink);
-        // Even on error, blocked vCPUs must not wait forever.
-        self.runner.ring_reset_done();
-        let st = st?;
+            .collect()
+    }
+
+    fn check_ring_progress(&mut self, st: &HarvestStats, exits: &[u64]) -> Result<()> {
         for (i, &n) in st.per_vcpu.iter().enumerate() {
             if st.full[i] {
                 return Err(Error::RingOverflow {
@@ -467,7 +589,7 @@ impl Machine {
                 });
             }
         }
-        Ok(st)
+        Ok(())
     }
 
     /// Stop the vCPU threads and report the first vCPU error, if any.

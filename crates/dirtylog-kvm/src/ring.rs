@@ -43,13 +43,14 @@ impl RingMap {
         let len = entries as usize * DIRTY_GFN_BYTES as usize;
         let offset = sys::KVM_DIRTY_LOG_PAGE_OFFSET * sys::host_page_size();
         // SAFETY: a new shared mapping of the vCPU fd's ring pages at an address the kernel
-        // chooses; it aliases no Rust object.
+        // chooses; it aliases no Rust object. `MAP_POPULATE` maps every page now, so the first
+        // harvest to reach a page does not pay its fault.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
                 vcpu.as_raw_fd(),
                 offset as libc::off_t,
             )
@@ -146,6 +147,8 @@ impl RingWatch {
 pub struct DirtyRings {
     rings: Vec<(Arc<RingMap>, RingHarvester, Arc<AtomicU32>)>,
     scratch: Vec<RingEntry>,
+    /// A private ring used only to move a harvester forward ([`DirtyRings::skip`]).
+    skip_ring: Option<Vec<DirtyGfn>>,
 }
 
 impl DirtyRings {
@@ -193,8 +196,18 @@ impl DirtyRings {
     pub fn harvest(
         &mut self,
         vm: &impl AsRawFd,
-        mut sink: impl FnMut(usize, RingEntry),
+        sink: impl FnMut(usize, RingEntry),
     ) -> Result<HarvestStats> {
+        let mut st = self.collect(sink);
+        st.reset = self.commit_and_reset(vm)?;
+        Ok(st)
+    }
+
+    /// The first phase of [`harvest`](Self::harvest) on its own: collect every published
+    /// entry of every ring, in order, giving each to `sink(vcpu_index, entry)`, without
+    /// handing anything back. The pages stay dirty (and the entries in use) until
+    /// [`commit_and_reset`](Self::commit_and_reset). `reset` of the result is 0.
+    pub fn collect(&mut self, mut sink: impl FnMut(usize, RingEntry)) -> HarvestStats {
         let n = self.rings.len();
         let mut st = HarvestStats {
             per_vcpu: vec![0; n],
@@ -207,19 +220,29 @@ impl DirtyRings {
             let got = h.collect(map.entries(), &mut self.scratch);
             pos.fetch_add(got, Ordering::Release);
             st.per_vcpu[i] = got;
-            st.full[i] = got >= map.len();
+            // Counted from the last commit: entries collected earlier but not yet handed
+            // back occupy the ring too.
+            st.full[i] = h.pending() >= map.len();
             st.last[i] = self.scratch.last().copied();
+            st.collected += got as u64;
             for e in self.scratch.iter() {
                 sink(i, *e);
             }
         }
+        st
+    }
+
+    /// The second phase of [`harvest`](Self::harvest): mark every collected entry RESET,
+    /// then `KVM_RESET_DIRTY_RINGS` on `vm` until the kernel has reset at least as many
+    /// entries as were marked ([`Error::ResetShort`] otherwise). Returns what the kernel
+    /// reported; 0 without a call when nothing was pending.
+    pub fn commit_and_reset(&mut self, vm: &impl AsRawFd) -> Result<u64> {
         let mut committed = 0u64;
         for (map, h, _) in self.rings.iter_mut() {
             committed += h.commit(map.entries()) as u64;
         }
-        st.collected = committed;
         if committed == 0 {
-            return Ok(st);
+            return Ok(0);
         }
         // One call normally resets everything; a kernel that stops early (signal, batch
         // bound) is called again until it makes no progress.
@@ -231,10 +254,76 @@ impl DirtyRings {
             }
             reset += r;
         }
-        st.reset = reset;
         if reset < committed {
             return Err(Error::ResetShort { committed, reset });
         }
-        Ok(st)
+        Ok(reset)
+    }
+
+    /// vCPU `i`'s ring, if there is one.
+    pub fn map(&self, i: usize) -> Option<&Arc<RingMap>> {
+        self.rings.get(i).map(|(m, _, _)| m)
+    }
+
+    /// The ring index (wrapping) of the next entry of ring `i` to harvest.
+    pub fn position(&self, i: usize) -> Option<u32> {
+        self.rings
+            .get(i)
+            .map(|(_, _, pos)| pos.load(Ordering::Acquire))
+    }
+
+    /// Does any ring hold at least `n` (≥ 1) published entries not yet collected?
+    pub fn any_holds_at_least(&self, n: u32) -> bool {
+        n > 0
+            && self.rings.iter().any(|(map, _, pos)| {
+                map.is_published(pos.load(Ordering::Acquire).wrapping_add(n - 1))
+            })
+    }
+
+    /// Record that the next `n` entries of ring `i` were harvested and reset by someone else
+    /// (a bare harvest driving the ring directly, as the perf comparison does), so the next
+    /// [`collect`](Self::collect) starts after them and the watchdog measures the fill level
+    /// from there. Refused while this harvester has collected entries not yet committed.
+    pub fn skip(&mut self, i: usize, n: u32) -> Result<()> {
+        let Some((map, h, pos)) = self.rings.get_mut(i) else {
+            return Err(Error::Config(format!("no ring for vCPU {i}")));
+        };
+        if h.pending() != 0 {
+            return Err(Error::Config(format!(
+                "ring {i} has {} collected entries not yet handed back",
+                h.pending()
+            )));
+        }
+        let size = map.len();
+        let k = n & (size - 1);
+        if k != 0 {
+            // `RingHarvester` has no way to set its index, and only the index modulo the ring
+            // size matters. Walk it forward over a private ring whose next `k` entries are
+            // published: it collects exactly those, then commits them. The harvester is always
+            // at `pos` (both advance together in `collect`).
+            let scratch = self.skip_ring.get_or_insert_with(Vec::new);
+            if scratch.len() != size as usize {
+                *scratch = (0..size).map(|_| DirtyGfn::default()).collect();
+            }
+            let at = pos.load(Ordering::Acquire);
+            for j in 0..k {
+                scratch[(at.wrapping_add(j) & (size - 1)) as usize]
+                    .flags
+                    .store(dirtylog::ring::KVM_DIRTY_GFN_F_DIRTY, Ordering::Relaxed);
+            }
+            self.scratch.clear();
+            let got = h.collect(scratch, &mut self.scratch);
+            h.commit(scratch);
+            for e in scratch.iter() {
+                e.flags.store(0, Ordering::Relaxed);
+            }
+            if got != k {
+                return Err(Error::Config(format!(
+                    "skipping ring {i}: the harvester moved {got} entries, not {k}"
+                )));
+            }
+        }
+        pos.fetch_add(n, Ordering::Release);
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `out` to [`ports::SYNC`] | parks (state [`VcpuState::Synced`]) until the host calls [`Runner::release`] |
 //! | `out` to [`ports::BUDGET`] | paces the dirtier: grants write budget per [`Runner::set_rate`], sleeping as needed |
+//! | `out` to a device port | calls its handler ([`Runner::set_port_handler`]), re-enters |
 //! | `KVM_EXIT_DIRTY_RING_FULL` (31) | counts it, parks ([`VcpuState::RingFull`]) until the host has harvested and reset the rings ([`Runner::ring_reset_done`]), then re-enters |
 //! | `EINTR` / `EAGAIN` | re-enters |
 //! | HLT, shutdown, internal error, failed entry, anything else | stops with [`Error::Guest`] carrying the registers |
@@ -35,6 +36,11 @@ use crate::ring::RingWatch;
 use crate::sys::KVM_EXIT_DIRTY_RING_FULL;
 use crate::vm::KvmVcpu;
 use crate::x86::{describe_state, layout};
+
+mod devices;
+mod throttle;
+pub use devices::PortHandler;
+pub use throttle::THROTTLE_PERIOD;
 
 /// The signal used to kick vCPU threads out of `KVM_RUN`: `SIGRTMIN() + 1`, with a handler
 /// that does nothing (its only effect is that `KVM_RUN` returns `EINTR`).
@@ -144,6 +150,12 @@ struct Shared {
     watchdog_rt: AtomicBool,
     /// Per vCPU: inside `KVM_RUN` (or about to enter it).
     in_run: Vec<AtomicBool>,
+    /// Device port handlers ([`Runner::set_port_handler`]).
+    ports: devices::Ports,
+    /// Duplicates of the vCPU fds ([`Runner::vcpu_fd`]).
+    state_fds: Vec<std::fs::File>,
+    /// vCPU throttling ([`Runner::set_throttle`]).
+    throttle: throttle::Throttle,
 }
 
 impl Shared {
@@ -310,6 +322,7 @@ fn vcpu_loop(i: usize, vcpu: &mut KvmVcpu, sh: &Shared) -> Result<()> {
             }
             st.ring_gen
         };
+        sh.throttle.hold(i, &sh.watch_quit);
         sh.in_run[i].store(true, Ordering::Release);
         let exit = run_once(vcpu);
         sh.in_run[i].store(false, Ordering::Release);
@@ -318,6 +331,8 @@ fn vcpu_loop(i: usize, vcpu: &mut KvmVcpu, sh: &Shared) -> Result<()> {
             Exit::Out(ports::BUDGET) => sh.pace(i),
             Exit::RingFull => sh.park_ring_full(i, ring_gen, vcpu.fd().get_regs().ok()),
             Exit::Retry => true,
+            // A device port: the handler ran (on this thread); re-enter.
+            Exit::Out(port) if sh.ports.call(port, i) => true,
             Exit::Out(port) => {
                 return Err(Error::Guest {
                     vcpu: i as u32,
@@ -377,6 +392,9 @@ impl Runner {
             watch_quit: AtomicBool::new(false),
             watchdog_rt: AtomicBool::new(false),
             in_run: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            ports: devices::Ports::default(),
+            state_fds: devices::dup_fds(&vcpus)?,
+            throttle: throttle::Throttle::new(n),
         });
         let mut r = Runner {
             sh: sh.clone(),
@@ -570,7 +588,13 @@ impl Runner {
     pub fn ring_reset_done(&self) {
         let mut st = self.sh.lock();
         st.ring_gen += 1;
-        self.sh.cv.notify_all();
+        // Only vCPUs parked on a full ring wait for this; a vCPU between its ring-full exit
+        // and its park sees the new generation under the lock and does not wait. Waking the
+        // others (parked at a sync exit) would only cost the harvest a round of context
+        // switches.
+        if st.vcpus.contains(&VcpuState::RingFull) {
+            self.sh.cv.notify_all();
+        }
     }
 
     /// Dirtier pacing: `Some(pages_per_second)` per vCPU, or `None` for unlimited. Takes effect
@@ -599,6 +623,7 @@ impl Runner {
     /// Returns the first vCPU error, if any.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
         self.sh.watch_quit.store(true, Ordering::Release);
+        self.sh.throttle.stop();
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }

@@ -26,6 +26,11 @@ pub mod layout {
     pub const CODE_SIZE: u64 = 0x10000;
     /// A scratch stack (guest programs use none, but `rsp` points somewhere harmless).
     pub const STACK_TOP: u64 = 0x40000;
+    /// Page lists of the script program ([`crate::guest::Program::Script`]), split evenly
+    /// among the vCPUs.
+    pub const SCRIPT: u64 = 0x40000;
+    /// Size of the script area (up to the page tables).
+    pub const SCRIPT_SIZE: u64 = PAGE_TABLES - SCRIPT;
     /// PML4; the PDPT follows, then one page directory per GiB.
     pub const PAGE_TABLES: u64 = 0x100000;
     /// Highest identity-mapped address (one PDPT: 512 GiB).
