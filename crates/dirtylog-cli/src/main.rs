@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
+mod migrate;
 mod perf;
 mod selftest;
 
@@ -34,6 +36,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Live-migrate a KVM guest between two processes: `migrate receive --listen ADDR` on the
+    /// destination, `migrate send --to ADDR` on the source.
+    #[command(subcommand)]
+    Migrate(migrate::Cmd),
+    /// Live-migrate a KVM guest in one command, no arguments needed: boot a guest (1 GiB,
+    /// 2 vCPUs, a dirtier at a moderate rate), start `dirtylog migrate receive` as a second
+    /// process on loopback, migrate with a progress bar, check every memslot's hash, show the
+    /// guest running on at the destination, and print the statistics.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +52,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Selftest(a) => selftest::run(a),
         Cmd::Perf(a) => perf::run(a),
+        Cmd::Migrate(c) => migrate::run(c),
+        Cmd::Demo(a) => demo::run(a),
         Cmd::Caps { json } => dirtylog_kvm::caps_report(json)
             .map(|r| {
                 println!("{r}");

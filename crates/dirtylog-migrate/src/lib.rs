@@ -5,7 +5,8 @@
 //!   and switches over; the destination side validates and applies the streams, checks every
 //!   region's hash and only then resumes the guest and acknowledges.
 //! - [`vm`]: the two traits the engines drive, [`MigrationSource`] and [`MigrationTarget`];
-//!   [`soft`] implements both in software for tests and benchmarks.
+//!   [`soft`] implements both in software for tests and benchmarks, [`kvm`] on real KVM
+//!   guests (`dirtylog-kvm`'s harness).
 //! - [`convergence`]: the downtime estimate, limits and QEMU's auto-converge policy.
 //! - [`wire`]: the versioned, framed, CRC-checked stream format between the source and the
 //!   destination, with a zero-copy encoder and a validating, allocation-free decoder.
@@ -18,6 +19,7 @@
 pub mod convergence;
 pub mod error;
 mod guestmem;
+pub mod kvm;
 pub mod recv;
 pub mod send;
 pub mod soft;
