@@ -10,6 +10,9 @@ use dirtylog::softmmu::SoftmmuPerf;
 pub enum Backend {
     /// The software-MMU reference arch.
     Softmmu,
+    /// Real guests on /dev/kvm (memstress); even iterations use the bare ioctls, so the
+    /// report gives our overhead as a ratio.
+    Kvm,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -100,6 +103,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     };
     let mut b: Box<dyn PerfBackend> = match a.backend {
         Backend::Softmmu => Box::new(SoftmmuPerf::new(&cfg).map_err(|e| e.to_string())?),
+        Backend::Kvm => Box::new(dirtylog_kvm::KvmPerf::new(&cfg).map_err(|e| e.to_string())?),
     };
     if !a.json {
         println!("== {}", b.describe());
