@@ -232,28 +232,19 @@ impl VcpuSnapshot {
         let id = vcpu_id;
         let mut regs = kvm_regs::default();
         // SAFETY: KVM_GET_REGS writes exactly one `kvm_regs`, which `regs` is.
-        check(
-            unsafe { ioctl_with_mut_ref(fd, KVM_GET_REGS(), &mut regs) },
-            id,
-            "KVM_GET_REGS",
-        )?;
+        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_REGS(), &mut regs) };
+        check(r, id, "KVM_GET_REGS")?;
         let mut sregs = kvm_sregs::default();
         // SAFETY: KVM_GET_SREGS writes exactly one `kvm_sregs`.
-        check(
-            unsafe { ioctl_with_mut_ref(fd, KVM_GET_SREGS(), &mut sregs) },
-            id,
-            "KVM_GET_SREGS",
-        )?;
+        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_SREGS(), &mut sregs) };
+        check(r, id, "KVM_GET_SREGS")?;
         let fpu = if spec.xsave {
             let mut x = Box::new(kvm_xsave::default());
             // SAFETY: KVM_GET_XSAVE writes `sizeof(struct kvm_xsave)` = 4096 bytes, the size
             // of `kvm_xsave` without its flexible tail (the ioctl number encodes that size;
             // larger areas need KVM_GET_XSAVE2, which we do not use).
-            check(
-                unsafe { ioctl_with_mut_ref(fd, KVM_GET_XSAVE(), &mut *x) },
-                id,
-                "KVM_GET_XSAVE",
-            )?;
+            let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_XSAVE(), &mut *x) };
+            check(r, id, "KVM_GET_XSAVE")?;
             let mut bytes = Box::new([0u8; XSAVE_BYTES]);
             for (b, w) in bytes.chunks_exact_mut(4).zip(x.region.iter()) {
                 b.copy_from_slice(&w.to_le_bytes());
@@ -262,21 +253,15 @@ impl VcpuSnapshot {
         } else {
             let mut f = kvm_fpu::default();
             // SAFETY: KVM_GET_FPU writes exactly one `kvm_fpu`.
-            check(
-                unsafe { ioctl_with_mut_ref(fd, KVM_GET_FPU(), &mut f) },
-                id,
-                "KVM_GET_FPU",
-            )?;
+            let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_FPU(), &mut f) };
+            check(r, id, "KVM_GET_FPU")?;
             FpuState::Legacy(Box::new(f))
         };
         let xcrs = if spec.xcrs {
             let mut x = kvm_xcrs::default();
             // SAFETY: KVM_GET_XCRS writes exactly one `kvm_xcrs`.
-            check(
-                unsafe { ioctl_with_mut_ref(fd, KVM_GET_XCRS(), &mut x) },
-                id,
-                "KVM_GET_XCRS",
-            )?;
+            let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_XCRS(), &mut x) };
+            check(r, id, "KVM_GET_XCRS")?;
             let n = (x.nr_xcrs as usize).min(x.xcrs.len());
             x.xcrs[..n].iter().map(|c| (c.xcr, c.value)).collect()
         } else {
@@ -285,25 +270,16 @@ impl VcpuSnapshot {
         let msrs = get_msrs(fd, id, &spec.msrs)?;
         let mut events = kvm_vcpu_events::default();
         // SAFETY: KVM_GET_VCPU_EVENTS writes exactly one `kvm_vcpu_events`.
-        check(
-            unsafe { ioctl_with_mut_ref(fd, KVM_GET_VCPU_EVENTS(), &mut events) },
-            id,
-            "KVM_GET_VCPU_EVENTS",
-        )?;
+        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_VCPU_EVENTS(), &mut events) };
+        check(r, id, "KVM_GET_VCPU_EVENTS")?;
         let mut mp = kvm_mp_state::default();
         // SAFETY: KVM_GET_MP_STATE writes exactly one `kvm_mp_state`.
-        check(
-            unsafe { ioctl_with_mut_ref(fd, KVM_GET_MP_STATE(), &mut mp) },
-            id,
-            "KVM_GET_MP_STATE",
-        )?;
+        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_MP_STATE(), &mut mp) };
+        check(r, id, "KVM_GET_MP_STATE")?;
         let mut debugregs = kvm_debugregs::default();
         // SAFETY: KVM_GET_DEBUGREGS writes exactly one `kvm_debugregs`.
-        check(
-            unsafe { ioctl_with_mut_ref(fd, KVM_GET_DEBUGREGS(), &mut debugregs) },
-            id,
-            "KVM_GET_DEBUGREGS",
-        )?;
+        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_DEBUGREGS(), &mut debugregs) };
+        check(r, id, "KVM_GET_DEBUGREGS")?;
         Ok(VcpuSnapshot {
             vcpu_id,
             regs,
@@ -323,11 +299,8 @@ impl VcpuSnapshot {
     pub fn restore(&self, fd: &impl AsRawFd) -> Result<()> {
         let id = self.vcpu_id;
         // SAFETY: KVM_SET_REGS reads exactly one `kvm_regs`.
-        check(
-            unsafe { ioctl_with_ref(fd, KVM_SET_REGS(), &self.regs) },
-            id,
-            "KVM_SET_REGS",
-        )?;
+        let r = unsafe { ioctl_with_ref(fd, KVM_SET_REGS(), &self.regs) };
+        check(r, id, "KVM_SET_REGS")?;
         match &self.fpu {
             FpuState::Xsave(bytes) => {
                 let mut x = Box::new(kvm_xsave::default());
@@ -336,19 +309,13 @@ impl VcpuSnapshot {
                 }
                 // SAFETY: KVM_SET_XSAVE reads 4096 bytes (the size the ioctl number encodes),
                 // all inside `*x`.
-                check(
-                    unsafe { ioctl_with_ref(fd, KVM_SET_XSAVE(), &*x) },
-                    id,
-                    "KVM_SET_XSAVE",
-                )?;
+                let r = unsafe { ioctl_with_ref(fd, KVM_SET_XSAVE(), &*x) };
+                check(r, id, "KVM_SET_XSAVE")?;
             }
             FpuState::Legacy(f) => {
                 // SAFETY: KVM_SET_FPU reads exactly one `kvm_fpu`.
-                check(
-                    unsafe { ioctl_with_ref(fd, KVM_SET_FPU(), f) },
-                    id,
-                    "KVM_SET_FPU",
-                )?;
+                let r = unsafe { ioctl_with_ref(fd, KVM_SET_FPU(), f) };
+                check(r, id, "KVM_SET_FPU")?;
             }
         }
         if !self.xcrs.is_empty() {
@@ -361,45 +328,30 @@ impl VcpuSnapshot {
                 slot.value = value;
             }
             // SAFETY: KVM_SET_XCRS reads exactly one `kvm_xcrs`.
-            check(
-                unsafe { ioctl_with_ref(fd, KVM_SET_XCRS(), &x) },
-                id,
-                "KVM_SET_XCRS",
-            )?;
+            let r = unsafe { ioctl_with_ref(fd, KVM_SET_XCRS(), &x) };
+            check(r, id, "KVM_SET_XCRS")?;
         }
         // SAFETY: KVM_SET_SREGS reads exactly one `kvm_sregs`.
-        check(
-            unsafe { ioctl_with_ref(fd, KVM_SET_SREGS(), &self.sregs) },
-            id,
-            "KVM_SET_SREGS",
-        )?;
+        let r = unsafe { ioctl_with_ref(fd, KVM_SET_SREGS(), &self.sregs) };
+        check(r, id, "KVM_SET_SREGS")?;
         set_msrs(fd, id, &self.msrs)?;
         // SAFETY: KVM_SET_VCPU_EVENTS reads exactly one `kvm_vcpu_events`.
-        check(
-            unsafe { ioctl_with_ref(fd, KVM_SET_VCPU_EVENTS(), &self.events) },
-            id,
-            "KVM_SET_VCPU_EVENTS",
-        )?;
+        let r = unsafe { ioctl_with_ref(fd, KVM_SET_VCPU_EVENTS(), &self.events) };
+        check(r, id, "KVM_SET_VCPU_EVENTS")?;
         let mp = kvm_mp_state {
             mp_state: self.mp_state,
         };
         // SAFETY: KVM_SET_MP_STATE reads exactly one `kvm_mp_state`.
-        check(
-            unsafe { ioctl_with_ref(fd, KVM_SET_MP_STATE(), &mp) },
-            id,
-            "KVM_SET_MP_STATE",
-        )?;
+        let r = unsafe { ioctl_with_ref(fd, KVM_SET_MP_STATE(), &mp) };
+        check(r, id, "KVM_SET_MP_STATE")?;
         // The kernel refuses non-zero flags on set.
         let debugregs = kvm_debugregs {
             flags: 0,
             ..self.debugregs
         };
         // SAFETY: KVM_SET_DEBUGREGS reads exactly one `kvm_debugregs`.
-        check(
-            unsafe { ioctl_with_ref(fd, KVM_SET_DEBUGREGS(), &debugregs) },
-            id,
-            "KVM_SET_DEBUGREGS",
-        )?;
+        let r = unsafe { ioctl_with_ref(fd, KVM_SET_DEBUGREGS(), &debugregs) };
+        check(r, id, "KVM_SET_DEBUGREGS")?;
         Ok(())
     }
 
