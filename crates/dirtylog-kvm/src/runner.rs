@@ -119,9 +119,15 @@ struct Pacing {
     /// Pages per second per vCPU; `None` is unlimited.
     rate: Option<f64>,
     t0: Instant,
-    /// Per vCPU, `WRITES` when the rate was set.
-    base: Vec<u64>,
+    /// Per vCPU, the write count the schedule started from: `WRITES` when the rate was set,
+    /// moved forward whenever the vCPU fell behind (see [`PACING_BURST`]).
+    base: Vec<f64>,
 }
+
+/// The most a paced vCPU may write ahead of its own recent progress, in seconds of its rate.
+/// Time it did not run (throttled, paused, descheduled) is forgiven, not made up in a burst:
+/// otherwise a paced dirtier would defeat auto-converge's throttling by catching up.
+const PACING_BURST: f64 = 0.01;
 
 #[derive(Debug)]
 struct State {
@@ -244,17 +250,20 @@ impl Shared {
             };
             let writes = self.vcpu_word(i, control::WRITES);
             let el = st.pacing.t0.elapsed().as_secs_f64();
-            let allowed = st.pacing.base[i].saturating_add((rate * el) as u64);
             // Grant in quanta of about a millisecond so a slow rate does not mean one exit
             // per write, and a fast one not one exit per page.
-            let quantum = ((rate / 1000.0) as u64).max(1);
-            if allowed >= writes.saturating_add(quantum) {
-                self.sys.write_u64(budget_off, allowed);
+            let quantum = (rate / 1000.0).max(1.0);
+            let burst = (rate * PACING_BURST).max(quantum);
+            if st.pacing.base[i] + rate * el > writes as f64 + burst {
+                // Behind schedule: forgive the lost time.
+                st.pacing.base[i] = writes as f64 + burst - rate * el;
+            }
+            let allowed = st.pacing.base[i] + rate * el;
+            if allowed >= writes as f64 + quantum {
+                self.sys.write_u64(budget_off, allowed as u64);
                 break;
             }
-            let need = writes
-                .saturating_add(quantum)
-                .saturating_sub(st.pacing.base[i]) as f64;
+            let need = writes as f64 + quantum - st.pacing.base[i];
             let wake = Duration::from_secs_f64((need / rate.max(1e-9) - el).clamp(1e-4, 0.05));
             st.vcpus[i] = VcpuState::Paced;
             st = self.wait_timeout(st, wake);
@@ -379,7 +388,7 @@ impl Runner {
                 pacing: Pacing {
                     rate: None,
                     t0: Instant::now(),
-                    base: vec![0; n],
+                    base: vec![0.0; n],
                 },
                 ring_full_regs: vec![None; n],
             }),
@@ -602,7 +611,7 @@ impl Runner {
     pub fn set_rate(&self, rate: Option<f64>) {
         let mut st = self.sh.lock();
         let base = (0..st.vcpus.len())
-            .map(|i| self.sh.vcpu_word(i, control::WRITES))
+            .map(|i| self.sh.vcpu_word(i, control::WRITES) as f64)
             .collect();
         st.pacing = Pacing {
             rate,
