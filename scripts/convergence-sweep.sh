@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Migrate a 1 GiB KVM guest at several dirty rates, with and without auto-converge, over a
 # bandwidth capped at 64 MiB/s, and print total time, downtime and whether it converged.
-# Each run is bounded by --timeout-s. Usage: scripts/convergence-sweep.sh [rates per vCPU...]
+# Working set 64 MiB; each run is bounded by --timeout-s 30. Usage: scripts/convergence-sweep.sh [rates per vCPU...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p dirtylog-cli
@@ -12,8 +12,8 @@ printf '%-10s %-6s %-10s %-9s %-12s %-7s %-9s %s\n' rate/vCPU auto status total-
 for r in $rates; do
   for ac in no yes; do
     flag=""; [ "$ac" = yes ] && flag="--auto-converge"
-    target/release/dirtylog demo --dirty-rate "$r" --working-set 256M --max-bandwidth 67108864 \
-      --timeout-s 15 $flag --json >"$tmp" 2>/dev/null || true
+    target/release/dirtylog demo --dirty-rate "$r" --working-set 64M --max-bandwidth 67108864 \
+      --timeout-s 30 $flag --json >"$tmp" 2>/dev/null || true
     python3 - "$r" "$ac" "$tmp" <<'PY'
 import json, sys
 r, ac, path = sys.argv[1:4]
