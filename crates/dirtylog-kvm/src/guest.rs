@@ -199,68 +199,10 @@ fn script(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     Ok(())
 }
 
-fn dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
-    use control::*;
-    let mut reload = a.create_label();
-    let mut top = a.create_label();
-    let mut sync = a.create_label();
-    let mut budget = a.create_label();
-    let mut random = a.create_label();
-    let mut write = a.create_label();
-    let mut delay = a.create_label();
-    let mut seq_ok = a.create_label();
-    // r13 = sequential index, r14 = delay count, r15 = pattern
-    lcg_init(a)?;
-    a.xor(r13, r13)?;
-    a.set_label(&mut reload)?;
-    a.mov(r10, qword_ptr(r8 + WS_BASE))?;
-    a.mov(r11, qword_ptr(r8 + WS_PAGES))?;
-    a.mov(r15, qword_ptr(r8 + PATTERN))?;
-    a.mov(r14, qword_ptr(r9 + DELAY))?;
-    a.cmp(r13, r11)?;
-    a.jb(top)?;
-    a.xor(r13, r13)?;
-    a.set_label(&mut top)?;
-    a.cmp(qword_ptr(r9 + STOP), 0)?;
-    a.jne(sync)?;
-    a.mov(rax, qword_ptr(r8 + WRITES))?;
-    a.cmp(rax, qword_ptr(r8 + BUDGET))?;
-    a.jae(budget)?;
-    a.test(r15, r15)?;
-    a.jnz(random)?;
-    a.mov(rdx, r13)?;
-    a.inc(r13)?;
-    a.cmp(r13, r11)?;
-    a.jb(seq_ok)?;
-    a.xor(r13, r13)?;
-    a.set_label(&mut seq_ok)?;
-    a.jmp(write)?;
-    a.set_label(&mut random)?;
-    random_page(a)?;
-    a.set_label(&mut write)?;
-    a.shl(rdx, 12)?;
-    a.mov(rax, qword_ptr(r8 + WRITES))?;
-    a.inc(rax)?;
-    a.mov(qword_ptr(r8 + WRITES), rax)?;
-    a.or(rax, rbx)?;
-    a.mov(qword_ptr(r10 + rdx), rax)?;
-    a.mov(rcx, r14)?;
-    a.test(rcx, rcx)?;
-    a.jz(top)?;
-    a.set_label(&mut delay)?;
-    a.dec(rcx)?;
-    a.jnz(delay)?;
-    a.jmp(top)?;
-    a.set_label(&mut budget)?;
-    a.out(ports::BUDGET as i32, al)?;
-    a.jmp(top)?;
-    a.set_label(&mut sync)?;
-    a.out(ports::SYNC as i32, al)?;
-    a.jmp(reload)?;
-    Ok(())
-}
-
-fn device_dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
+/// The dirtier: writes pages of its working set (sequentially or at random) within the
+/// budget the host grants, with an optional delay loop per write. With `mailbox`, every
+/// `MAILBOX_EVERY` writes it also asks the VMM (port `MAILBOX`) to write guest memory.
+fn dirtier(a: &mut CodeAssembler, mailbox: bool) -> Result<(), iced_x86::IcedError> {
     use control::*;
     let mut reload = a.create_label();
     let mut top = a.create_label();
@@ -271,7 +213,8 @@ fn device_dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     let mut wrote = a.create_label();
     let mut delay = a.create_label();
     let mut seq_ok = a.create_label();
-    // As the dirtier; rdi = writes left until the next mailbox request.
+    // r13 = sequential index, r14 = delay count, r15 = pattern, rdi = writes left until
+    // the next mailbox request.
     lcg_init(a)?;
     a.xor(r13, r13)?;
     a.set_label(&mut reload)?;
@@ -279,7 +222,9 @@ fn device_dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     a.mov(r11, qword_ptr(r8 + WS_PAGES))?;
     a.mov(r15, qword_ptr(r8 + PATTERN))?;
     a.mov(r14, qword_ptr(r9 + DELAY))?;
-    a.mov(rdi, qword_ptr(r9 + MAILBOX_EVERY))?;
+    if mailbox {
+        a.mov(rdi, qword_ptr(r9 + MAILBOX_EVERY))?;
+    }
     a.cmp(r13, r11)?;
     a.jb(top)?;
     a.xor(r13, r13)?;
@@ -307,11 +252,13 @@ fn device_dirtier(a: &mut CodeAssembler) -> Result<(), iced_x86::IcedError> {
     a.mov(qword_ptr(r8 + WRITES), rax)?;
     a.or(rax, rbx)?;
     a.mov(qword_ptr(r10 + rdx), rax)?;
-    a.dec(rdi)?;
-    a.jnz(wrote)?;
-    a.out(ports::MAILBOX as i32, al)?;
-    a.mov(rdi, qword_ptr(r9 + MAILBOX_EVERY))?;
-    a.set_label(&mut wrote)?;
+    if mailbox {
+        a.dec(rdi)?;
+        a.jnz(wrote)?;
+        a.out(ports::MAILBOX as i32, al)?;
+        a.mov(rdi, qword_ptr(r9 + MAILBOX_EVERY))?;
+        a.set_label(&mut wrote)?;
+    }
     a.mov(rcx, r14)?;
     a.test(rcx, rcx)?;
     a.jz(top)?;
@@ -335,9 +282,9 @@ impl Program {
         match self {
             Program::Stamp => stamp(&mut a),
             Program::Memstress => memstress(&mut a),
-            Program::Dirtier => dirtier(&mut a),
+            Program::Dirtier => dirtier(&mut a, false),
             Program::Script => script(&mut a),
-            Program::DeviceDirtier => device_dirtier(&mut a),
+            Program::DeviceDirtier => dirtier(&mut a, true),
         }
         .map_err(asm_err)?;
         a.assemble(ip).map_err(asm_err)
