@@ -147,8 +147,6 @@ impl RingWatch {
 pub struct DirtyRings {
     rings: Vec<(Arc<RingMap>, RingHarvester, Arc<AtomicU32>)>,
     scratch: Vec<RingEntry>,
-    /// A private ring used only to move a harvester forward ([`DirtyRings::skip`]).
-    skip_ring: Option<Vec<DirtyGfn>>,
 }
 
 impl DirtyRings {
@@ -285,43 +283,14 @@ impl DirtyRings {
     /// [`collect`](Self::collect) starts after them and the watchdog measures the fill level
     /// from there. Refused while this harvester has collected entries not yet committed.
     pub fn skip(&mut self, i: usize, n: u32) -> Result<()> {
-        let Some((map, h, pos)) = self.rings.get_mut(i) else {
+        let Some((_, h, pos)) = self.rings.get_mut(i) else {
             return Err(Error::Config(format!("no ring for vCPU {i}")));
         };
-        if h.pending() != 0 {
+        if !h.skip(n) {
             return Err(Error::Config(format!(
                 "ring {i} has {} collected entries not yet handed back",
                 h.pending()
             )));
-        }
-        let size = map.len();
-        let k = n & (size - 1);
-        if k != 0 {
-            // `RingHarvester` has no way to set its index, and only the index modulo the ring
-            // size matters. Walk it forward over a private ring whose next `k` entries are
-            // published: it collects exactly those, then commits them. The harvester is always
-            // at `pos` (both advance together in `collect`).
-            let scratch = self.skip_ring.get_or_insert_with(Vec::new);
-            if scratch.len() != size as usize {
-                *scratch = (0..size).map(|_| DirtyGfn::default()).collect();
-            }
-            let at = pos.load(Ordering::Acquire);
-            for j in 0..k {
-                scratch[(at.wrapping_add(j) & (size - 1)) as usize]
-                    .flags
-                    .store(dirtylog::ring::KVM_DIRTY_GFN_F_DIRTY, Ordering::Relaxed);
-            }
-            self.scratch.clear();
-            let got = h.collect(scratch, &mut self.scratch);
-            h.commit(scratch);
-            for e in scratch.iter() {
-                e.flags.store(0, Ordering::Relaxed);
-            }
-            if got != k {
-                return Err(Error::Config(format!(
-                    "skipping ring {i}: the harvester moved {got} entries, not {k}"
-                )));
-            }
         }
         pos.fetch_add(n, Ordering::Release);
         Ok(())

@@ -251,6 +251,19 @@ impl RingHarvester {
         n
     }
 
+    /// Move past `n` entries that someone else harvested and handed back (for example a bare
+    /// ioctl loop a benchmark compares against), so the next [`collect`](Self::collect)
+    /// starts after them. Only with nothing collected and uncommitted: otherwise returns
+    /// false and does nothing.
+    pub fn skip(&mut self, n: u32) -> bool {
+        if self.pending() != 0 {
+            return false;
+        }
+        self.fetch_index = self.fetch_index.wrapping_add(n);
+        self.commit_index = self.fetch_index;
+        true
+    }
+
     /// Mark every collected entry RESET (Release), handing them back to the kernel's reset.
     /// Returns how many were marked; the next reset must report at least that many.
     pub fn commit(&mut self, ring: &[DirtyGfn]) -> u32 {
@@ -299,6 +312,30 @@ mod tests {
         assert_eq!(h.collect(r.entries(), &mut out), 0, "nothing new");
         assert_eq!(r.used(), 10, "collecting alone frees nothing");
         assert_eq!(h.commit(r.entries()), 10);
+    }
+
+    #[test]
+    fn skip_moves_past_entries_handed_back_elsewhere() {
+        let r = DirtyRing::new(256, 64);
+        let mut h = RingHarvester::new();
+        for i in 0..3 {
+            r.push(1, i).unwrap();
+        }
+        let mut out = Vec::new();
+        assert_eq!(h.collect(r.entries(), &mut out), 3);
+        assert!(!h.skip(1), "refused while collected entries are pending");
+        h.commit(r.entries());
+        for off in 10..13 {
+            r.push(1, off).unwrap();
+        }
+        // Someone else harvests the next two entries and hands them back.
+        for e in &r.entries()[3..5] {
+            e.flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+        }
+        assert!(h.skip(2));
+        out.clear();
+        assert_eq!(h.collect(r.entries(), &mut out), 1);
+        assert_eq!(out[0].offset, 12);
     }
 
     #[test]
