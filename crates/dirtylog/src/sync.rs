@@ -33,6 +33,14 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// Wait on `cv`, ignoring poisoning like [`lock`].
+pub fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    match cv.wait(g) {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 /// Yield inside a wait loop. Under loom this tells the model checker the thread is spinning.
 #[inline]
 pub fn spin_wait() {

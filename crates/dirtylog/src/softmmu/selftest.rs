@@ -1,7 +1,7 @@
 //! The reference arch as a [`SelftestBackend`]: vCPU threads running the stamping workload.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use rand::rngs::SmallRng;
@@ -41,8 +41,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        crate::sync::lock(&self.state)
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        crate::sync::wait(&self.cv, g)
     }
 }
 
@@ -122,7 +126,7 @@ impl SoftmmuSelftest {
         let n = self.vcpus.len() as u32;
         let mut st = self.shared.lock();
         while st.parked < n {
-            st = self.shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.shared.wait(st);
         }
     }
 
@@ -166,7 +170,7 @@ fn vcpu_thread(v: SoftVcpu, sh: Arc<Shared>, npages: u64, page: u64, seed: u64) 
     sh.cv.notify_all();
     loop {
         while !st.running && !st.quit {
-            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = sh.wait(st);
         }
         if st.quit {
             return;
@@ -193,7 +197,7 @@ fn vcpu_thread(v: SoftVcpu, sh: Arc<Shared>, npages: u64, page: u64, seed: u64) 
                     s.parked += 1;
                     sh.cv.notify_all();
                     while s.reset_gen == gen && s.running && !s.quit {
-                        s = sh.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                        s = sh.wait(s);
                     }
                     if !s.running || s.quit {
                         st = s;
