@@ -498,6 +498,8 @@ mod perf;
 #[cfg(not(loom))]
 mod selftest;
 #[cfg(not(loom))]
+mod shared;
+#[cfg(not(loom))]
 pub use perf::SoftmmuPerf;
 #[cfg(not(loom))]
 pub use selftest::SoftmmuSelftest;

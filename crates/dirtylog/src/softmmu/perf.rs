@@ -2,7 +2,7 @@
 //! of its own partition once per pass.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::{Exit, FlushKind, Machine, SoftVcpu};
@@ -27,22 +27,8 @@ struct State {
     reset_gen: u64,
 }
 
-#[derive(Debug, Default)]
-struct Shared {
-    state: Mutex<State>,
-    cv: Condvar,
-    blocked_on_ring: AtomicU64,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        crate::sync::lock(&self.state)
-    }
-
-    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        crate::sync::wait(&self.cv, g)
-    }
-}
+/// vCPUs blocked on a full ring, waiting for a harvest.
+type Shared = super::shared::Shared<State, AtomicU64>;
 
 /// A softmmu machine running memstress for `dirtylog perf --backend softmmu`.
 pub struct SoftmmuPerf {
@@ -175,11 +161,11 @@ fn vcpu_thread(v: SoftVcpu, sh: Arc<Shared>, first: u64, pages: u64, page: u64) 
                     Err(Exit::DirtyRingFull) => {
                         let mut st = sh.lock();
                         let gen = st.reset_gen;
-                        sh.blocked_on_ring.fetch_add(1, Ordering::SeqCst);
+                        sh.c.fetch_add(1, Ordering::SeqCst);
                         while st.reset_gen == gen && !st.quit {
                             st = sh.wait(st);
                         }
-                        sh.blocked_on_ring.fetch_sub(1, Ordering::SeqCst);
+                        sh.c.fetch_sub(1, Ordering::SeqCst);
                         if st.quit {
                             return;
                         }
@@ -220,7 +206,7 @@ impl PerfBackend for SoftmmuPerf {
                 return Ok(());
             }
             // A vCPU blocked on a full ring needs a harvest before it can go on.
-            if self.shared.blocked_on_ring.load(Ordering::SeqCst) > 0 {
+            if self.shared.c.load(Ordering::SeqCst) > 0 {
                 drop(st);
                 self.harvest();
                 self.reset()?;

@@ -1,7 +1,7 @@
 //! The reference arch as a [`SelftestBackend`]: vCPU threads running the stamping workload.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use rand::rngs::SmallRng;
@@ -33,22 +33,12 @@ struct State {
 }
 
 #[derive(Debug, Default)]
-struct Shared {
-    state: Mutex<State>,
-    cv: Condvar,
+struct Counters {
     writes: AtomicU64,
     ring_full_exits: AtomicU64,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        crate::sync::lock(&self.state)
-    }
-
-    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        crate::sync::wait(&self.cv, g)
-    }
-}
+type Shared = super::shared::Shared<State, Counters>;
 
 /// A softmmu machine with one test slot and vCPU threads stamping iteration numbers.
 pub struct SoftmmuSelftest {
@@ -187,11 +177,11 @@ fn vcpu_thread(v: SoftVcpu, sh: Arc<Shared>, npages: u64, page: u64, seed: u64) 
                 .unwrap_or_else(|| (TEST_GPA + rng.random_range(0..npages) * page, iteration));
             match v.write_u64(gpa, val) {
                 Ok(()) => {
-                    sh.writes.fetch_add(1, Ordering::Relaxed);
+                    sh.c.writes.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(Exit::DirtyRingFull) => {
                     pending = Some((gpa, val));
-                    sh.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+                    sh.c.ring_full_exits.fetch_add(1, Ordering::Relaxed);
                     let mut s = sh.lock();
                     let gen = s.reset_gen;
                     s.parked += 1;
@@ -239,7 +229,7 @@ impl SelftestBackend for SoftmmuSelftest {
     }
 
     fn resume(&mut self, iteration: u64) -> Result<(), BackendError> {
-        self.shared.writes.store(0, Ordering::Relaxed);
+        self.shared.c.writes.store(0, Ordering::Relaxed);
         let mut st = self.shared.lock();
         st.iteration = iteration;
         st.running = true;
@@ -248,11 +238,11 @@ impl SelftestBackend for SoftmmuSelftest {
     }
 
     fn writes(&self) -> u64 {
-        self.shared.writes.load(Ordering::Relaxed)
+        self.shared.c.writes.load(Ordering::Relaxed)
     }
 
     fn ring_full_exits(&self) -> u64 {
-        self.shared.ring_full_exits.load(Ordering::Relaxed)
+        self.shared.c.ring_full_exits.load(Ordering::Relaxed)
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {
