@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Cmd::Perf(a) => perf::run(a),
         Cmd::Migrate(c) => migrate::run(c),
         Cmd::Demo(a) => demo::run(a),
-        Cmd::Caps { json } => dirtylog_kvm::caps_report(json)
+        Cmd::Caps { json } => dirtylog_testvm::caps_report(json)
             .map(|r| {
                 println!("{r}");
                 ExitCode::SUCCESS

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
-use dirtylog_migrate::kvm::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
 use dirtylog_migrate::{
     receive, send, AutoConverge, MigrateError, Phase, Progress, ReceiveConfig, ReceiveReport,
     SendConfig, SendReport, TimeoutPolicy,
 };
+use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 

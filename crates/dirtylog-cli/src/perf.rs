@@ -103,7 +103,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     };
     let mut b: Box<dyn PerfBackend> = match a.backend {
         Backend::Softmmu => Box::new(SoftmmuPerf::new(&cfg).map_err(|e| e.to_string())?),
-        Backend::Kvm => Box::new(dirtylog_kvm::KvmPerf::new(&cfg).map_err(|e| e.to_string())?),
+        Backend::Kvm => Box::new(dirtylog_testvm::KvmPerf::new(&cfg).map_err(|e| e.to_string())?),
     };
     if !a.json {
         println!("== {}", b.describe());

@@ -96,7 +96,7 @@ fn backend(a: &Args, cfg: &SelftestConfig) -> Result<Box<dyn SelftestBackend>, S
             ))
         }
         Backend::Kvm => Ok(Box::new(
-            dirtylog_kvm::KvmSelftest::new(cfg).map_err(|e| e.to_string())?,
+            dirtylog_testvm::KvmSelftest::new(cfg).map_err(|e| e.to_string())?,
         )),
     }
 }

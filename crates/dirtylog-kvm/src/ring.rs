@@ -123,7 +123,7 @@ pub struct HarvestStats {
 }
 
 /// One vCPU's ring and how far it has been harvested, for watching its fill level from
-/// another thread (see [`crate::runner::Runner::watch_rings`]).
+/// another thread (see a ring watchdog (as `dirtylog-testvm`'s runner has)).
 #[derive(Debug, Clone)]
 pub struct RingWatch {
     /// The ring.

@@ -183,7 +183,7 @@ pub fn enable_dirty_ring(
 /// The kernel writes `ALIGN(npages, 64) / 8` bytes, where `npages` is the size of the slot *as
 /// the kernel knows it*; `bitmap` must be at least that long if the slot exists. (If it does
 /// not, or logging is off, the kernel fails before writing.) Safe callers track their slots,
-/// as [`crate::vm::KvmVm::get_dirty_log`] does.
+/// as `KvmDirtyTracker` does.
 pub unsafe fn get_dirty_log(vm: &impl AsRawFd, slot: u32, bitmap: &mut [u64]) -> Result<()> {
     let mut log = kvm_dirty_log {
         slot,
@@ -258,7 +258,7 @@ pub fn reset_dirty_rings(vm: &impl AsRawFd) -> Result<u32> {
 ///
 /// When `memory_size != 0`, `[userspace_addr, userspace_addr + memory_size)` must be memory the
 /// caller owns for as long as the slot exists *and* any vCPU of the VM can run: the guest
-/// writes to it behind Rust's back. Safe callers are [`crate::vm::KvmVm`]'s slot methods.
+/// writes to it behind Rust's back. Safe callers own the memory and the slot table (`dirtylog-testvm`'s `KvmVm`).
 pub unsafe fn set_user_memory_region(
     vm: &impl AsRawFd,
     region: &kvm_userspace_memory_region,

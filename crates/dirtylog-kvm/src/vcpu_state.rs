@@ -42,7 +42,7 @@
 //! # Where it is taken
 //!
 //! These functions issue vCPU ioctls on any fd of the vCPU (its [`kvm_ioctls::VcpuFd`], or a
-//! duplicate from [`crate::runner::Runner::vcpu_fd`]). KVM serialises them with `KVM_RUN` on
+//! duplicate of the vCPU fd). KVM serialises them with `KVM_RUN` on
 //! the vCPU's mutex, so they must only be used while the vCPU is out of `KVM_RUN` and stays
 //! out (parked): an ioctl on a running vCPU blocks until it exits.
 //!

@@ -5,8 +5,8 @@
 //!   and switches over; the destination side validates and applies the streams, checks every
 //!   region's hash and only then resumes the guest and acknowledges.
 //! - [`vm`]: the two traits the engines drive, [`MigrationSource`] and [`MigrationTarget`];
-//!   [`soft`] implements both in software for tests and benchmarks, [`kvm`] on real KVM
-//!   guests (`dirtylog-kvm`'s harness).
+//!   [`soft`] implements both in software for tests and benchmarks (`dirtylog-testvm`
+//!   implements them on real KVM guests).
 //! - [`convergence`]: the downtime estimate, limits and QEMU's auto-converge policy.
 //! - [`wire`]: the versioned, framed, CRC-checked stream format between the source and the
 //!   destination, with a zero-copy encoder and a validating, allocation-free decoder.
@@ -19,7 +19,6 @@
 pub mod convergence;
 pub mod error;
 mod guestmem;
-pub mod kvm;
 pub mod recv;
 pub mod send;
 pub mod soft;

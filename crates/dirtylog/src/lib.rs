@@ -31,6 +31,7 @@ pub mod ring;
 pub mod selftest;
 pub mod softmmu;
 pub mod sync;
+pub mod tracker;
 pub mod vcpu;
 pub mod vm;
 
@@ -39,6 +40,7 @@ pub use bitmap::{dirty_bitmap_bytes, dirty_bitmap_words, DirtyBitmap};
 pub use error::{Error, Result};
 pub use memslot::{MemoryRegion, Memslot, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 pub use ring::{DirtyGfn, RingEntry, RingHarvester};
+pub use tracker::TrackerKind;
 pub use vcpu::Vcpu;
 pub use vm::{MmuGuard, SlotsGuard, Vm, VmConfig};
 

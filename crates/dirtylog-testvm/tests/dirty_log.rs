@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use dirtylog_kvm::{Error, Machine, MachineConfig, MemoryOptions, Program, Tracking, VcpuState};
+use dirtylog_testvm::{Error, Machine, MachineConfig, MemoryOptions, Program, Tracking, VcpuState};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -283,11 +283,11 @@ fn small_ring_fills_and_the_vcpu_waits_for_the_harvest() {
 #[test]
 fn ring_and_initially_set_are_refused_together() {
     let _kvm = common::require_kvm();
-    let mut vm = dirtylog_kvm::KvmVm::new().unwrap();
+    let mut vm = dirtylog_testvm::KvmVm::new().unwrap();
     vm.enable_manual_protect(true).unwrap();
     let e = vm.enable_dirty_ring(4096).unwrap_err();
     assert!(matches!(e, Error::RingWithInitiallySet), "{e}");
-    let mut vm = dirtylog_kvm::KvmVm::new().unwrap();
+    let mut vm = dirtylog_testvm::KvmVm::new().unwrap();
     vm.enable_dirty_ring(4096).unwrap();
     let e = vm.enable_manual_protect(true).unwrap_err();
     assert!(matches!(e, Error::RingWithInitiallySet), "{e}");
@@ -299,11 +299,11 @@ fn ring_and_initially_set_are_refused_together() {
 #[test]
 fn ring_must_be_mapped_shared_and_not_executable() {
     let _kvm = common::require_kvm();
-    let mut vm = dirtylog_kvm::KvmVm::new().unwrap();
+    let mut vm = dirtylog_testvm::KvmVm::new().unwrap();
     vm.enable_dirty_ring(4096).unwrap();
     let v = vm.create_vcpu().unwrap();
     assert_eq!(v.ring().unwrap().len(), 4096);
-    let off = (64 * dirtylog_kvm::sys::host_page_size()) as libc::off_t;
+    let off = (64 * dirtylog_testvm::sys::host_page_size()) as libc::off_t;
     use std::os::unix::io::AsRawFd;
     for (prot, flags, what) in [
         (

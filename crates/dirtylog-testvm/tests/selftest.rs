@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use dirtylog::selftest::{run, LogMode, SelftestConfig};
-use dirtylog_kvm::KvmSelftest;
+use dirtylog_testvm::KvmSelftest;
 
 fn run_mode(mode: LogMode, vcpus: u32, ring_entries: u32) -> dirtylog::selftest::Summary {
     let _kvm = common::require_kvm();

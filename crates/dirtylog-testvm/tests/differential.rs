@@ -38,8 +38,8 @@ use dirtylog::vm::{
     VmConfig, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_MANUAL_CAPS,
 };
-use dirtylog_kvm::x86::layout::TEST_BASE;
-use dirtylog_kvm::{Machine, MachineConfig, MemoryOptions, Program, Tracking};
+use dirtylog_testvm::x86::layout::TEST_BASE;
+use dirtylog_testvm::{Machine, MachineConfig, MemoryOptions, Program, Tracking};
 
 /// Two test slots of `64·n + 3` pages, contiguous from `TEST_BASE`.
 const SLOTS: [u64; 2] = [64 * 6 + 3, 64 * 3 + 3];

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use dirtylog::perf::{run, Layer, PerfBackend, PerfConfig, PerfMode};
 use dirtylog::selftest::BackendError;
-use dirtylog_kvm::KvmPerf;
+use dirtylog_testvm::KvmPerf;
 
 /// CPU time of the calling thread, in seconds.
 fn thread_cpu_s() -> f64 {

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use dirtylog_kvm::{Machine, MachineConfig, MemoryOptions, Program, Tracking};
+use dirtylog_testvm::{Machine, MachineConfig, MemoryOptions, Program, Tracking};
 
 const T: Duration = Duration::from_secs(20);
 

@@ -19,9 +19,9 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use dirtylog_kvm::{GuestMemory, MemoryOptions};
-use dirtylog_migrate::kvm::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
 use dirtylog_migrate::{receive, send, MigrationSource, ReceiveConfig, SendConfig};
+use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
+use dirtylog_testvm::{GuestMemory, MemoryOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);

@@ -29,7 +29,7 @@ pub fn check_kvm() {
     if !Path::new("/dev/kvm").exists() {
         panic!("/dev/kvm does not exist: these tests need KVM (load kvm_intel/kvm_amd, or run on a host that exposes /dev/kvm); they fail rather than skip so a missing KVM is never mistaken for a pass");
     }
-    if let Err(e) = dirtylog_kvm::vm::open_kvm(None) {
+    if let Err(e) = dirtylog_testvm::vm::open_kvm(None) {
         panic!("/dev/kvm exists but cannot be used: {e}");
     }
 }

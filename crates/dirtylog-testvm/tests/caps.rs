@@ -2,7 +2,7 @@
 
 mod common;
 
-use dirtylog_kvm::{caps_report, Caps};
+use dirtylog_testvm::{caps_report, Caps};
 
 #[test]
 fn caps_probe_and_render() {

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use dirtylog::softmmu::{FlushKind, Machine as SoftMachine, SoftVcpu};
 use dirtylog::MemoryRegion;
-use dirtylog_kvm::sys::{
+use dirtylog_testvm::sys::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_MEM_LOG_DIRTY_PAGES,
 };
-use dirtylog_kvm::{Caps, GuestMemory, KvmVcpu, KvmVm, MemoryOptions, RingFlavor};
+use dirtylog_testvm::{Caps, GuestMemory, KvmVcpu, KvmVm, MemoryOptions, RingFlavor};
 
 const EINVAL: i32 = libc::EINVAL;
 const ENOENT: i32 = libc::ENOENT;
@@ -74,7 +74,7 @@ impl Kvm {
     }
 }
 
-fn kerr(e: dirtylog_kvm::Error) -> i32 {
+fn kerr(e: dirtylog_testvm::Error) -> i32 {
     e.errno().unwrap_or_else(|| {
         panic!("a kernel errno was expected, got a refusal before the kernel: {e}")
     })
@@ -112,7 +112,7 @@ impl Target for Kvm {
                     ..Default::default()
                 };
                 // SAFETY: memory_size 0 deletes a slot; no memory is handed to the kernel.
-                unsafe { dirtylog_kvm::sys::set_user_memory_region(self.vm.fd(), &region) }
+                unsafe { dirtylog_testvm::sys::set_user_memory_region(self.vm.fd(), &region) }
                     .map(|_| 0)
                     .map_err(kerr)
             }
@@ -147,9 +147,9 @@ impl Target for Kvm {
                         .map(|_| 0)
                         .map_err(kerr)
                 }
-                _ => dirtylog_kvm::sys::enable_cap(
+                _ => dirtylog_testvm::sys::enable_cap(
                     self.vm.fd(),
-                    dirtylog_kvm::Op::EnableCap,
+                    dirtylog_testvm::Op::EnableCap,
                     cap,
                     flags,
                     [arg, 0, 0, 0],

@@ -5,10 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use dirtylog_kvm::guest::{control, ports};
-use dirtylog_kvm::vcpu_state::{FpuState, StateSpec, VcpuSnapshot};
-use dirtylog_kvm::x86::{self, layout};
-use dirtylog_kvm::{KvmVm, Machine, MachineConfig, MemoryOptions, Program, Tracking};
+use dirtylog_testvm::guest::{control, ports};
+use dirtylog_testvm::vcpu_state::{FpuState, StateSpec, VcpuSnapshot};
+use dirtylog_testvm::x86::{self, layout};
+use dirtylog_testvm::{KvmVm, Machine, MachineConfig, MemoryOptions, Program, Tracking};
 
 const T: Duration = Duration::from_secs(20);
 

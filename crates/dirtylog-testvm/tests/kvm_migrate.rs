@@ -2,6 +2,7 @@
 //! every tracker, an idle and a busy guest, the VMM's own writes, and failures at the worst
 //! moments. Needs `/dev/kvm` (fails, never skips, without it).
 
+#[path = "../../dirtylog-migrate/tests/common/mod.rs"]
 mod common;
 
 use std::net::TcpListener;
@@ -11,10 +12,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{proxy, recv_config, Fault};
-use dirtylog_migrate::kvm::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
 use dirtylog_migrate::{
     receive, send, MigrateError, MigrationSource, Phase, ReceiveReport, SendConfig, SendReport,
 };
+use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
 
 /// One KVM test at a time: guests of concurrent tests would share the 2 cores.
 fn kvm() -> MutexGuard<'static, ()> {

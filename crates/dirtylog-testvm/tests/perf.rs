@@ -5,7 +5,7 @@
 mod common;
 
 use dirtylog::perf::{run, Layer, PerfConfig, PerfMode};
-use dirtylog_kvm::KvmPerf;
+use dirtylog_testvm::KvmPerf;
 
 const MIB: u64 = 1 << 20;
 

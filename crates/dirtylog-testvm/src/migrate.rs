@@ -49,7 +49,7 @@
 //! ([`VcpuSnapshot`]: registers, segments, control registers, EFER and the other MSRs, XSAVE,
 //! XCR0, events, MP state, debug registers), plus the pacer's rate as a VMM section. The
 //! throttle holds vCPU threads out of `KVM_RUN` for a share of every 10 ms
-//! ([`Runner::set_throttle`](dirtylog_kvm::Runner::set_throttle)).
+//! ([`Runner::set_throttle`](crate::Runner::set_throttle)).
 //!
 //! # The target
 //!
@@ -58,7 +58,7 @@
 //! comes from the stream. vCPU states are loaded as they arrive; the vCPU threads start only in
 //! [`resume`](MigrationTarget::resume), after the engine has checked every region's hash. A
 //! restored vCPU first re-executes the `out` it was parked at (see
-//! [`dirtylog_kvm::vcpu_state`]) and parks there; the target then serves the mailbox at the
+//! [`crate::vcpu_state`]) and parks there; the target then serves the mailbox at the
 //! address the guest's control region names, applies the source's pacing, clears `STOP` and
 //! releases the vCPUs.
 
@@ -67,21 +67,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dirtylog::DirtyBitmap;
-use dirtylog_kvm::guest::{control, ports};
-use dirtylog_kvm::machine::SYSTEM_SLOT;
-use dirtylog_kvm::runner::PortHandler;
-use dirtylog_kvm::vcpu_state::{StateSpec, VcpuSnapshot, VMM_SECTION_BASE};
-use dirtylog_kvm::x86::{self, layout};
-use dirtylog_kvm::{
+use crate::guest::{control, ports};
+use crate::machine::SYSTEM_SLOT;
+use crate::runner::PortHandler;
+use crate::vcpu_state::{StateSpec, VcpuSnapshot, VMM_SECTION_BASE};
+use crate::x86::{self, layout};
+use crate::{
     GuestMemory, KvmVcpu, KvmVm, Machine, MachineConfig, MemoryOptions, Program, Runner, Tracking,
     VcpuState,
 };
+use dirtylog::DirtyBitmap;
 
-use crate::error::VmError;
-use crate::vm::{MigrationSource, MigrationTarget, RegionMemory};
-use crate::vmmbitmap::VmmDirtyBitmap;
-use crate::wire::{Region, StreamHeader};
+use dirtylog_migrate::wire::{Region, StreamHeader};
+use dirtylog_migrate::VmError;
+use dirtylog_migrate::VmmDirtyBitmap;
+use dirtylog_migrate::{MigrationSource, MigrationTarget, RegionMemory};
 
 /// Pages of the device slot; the mailbox is its first page.
 pub const DEVICE_PAGES: u64 = 16;
@@ -808,11 +808,11 @@ impl std::fmt::Debug for KvmTarget {
 impl KvmTarget {
     /// An empty VM with `header`'s memory map and vCPU count (see the [module docs](self)).
     pub fn new(header: &StreamHeader, opts: &TargetOptions) -> Result<Self, VmError> {
-        if u64::from(header.page_size()) != dirtylog_kvm::sys::host_page_size() {
+        if u64::from(header.page_size()) != crate::sys::host_page_size() {
             return Err(err(format!(
                 "the stream's page size is {}, this host's {}",
                 header.page_size(),
-                dirtylog_kvm::sys::host_page_size()
+                crate::sys::host_page_size()
             )));
         }
         let vcpus = header.vcpu_count();
