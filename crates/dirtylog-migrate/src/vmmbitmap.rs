@@ -11,15 +11,20 @@
 //! Protocol: write guest memory first, then [`mark_range`](VmmDirtyBitmap::mark_range) (a
 //! release). [`take_into`](VmmDirtyBitmap::take_into) (an acquire) either sees the mark, and
 //! then the data, or leaves it for the next round; no mark is ever lost.
+//!
+//! The bits live in a [`DirtyBitmap`], the workspace's one atomic bitmap, behind an `Arc`: the
+//! same bitmap can be shared with a `dirtylog::bitmap::VmmBitmap` (vm-memory's `Bitmap`
+//! traits, so a `GuestMemoryMmap` marks it on every write) or with a tracker.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dirtylog::DirtyBitmap;
 
 /// The dirty pages of one region written by the VMM, one bit per page in atomic words.
 #[derive(Debug)]
 pub struct VmmDirtyBitmap {
     page_shift: u32,
-    npages: u64,
-    words: Box<[AtomicU64]>,
+    bits: Arc<DirtyBitmap>,
 }
 
 impl VmmDirtyBitmap {
@@ -28,66 +33,59 @@ impl VmmDirtyBitmap {
     /// # Panics
     /// If `page_size` is not a power of two.
     pub fn new(npages: u64, page_size: u64) -> Self {
+        Self::from_bitmap(Arc::new(DirtyBitmap::new(npages)), page_size)
+    }
+
+    /// A view of an existing bitmap (one bit per page of `page_size` bytes), shared with
+    /// whoever else holds the `Arc`.
+    ///
+    /// # Panics
+    /// If `page_size` is not a power of two.
+    pub fn from_bitmap(bits: Arc<DirtyBitmap>, page_size: u64) -> Self {
         assert!(
             page_size.is_power_of_two(),
             "page size {page_size} is not a power of two"
         );
         VmmDirtyBitmap {
             page_shift: page_size.trailing_zeros(),
-            npages,
-            words: (0..npages.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            bits,
         }
+    }
+
+    /// The underlying bitmap.
+    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
+        &self.bits
     }
 
     /// Pages covered.
     pub fn npages(&self) -> u64 {
-        self.npages
+        self.bits.npages()
     }
 
     /// Number of 64-bit words, the length [`take_into`](Self::take_into) wants.
     pub fn words(&self) -> usize {
-        self.words.len()
+        self.bits.words()
     }
 
     /// Mark every page touched by the `len` bytes at `offset` (from the region's start) as
-    /// dirty: one atomic OR per word touched, not per page. Bytes past the region's end are
-    /// ignored; `len == 0` marks nothing.
+    /// dirty: one atomic OR (a release) per word touched, not per page. Bytes past the
+    /// region's end are ignored; `len == 0` marks nothing.
     pub fn mark_range(&self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = offset >> self.page_shift;
-        let last = offset.saturating_add(len - 1) >> self.page_shift;
-        let end = last.saturating_add(1).min(self.npages);
-        let mut page = first;
-        while page < end {
-            let word = page / 64;
-            let lo = page % 64;
-            let hi = (end - word * 64).min(64);
-            let mask = (u64::MAX >> (64 - (hi - lo))) << lo;
-            self.words[word as usize].fetch_or(mask, Ordering::Release);
-            page = word * 64 + hi;
-        }
+        self.bits.set_byte_range(offset, len, self.page_shift);
     }
 
-    /// OR the dirty bits into `out` and clear them: one `swap(0)` per non-zero word, zero words
-    /// skipped.
+    /// OR the dirty bits into `out` and clear them: one `swap(0)` (an acquire) per non-zero
+    /// word, zero words skipped.
     ///
     /// # Panics
     /// If `out` is not [`words`](Self::words) long.
     pub fn take_into(&self, out: &mut [u64]) {
         assert_eq!(
             out.len(),
-            self.words.len(),
+            self.bits.words(),
             "take_into needs one u64 per bitmap word"
         );
-        for (o, w) in out.iter_mut().zip(self.words.iter()) {
-            if w.load(Ordering::Relaxed) != 0 {
-                *o |= w.swap(0, Ordering::Acquire);
-            }
-        }
+        self.bits.take_or_into(out);
     }
 }
 
@@ -95,7 +93,8 @@ impl VmmDirtyBitmap {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::sync::{atomic::AtomicBool, Barrier};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Barrier;
 
     const PAGE: u64 = 4096;
 

@@ -4,8 +4,8 @@
 //! an arch knows *how* (`kvm_arch_mmu_enable_log_dirty_pt_masked`,
 //! `kvm_arch_flush_remote_tlbs{,_range}`, `kvm_arch_sync_dirty_log`).
 
+use crate::guard::MmuGuard;
 use crate::memslot::Memslot;
-use crate::vm::MmuGuard;
 
 /// An arch hook declined the request; the generic code falls back (ranged flush → full flush,
 /// full flush → `KVM_REQ_TLB_FLUSH` broadcast to every vCPU).

@@ -10,6 +10,9 @@
 
 use crate::sync::{AtomicU64, Ordering};
 
+#[cfg(feature = "vm-memory")]
+pub use crate::vmm_bitmap::{VmmBitmap, VmmBitmapSlice};
+
 /// Bytes of a dirty bitmap for `npages` pages: `ALIGN(npages, 64) / 8`, as `kvm_dirty_bitmap_bytes()`.
 pub const fn dirty_bitmap_bytes(npages: u64) -> usize {
     (npages.div_ceil(64) * 8) as usize
@@ -54,22 +57,41 @@ impl DirtyBitmap {
         self.live[(rel_gfn / 64) as usize].fetch_or(1u64 << (rel_gfn % 64), Ordering::AcqRel);
     }
 
-    /// Set `n` bits from `first`, whole words at a time (one atomic per word touched).
+    /// Set `n` bits from `first`, whole words at a time (one atomic OR per word touched).
+    /// Bits past the end are ignored, as is any part of the range that overflows `u64`.
+    #[inline]
     pub fn set_range(&self, first: u64, n: u64) {
-        let end = (first + n).min(self.npages);
-        let mut i = first;
-        while i < end {
-            let w = i / 64;
-            let lo = i % 64;
-            let hi = ((w + 1) * 64).min(end) - w * 64; // exclusive bit index in this word
-            let mask = if hi - lo == 64 {
-                !0
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            self.live[w as usize].fetch_or(mask, Ordering::AcqRel);
-            i = w * 64 + hi;
+        let end = first.saturating_add(n).min(self.npages);
+        if first >= end {
+            return;
         }
+        let (fw, lw) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        let lo = !0u64 << (first % 64);
+        let hi = !0u64 >> (63 - (end - 1) % 64);
+        if fw == lw {
+            self.live[fw].fetch_or(lo & hi, Ordering::AcqRel);
+            return;
+        }
+        self.live[fw].fetch_or(lo, Ordering::AcqRel);
+        for w in &self.live[fw + 1..lw] {
+            w.fetch_or(!0, Ordering::AcqRel);
+        }
+        self.live[lw].fetch_or(hi, Ordering::AcqRel);
+    }
+
+    /// Set the bit of every page touched by the `len` bytes at byte `offset`, with pages of
+    /// `1 << page_shift` bytes (`page_shift < 64`): how a VMM write to guest memory is logged. One atomic OR per
+    /// word touched. Bytes past the end (or past `u64::MAX`) are ignored; `len == 0` marks
+    /// nothing. The OR is a release: write guest memory first, then mark, and whoever takes
+    /// the word ([`take_word`](Self::take_word), an acquire) sees the data.
+    #[inline]
+    pub fn set_byte_range(&self, offset: u64, len: u64, page_shift: u32) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> page_shift;
+        let last = offset.saturating_add(len - 1) >> page_shift;
+        self.set_range(first, (last - first).saturating_add(1));
     }
 
     /// Set every page's bit (KVM's `bitmap_set(..., 0, npages)` for `INITIALLY_SET`).
@@ -105,6 +127,16 @@ impl DirtyBitmap {
             return 0;
         }
         mask & self.live[i].fetch_and(!mask, Ordering::AcqRel)
+    }
+
+    /// OR every word into `out` and clear it: one `swap(0)` (an acquire) per non-zero word,
+    /// clean words skipped with a load. `out` must hold at least `words()` words.
+    pub fn take_or_into(&self, out: &mut [u64]) {
+        for (o, w) in out[..self.live.len()].iter_mut().zip(self.live.iter()) {
+            if w.load(Ordering::Relaxed) != 0 {
+                *o |= w.swap(0, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Copy the live words into `out` without clearing (manual-protect GET).
@@ -266,6 +298,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn set_range_ignores_the_end_and_overflow() {
+        let b = DirtyBitmap::new(70);
+        b.set_range(68, u64::MAX);
+        b.set_range(u64::MAX, 2);
+        b.set_range(70, 1);
+        b.set_range(3, 0);
+        assert_eq!((b.load_word(0), b.load_word(1)), (0, 0b11 << 4));
+    }
+
+    #[test]
+    fn set_byte_range_marks_every_page_touched() {
+        let b = DirtyBitmap::new(200);
+        b.set_byte_range(4095, 2, 12); // straddles pages 0 and 1
+        b.set_byte_range(10 << 12, 4096, 12); // exactly page 10
+        b.set_byte_range(u64::MAX, 1, 12); // past the end
+        b.set_byte_range(5 << 12, 0, 12); // empty
+        b.set_byte_range((60 << 12) + 5, 70 << 12, 12); // pages 60..=130
+        let want: Vec<u64> = [0, 1, 10].into_iter().chain(60..=130).collect();
+        let got: Vec<u64> = (0..200).filter(|&p| b.test(p)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn take_or_into_ors_and_clears() {
+        let b = DirtyBitmap::new(128);
+        b.set(0);
+        let mut out = [1 << 5, 7];
+        b.take_or_into(&mut out);
+        assert_eq!(out, [0b10_0001, 7]);
+        assert_eq!(b.count(), 0);
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl DirtyRing {
     /// The caller holds the slots lock (the `_guard` proves it).
     pub fn reset(
         &self,
-        _guard: &crate::vm::SlotsGuard<'_>,
+        _guard: &crate::guard::SlotsGuard<'_>,
         mut reset_gfn: impl FnMut(u32, u64, u64),
     ) -> u32 {
         let mut count = 0u32;

@@ -41,6 +41,20 @@ pub fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     }
 }
 
+/// Wait on `cv` for at most `dur`, ignoring poisoning like [`lock`]. Whether it timed out is
+/// not returned: callers re-check their condition either way.
+#[cfg(not(loom))]
+pub fn wait_timeout<'a, T>(
+    cv: &Condvar,
+    g: MutexGuard<'a, T>,
+    dur: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    match cv.wait_timeout(g, dur) {
+        Ok((g, _)) => g,
+        Err(poisoned) => poisoned.into_inner().0,
+    }
+}
+
 /// Yield inside a wait loop. Under loom this tells the model checker the thread is spinning.
 #[inline]
 pub fn spin_wait() {

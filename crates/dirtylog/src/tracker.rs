@@ -1,6 +1,7 @@
-//! Which of KVM's three dirty trackers is in use: the one name for that choice across the
-//! workspace (core self-test and perf, the KVM tracker, the migration engine, the command
-//! line).
+//! Dirty trackers: [`TrackerKind`], which of KVM's three is in use (the one name for that
+//! choice across the workspace: self-test, perf, the KVM tracker, the migration engine, the
+//! command line), and [`DirtyTracker`], what a consumer such as the migration engine needs
+//! from any of them (`dirtylog-kvm`'s `KvmDirtyTracker` implements it on `/dev/kvm`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -114,6 +115,47 @@ impl FromStr for TrackerKind {
             }
         }
     }
+}
+
+/// The error a [`DirtyTracker`] returns: any error, boxed, so that trackers on different
+/// hypervisors share one trait.
+pub type TrackerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A dirty tracker over a fixed table of memory regions (indexes `0..n`, in the order the
+/// tracker was given them), as the migration engine drives it.
+///
+/// # Contract
+/// - [`start`](Self::start) is called once, before the first [`harvest`](Self::harvest) and
+///   before the consumer reads any page. From then on, every guest write to a region must show
+///   up in a later `harvest` — unless it was made before a [`clear`](Self::clear) covering the
+///   page (then the consumer copies the page after the clear).
+/// - `harvest(index, out)` ORs the pages dirtied since the previous harvest (or clear) into
+///   `out`, one bit per page in KVM's little-endian order (`out.len()` is the region's
+///   `npages.div_ceil(64)`). Trackers that re-arm on read (`KVM_GET_DIRTY_LOG`) re-arm here;
+///   with manual protect this is the snapshot only and bits stay set until `clear`; a ring
+///   tracker harvests **and resets** every ring before returning, so that the returned pages
+///   may be treated as clean at once.
+/// - `clear(index, first_page, bits)` re-arms the pages whose bits are set in `bits` (bit `i`
+///   is page `first_page + i`; `first_page` is a multiple of 64), only with bits the consumer
+///   harvested. Trackers that re-arm in `harvest` keep the default no-op.
+/// - [`stop`](Self::stop) ends tracking; called once at the end, after success or failure.
+///
+/// Every method takes `&self`: consumers call them from a control thread while other threads
+/// read memory and vCPUs run.
+pub trait DirtyTracker: Send + Sync {
+    /// Which tracker this is.
+    fn kind(&self) -> TrackerKind;
+    /// Start tracking every region.
+    fn start(&self) -> Result<(), TrackerError>;
+    /// OR the dirty bits of region `index` into `out` (see the contract above).
+    fn harvest(&self, index: usize, out: &mut [u64]) -> Result<(), TrackerError>;
+    /// Re-arm the pages of `bits` in region `index` from `first_page` (manual protect only).
+    fn clear(&self, index: usize, first_page: u64, bits: &[u64]) -> Result<(), TrackerError> {
+        let _ = (index, first_page, bits);
+        Ok(())
+    }
+    /// Stop tracking.
+    fn stop(&self) -> Result<(), TrackerError>;
 }
 
 #[cfg(test)]

@@ -5,19 +5,19 @@
 //! that write-protects a memslot or fetches its log, *including the TLB flush that follows*,
 //! so no caller returns while another caller's protection is still visible through a stale
 //! TLB entry. Functions that need it take a [`SlotsGuard`]; forgetting the lock does not
-//! compile, and passing another VM's guard panics (our lockdep).
-
-use std::cell::Cell;
-use std::marker::PhantomData;
+//! compile, and passing another VM's guard panics (our lockdep). The locks and their guards
+//! live in [`guard`](crate::guard).
 
 use crate::arch::ArchMmu;
 use crate::bitmap::{dirty_bitmap_words, DirtyBitmap};
 use crate::error::{Error, Result};
+pub use crate::guard::{MmuGuard, SlotsGuard};
+use crate::guard::{MmuLock, SlotsLock};
 use crate::memslot::{
     check_region, split_slot, MemoryRegion, Memslot, MemslotSet, MrChange, KVM_MEM_READONLY,
 };
 use crate::ring::{check_ring_size, DirtyRing, KVM_DIRTY_RING_RSVD_ENTRIES};
-use crate::sync::{lock, Arc, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
+use crate::sync::{lock, Arc, AtomicU32, AtomicU64, Mutex, Ordering};
 use std::sync::Arc as HostArc;
 
 use crate::vcpu::{Vcpu, KVM_REQ_DIRTY_RING_SOFT_FULL, KVM_REQ_TLB_FLUSH};
@@ -88,28 +88,14 @@ pub enum Mutant {
     FlushBeforeProtect,
 }
 
-/// Proof that the slots lock of one VM is held (`lockdep_assert_held(&kvm->slots_lock)`).
-/// Not `Send` or `Sync`: it stays on the thread that locked.
-pub struct SlotsGuard<'a> {
-    _g: Option<MutexGuard<'a, ()>>,
-    owner: usize,
-    _not_sync: PhantomData<Cell<()>>,
-}
-
-/// Proof that the MMU lock of one VM is held.
-pub struct MmuGuard<'a> {
-    _g: MutexGuard<'a, ()>,
-    _not_sync: PhantomData<Cell<()>>,
-}
-
 /// The VM.
 pub struct Vm<A: ArchMmu> {
     arch: A,
     cfg: VmConfig,
-    slots_lock: Mutex<()>,
+    slots_lock: SlotsLock,
     /// The published memslots. Readers (vCPUs) clone the `Arc`, as KVM's SRCU readers do.
     memslots: Mutex<Arc<MemslotSet>>,
-    mmu_lock: Mutex<()>,
+    mmu_lock: MmuLock,
     manual_dirty_log_protect: AtomicU64,
     /// Ring entries per vCPU; 0 without a ring.
     dirty_ring_entries: AtomicU32,
@@ -127,9 +113,9 @@ impl<A: ArchMmu> Vm<A> {
         Vm {
             arch,
             cfg,
-            slots_lock: Mutex::new(()),
+            slots_lock: SlotsLock::new(),
             memslots: Mutex::new(Arc::new(MemslotSet::default())),
-            mmu_lock: Mutex::new(()),
+            mmu_lock: MmuLock::new(),
             manual_dirty_log_protect: AtomicU64::new(0),
             dirty_ring_entries: AtomicU32::new(0),
             vcpus: Mutex::new(HostArc::new([])),
@@ -147,42 +133,23 @@ impl<A: ArchMmu> Vm<A> {
         &self.cfg
     }
 
-    fn id(&self) -> usize {
-        &self.slots_lock as *const Mutex<()> as usize
-    }
-
     /// Take the slots lock (`mutex_lock(&kvm->slots_lock)`).
     pub fn lock_slots(&self) -> SlotsGuard<'_> {
         #[cfg(test)]
         if self.mutant == Mutant::NoSlotsLock {
-            return SlotsGuard {
-                _g: None,
-                owner: self.id(),
-                _not_sync: PhantomData,
-            };
+            return self.slots_lock.fake_guard();
         }
-        SlotsGuard {
-            _g: Some(lock(&self.slots_lock)),
-            owner: self.id(),
-            _not_sync: PhantomData,
-        }
+        self.slots_lock.lock()
     }
 
     /// Panics unless `g` is this VM's slots guard (`lockdep_assert_held`).
     pub fn assert_slots_held(&self, g: &SlotsGuard<'_>) {
-        assert_eq!(
-            g.owner,
-            self.id(),
-            "slots lock of another VM passed as proof"
-        );
+        self.slots_lock.assert_held(g);
     }
 
     /// Take the MMU lock (`KVM_MMU_LOCK`).
     pub fn lock_mmu(&self) -> MmuGuard<'_> {
-        MmuGuard {
-            _g: lock(&self.mmu_lock),
-            _not_sync: PhantomData,
-        }
+        self.mmu_lock.lock()
     }
 
     /// The current memslots (an SRCU-style snapshot).

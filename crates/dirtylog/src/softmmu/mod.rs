@@ -23,8 +23,9 @@ use crate::memslot::{Memslot, KVM_MEM_READONLY};
 use crate::sync::{lock, Arc, AtomicU64, Mutex, Ordering};
 // The machine handle and its RAM use std's `Arc` even under loom: reference counting is not
 // part of the protocol being checked, and loom's `Arc` cannot be a method receiver.
+use crate::guard::MmuGuard;
 use crate::vcpu::{Vcpu, KVM_REQUEST_ARCH_BASE, KVM_REQ_TLB_FLUSH};
-use crate::vm::{MmuGuard, Vm, VmConfig};
+use crate::vm::{Vm, VmConfig};
 use std::sync::Arc as HostArc;
 
 /// Entries in each vCPU's TLB.
@@ -493,13 +494,13 @@ impl SoftVcpu {
     }
 }
 
-#[cfg(not(loom))]
+#[cfg(all(feature = "harness", not(loom)))]
 mod perf;
-#[cfg(not(loom))]
+#[cfg(all(feature = "harness", not(loom)))]
 mod selftest;
-#[cfg(not(loom))]
+#[cfg(all(feature = "harness", not(loom)))]
 mod shared;
-#[cfg(not(loom))]
+#[cfg(all(feature = "harness", not(loom)))]
 pub use perf::SoftmmuPerf;
-#[cfg(not(loom))]
+#[cfg(all(feature = "harness", not(loom)))]
 pub use selftest::SoftmmuSelftest;

@@ -212,12 +212,10 @@ impl PerfBackend for SoftmmuPerf {
                 self.reset()?;
                 continue;
             }
-            let (st, _) = self
-                .shared
-                .cv
-                .wait_timeout(st, std::time::Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner());
-            drop(st);
+            drop(
+                self.shared
+                    .wait_timeout(st, std::time::Duration::from_millis(1)),
+            );
         }
     }
 

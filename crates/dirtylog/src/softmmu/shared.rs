@@ -19,4 +19,12 @@ impl<S, C> Shared<S, C> {
     pub(super) fn wait<'a>(&self, g: MutexGuard<'a, S>) -> MutexGuard<'a, S> {
         crate::sync::wait(&self.cv, g)
     }
+
+    pub(super) fn wait_timeout<'a>(
+        &self,
+        g: MutexGuard<'a, S>,
+        dur: std::time::Duration,
+    ) -> MutexGuard<'a, S> {
+        crate::sync::wait_timeout(&self.cv, g, dur)
+    }
 }
