@@ -7,8 +7,11 @@
 
 use std::fmt;
 
+use dirtylog::TrackerKind;
+
 /// The operation an ioctl or system call was doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum Op {
     /// `open("/dev/kvm")`.
     OpenKvm,
@@ -187,6 +190,49 @@ pub enum Error {
         vcpu: u32,
         /// What was seen.
         detail: String,
+    },
+    /// The kernel lacks a capability a [`TrackerKind`] needs ([`crate::KvmDirtyTracker::enable`]).
+    #[error("the {kind} tracker needs {cap}, which this kernel does not offer (KVM_CHECK_EXTENSION({cap}) = {value}): {instead}")]
+    TrackerUnsupported {
+        /// The tracker asked for.
+        kind: TrackerKind,
+        /// The capability it needs.
+        cap: &'static str,
+        /// What `KVM_CHECK_EXTENSION` returned.
+        value: i64,
+        /// What to do instead.
+        instead: &'static str,
+    },
+    /// A ring tracker was started or harvested with no vCPU ring added.
+    #[error("the dirty ring tracker has no vCPU: call add_vcpu with every vCPU fd, in vCPU order, after creating the vCPUs and before start")]
+    NoVcpu,
+    /// A region index past the tracker's slot table.
+    #[error("region index {index} is out of range: the tracker has {regions} regions")]
+    IndexOutOfRange {
+        /// The index given.
+        index: usize,
+        /// Regions in the table.
+        regions: usize,
+    },
+    /// A harvest buffer whose length is not the region's bitmap length.
+    #[error("the harvest buffer of region {index} has {got} words; it must have exactly {need} (one bit per page, npages.div_ceil(64) words)")]
+    BufferLength {
+        /// The region index.
+        index: usize,
+        /// Words needed.
+        need: usize,
+        /// Words given.
+        got: usize,
+    },
+    /// A dirty ring entry names a slot or page outside the tracker's slot table.
+    #[error("vCPU {vcpu}'s dirty ring reported slot {slot:#x} page {offset}, which is outside the tracker's slot table: the table given to KvmDirtyTracker::new must list every memslot with dirty logging on")]
+    RingEntryOutsideTable {
+        /// The vCPU index.
+        vcpu: u32,
+        /// `as_id << 16 | id` of the entry.
+        slot: u32,
+        /// Page offset in the slot.
+        offset: u64,
     },
     /// A vCPU stopped in a way the harness cannot continue from.
     #[error("vCPU {vcpu}: {what}")]

@@ -3,6 +3,9 @@
 //! KVM's dirty-log interfaces for any Rust VMM, over the VMM's own `kvm-ioctls` file
 //! descriptors.
 //!
+//! - [`tracker`]: [`KvmDirtyTracker`], the dirty-log, clear-log and dirty-ring trackers over
+//!   the VMM's own `VmFd`, slot table and `VcpuFd`s, implementing [`dirtylog::DirtyTracker`]
+//!   (start here).
 //! - [`sys`]: safe wrappers over the dirty-log ioctls `kvm-ioctls` lacks or offers only in an
 //!   allocating form — `KVM_GET_DIRTY_LOG` into a caller-owned buffer, `KVM_CLEAR_DIRTY_LOG`,
 //!   `KVM_RESET_DIRTY_RINGS` — plus `KVM_ENABLE_CAP` of the dirty-log capabilities, with typed
@@ -21,14 +24,16 @@
 //!   reached the soft limit; [`ring::DirtyRings::harvest`] detects an overflowed ring
 //!   ([`Error::RingOverflow`]).
 
-// TODO(H2): #![warn(missing_docs)] once the ioctl numbers are private
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod ring;
 pub mod sys;
+pub mod tracker;
 pub mod vcpu_state;
 
 pub use error::{Error, Op, Result};
-pub use ring::{DirtyRings, HarvestStats, RingMap};
-pub use sys::RingFlavor;
+pub use ring::{DirtyRings, HarvestStats, RingMap, RingsHarvested};
+pub use sys::{RingFlavor, VmFdDirtyLogExt};
+pub use tracker::{Enabled, KvmDirtyTracker, Slot, TrackerOptions};
 pub use vcpu_state::VcpuSnapshot;

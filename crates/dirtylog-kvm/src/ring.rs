@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use dirtylog::ring::{DirtyGfn, RingEntry, RingHarvester, DIRTY_GFN_BYTES};
+use kvm_ioctls::VmFd;
 
 use crate::error::{Error, Op, Result};
 use crate::sys;
@@ -122,6 +123,15 @@ pub struct HarvestStats {
     pub reset: u64,
 }
 
+/// What one [`DirtyRings::harvest_each`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingsHarvested {
+    /// Entries collected (and handed back), all rings.
+    pub collected: u64,
+    /// What `KVM_RESET_DIRTY_RINGS` reported (0 if nothing was collected and no reset ran).
+    pub reset: u64,
+}
+
 /// One vCPU's ring and how far it has been harvested, for watching its fill level from
 /// another thread (see a ring watchdog (as `dirtylog-testvm`'s runner has)).
 #[derive(Debug, Clone)]
@@ -157,6 +167,9 @@ impl DirtyRings {
 
     /// Add the next vCPU's ring (vCPU indexes follow the order of `push`).
     pub fn push(&mut self, ring: Arc<RingMap>) {
+        // A collection appends at most one ring's worth: no harvest allocates.
+        let len = ring.len() as usize;
+        self.scratch.reserve(len.saturating_sub(self.scratch.len()));
         self.rings
             .push((ring, RingHarvester::new(), Arc::new(AtomicU32::new(0))));
     }
@@ -193,12 +206,76 @@ impl DirtyRings {
     /// After this returns, every harvested page is write-protected again.
     pub fn harvest(
         &mut self,
-        vm: &impl AsRawFd,
+        vm: &VmFd,
         sink: impl FnMut(usize, RingEntry),
     ) -> Result<HarvestStats> {
         let mut st = self.collect(sink);
         st.reset = self.commit_and_reset(vm)?;
         Ok(st)
+    }
+
+    /// [`harvest`](Self::harvest) without allocating, in one pass per ring as QEMU's reaper
+    /// does: each published entry is given to `sink(vcpu_index, entry)` and marked RESET at
+    /// once, then one `KVM_RESET_DIRTY_RINGS` covers them all (the kernel re-protects only
+    /// then, so `sink` has recorded every page before it can be written again). Entries an
+    /// earlier [`collect`](Self::collect) left uncommitted are handed back too. A ring found
+    /// completely full (KVM went past its hard limit and may have overwritten entries) is
+    /// [`Error::RingOverflow`], reported after the reset so that no vCPU stays blocked.
+    pub fn harvest_each(
+        &mut self,
+        vm: &VmFd,
+        mut sink: impl FnMut(usize, RingEntry),
+    ) -> Result<RingsHarvested> {
+        let mut collected = 0u64;
+        let mut committed = 0u64;
+        let mut overflow = None;
+        for (i, (map, h, pos)) in self.rings.iter_mut().enumerate() {
+            let ring = map.entries();
+            let size = map.len();
+            committed += u64::from(h.commit(ring));
+            // `pos` is the harvester's fetch index (collect and skip advance both).
+            let start = pos.load(Ordering::Relaxed);
+            let mut n = 0u32;
+            while n < size {
+                let e = &ring[(start.wrapping_add(n) & (size - 1)) as usize];
+                if e.flags.load(Ordering::Acquire) & dirtylog::ring::KVM_DIRTY_GFN_F_MASK
+                    != dirtylog::ring::KVM_DIRTY_GFN_F_DIRTY
+                {
+                    break;
+                }
+                sink(
+                    i,
+                    RingEntry {
+                        slot: e.slot.load(Ordering::Relaxed),
+                        offset: e.offset.load(Ordering::Relaxed),
+                    },
+                );
+                e.flags
+                    .store(dirtylog::ring::KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+                n += 1;
+            }
+            if n == size && overflow.is_none() {
+                overflow = Some(i);
+            }
+            // Nothing is pending after the commit above, so the skip always applies.
+            let skipped = h.skip(n);
+            debug_assert!(skipped);
+            // Only `&mut self` writes `pos`: a store publishes the new position.
+            pos.store(start.wrapping_add(n), Ordering::Release);
+            collected += u64::from(n);
+            committed += u64::from(n);
+        }
+        let reset = reset_at_least(vm, committed)?;
+        if let Some(vcpu) = overflow {
+            return Err(Error::RingOverflow {
+                vcpu: vcpu as u32,
+                detail: format!(
+                    "a harvest found all {} entries in use",
+                    self.rings[vcpu].0.len()
+                ),
+            });
+        }
+        Ok(RingsHarvested { collected, reset })
     }
 
     /// The first phase of [`harvest`](Self::harvest) on its own: collect every published
@@ -234,28 +311,12 @@ impl DirtyRings {
     /// then `KVM_RESET_DIRTY_RINGS` on `vm` until the kernel has reset at least as many
     /// entries as were marked ([`Error::ResetShort`] otherwise). Returns what the kernel
     /// reported; 0 without a call when nothing was pending.
-    pub fn commit_and_reset(&mut self, vm: &impl AsRawFd) -> Result<u64> {
+    pub fn commit_and_reset(&mut self, vm: &VmFd) -> Result<u64> {
         let mut committed = 0u64;
         for (map, h, _) in self.rings.iter_mut() {
             committed += h.commit(map.entries()) as u64;
         }
-        if committed == 0 {
-            return Ok(0);
-        }
-        // One call normally resets everything; a kernel that stops early (signal, batch
-        // bound) is called again until it makes no progress.
-        let mut reset = 0u64;
-        while reset < committed {
-            let r = sys::reset_dirty_rings(vm)? as u64;
-            if r == 0 {
-                break;
-            }
-            reset += r;
-        }
-        if reset < committed {
-            return Err(Error::ResetShort { committed, reset });
-        }
-        Ok(reset)
+        reset_at_least(vm, committed)
     }
 
     /// vCPU `i`'s ring, if there is one.
@@ -295,4 +356,27 @@ impl DirtyRings {
         pos.fetch_add(n, Ordering::Release);
         Ok(())
     }
+}
+
+/// `KVM_RESET_DIRTY_RINGS` until the kernel has reset at least `committed` entries
+/// ([`Error::ResetShort`] otherwise). Returns what it reported; 0 without a call when
+/// `committed` is 0.
+fn reset_at_least(vm: &VmFd, committed: u64) -> Result<u64> {
+    if committed == 0 {
+        return Ok(0);
+    }
+    // One call normally resets everything; a kernel that stops early (signal, batch bound)
+    // is called again until it makes no progress.
+    let mut reset = 0u64;
+    while reset < committed {
+        let r = u64::from(sys::reset_dirty_rings(vm)?);
+        if r == 0 {
+            break;
+        }
+        reset += r;
+    }
+    if reset < committed {
+        return Err(Error::ResetShort { committed, reset });
+    }
+    Ok(reset)
 }
