@@ -116,6 +116,8 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         }
     };
     say("== dirtylog demo: live migration of a KVM guest between two processes on loopback");
+    // Refuse bad options before starting the receiver.
+    a.guest.config(&a.migration)?;
     let receiver = ReceiverProcess::spawn(a.run_for_ms)?;
     let pid = receiver.child.id();
     let first = receiver.event(Instant::now() + Duration::from_secs(20))?;

@@ -1,7 +1,6 @@
 //! `dirtylog migrate send|receive`: live migration of a KVM guest between two processes.
 
 use std::io::{IsTerminal, Write};
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use dirtylog_migrate::{
-    receive, send, AutoConverge, MigrateError, Phase, Progress, ReceiveConfig, ReceiveReport,
-    SendConfig, SendReport, TimeoutPolicy,
+    listen, receive, send, Address, AutoConverge, MigrateError, Phase, Progress, ReceiveConfig,
+    ReceiveReport, SendConfig, SendReport, TimeoutPolicy, TrackerKind,
 };
-use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
+use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, TargetOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -37,18 +36,6 @@ pub enum Cmd {
     /// source's; exits non-zero, never having run the guest, otherwise. Prints the bound
     /// address first ("listening on ADDR"; with --json, a {"event":"listening"} line).
     Receive(ReceiveArgs),
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tracker {
-    /// KVM_GET_DIRTY_LOG, which clears and re-protects.
-    DirtyLog,
-    /// Manual protect with INITIALLY_SET: GET snapshots, KVM_CLEAR_DIRTY_LOG per 1 GiB chunk
-    /// just before the chunk is sent.
-    ClearLog,
-    /// Per-vCPU dirty rings (--ring-entries), harvested and reset every round and whenever
-    /// half full.
-    Ring,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,12 +94,17 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
 /// How to migrate.
 #[derive(ClapArgs, Debug, Clone)]
 pub struct MigrationArgs {
-    /// Dirty tracking on the source.
-    #[arg(long, value_enum, default_value_t = Tracker::ClearLog)]
-    pub tracker: Tracker,
-    /// Dirty ring entries per vCPU (--tracker ring): a power of two, 1024..=65536.
-    #[arg(long, default_value_t = 4096)]
-    pub ring_entries: u32,
+    /// Dirty tracking on the source: dirty-log (KVM_GET_DIRTY_LOG, which clears and
+    /// re-protects), clear-log (manual protect with INITIALLY_SET: GET snapshots,
+    /// KVM_CLEAR_DIRTY_LOG per 1 GiB chunk just before the chunk is sent), ring or
+    /// ring:ENTRIES (per-vCPU dirty rings, 4096 entries unless given, harvested and reset every
+    /// round and whenever half full).
+    #[arg(long, value_name = "TRACKER", default_value_t = TrackerKind::ClearLog)]
+    pub tracker: TrackerKind,
+    /// Dirty ring entries per vCPU, for --tracker ring (same as ring:ENTRIES): a power of two,
+    /// 1024..=65536.
+    #[arg(long, value_name = "ENTRIES")]
+    pub ring_entries: Option<u32>,
     /// Switch over once the expected downtime (dirty bytes ÷ measured bandwidth) is at most
     /// this many milliseconds.
     #[arg(long, default_value_t = 300)]
@@ -140,7 +132,8 @@ pub struct MigrationArgs {
 
 #[derive(ClapArgs, Debug)]
 pub struct SendArgs {
-    /// The receiver, HOST:PORT (where `dirtylog migrate receive --listen` listens).
+    /// The receiver, HOST:PORT or unix:PATH (where `dirtylog migrate receive --listen`
+    /// listens).
     #[arg(long, value_name = "ADDR")]
     pub to: String,
     #[command(flatten)]
@@ -154,7 +147,8 @@ pub struct SendArgs {
 
 #[derive(ClapArgs, Debug)]
 pub struct ReceiveArgs {
-    /// Where to listen, HOST:PORT; port 0 picks a free one (printed first).
+    /// Where to listen, HOST:PORT (port 0 picks a free one, printed first) or unix:PATH (a
+    /// Unix socket, created; the path must not exist).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Seconds to wait for the sender to connect (0 = for ever).
@@ -179,6 +173,19 @@ pub fn run(cmd: Cmd) -> Result<ExitCode, String> {
     }
 }
 
+impl MigrationArgs {
+    /// --tracker, with --ring-entries applied to a ring.
+    pub fn tracker_kind(&self) -> Result<TrackerKind, String> {
+        match (self.tracker, self.ring_entries) {
+            (t, None) => Ok(t),
+            (TrackerKind::Ring { .. }, Some(entries)) => Ok(TrackerKind::Ring { entries }),
+            (t, Some(_)) => Err(format!(
+                "--ring-entries applies to --tracker ring, not to --tracker {t}"
+            )),
+        }
+    }
+}
+
 impl GuestArgs {
     pub fn config(&self, m: &MigrationArgs) -> Result<GuestConfig, String> {
         if self.vcpus == 0 {
@@ -191,15 +198,10 @@ impl GuestArgs {
             working_set_bytes: self.working_set.min(self.mem),
             random: self.random,
             mailbox_every: self.mailbox_every,
-            tracker: match m.tracker {
-                Tracker::DirtyLog => KvmTracker::DirtyLog,
-                Tracker::ClearLog => KvmTracker::ClearLog,
-                Tracker::Ring => KvmTracker::Ring {
-                    entries: m.ring_entries,
-                },
-            },
+            tracker: m.tracker_kind()?,
             seed: 1,
             huge_pages: !self.no_huge_pages,
+            ..GuestConfig::default()
         })
     }
 
@@ -244,12 +246,9 @@ impl MigrationArgs {
     }
 }
 
-/// Resolve `HOST:PORT`.
-pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    addr.to_socket_addrs()
-        .map_err(|e| format!("'{addr}' is not a HOST:PORT address: {e}"))?
-        .next()
-        .ok_or_else(|| format!("'{addr}' resolves to no address"))
+/// Resolve `HOST:PORT`, or take `unix:PATH`.
+pub fn resolve(addr: &str) -> Result<Address, String> {
+    addr.parse::<Address>().map_err(|e| e.to_string())
 }
 
 /// Binary size for humans.
@@ -372,7 +371,7 @@ impl GuestSummary {
 }
 
 /// Explain a send failure: what happened, and what to do when it is a connection problem.
-pub fn explain(e: &MigrateError, to: SocketAddr) -> String {
+pub fn explain(e: &MigrateError, to: &Address) -> String {
     if let MigrateError::Connect { source, .. } = e {
         let hint = match source.kind() {
             std::io::ErrorKind::ConnectionRefused => {
@@ -380,6 +379,9 @@ pub fn explain(e: &MigrateError, to: SocketAddr) -> String {
             }
             std::io::ErrorKind::TimedOut => {
                 " — is the receiver's host reachable, and the port open?".to_string()
+            }
+            std::io::ErrorKind::NotFound => {
+                " — no socket there: is `dirtylog migrate receive` listening?".to_string()
             }
             _ => String::new(),
         };
@@ -396,7 +398,7 @@ pub fn explain(e: &MigrateError, to: SocketAddr) -> String {
 pub fn migrate_guest(
     guest: &GuestArgs,
     migration: &MigrationArgs,
-    to: SocketAddr,
+    to: Address,
     show_progress: bool,
     say: &mut dyn FnMut(&str),
 ) -> Result<SendSummary, String> {
@@ -416,7 +418,7 @@ pub fn migrate_guest(
         config.connections
     ));
     let mut view = ProgressView::new(show_progress);
-    let result = send(&src, to, &config, &mut |p| view.update(p));
+    let result = send(&src, to.clone(), &config, &mut |p| view.update(p));
     view.finish();
     let mut summary = SendSummary {
         status: "completed",
@@ -432,7 +434,7 @@ pub fn migrate_guest(
         Ok(report) => summary.migration = Some(report),
         Err(e) => {
             summary.status = "failed";
-            summary.error = Some(explain(&e, to));
+            summary.error = Some(explain(&e, &to));
             // The guest was resumed (or never stopped): show that it runs.
             std::thread::sleep(Duration::from_millis(200));
             summary.source_writes_after = Some(src.guest_writes());
@@ -530,7 +532,7 @@ fn run_send(a: SendArgs) -> Result<ExitCode, String> {
             eprintln!("{m}");
         }
     };
-    let summary = migrate_guest(&a.guest, &a.migration, to, !json, &mut say)?;
+    let summary = migrate_guest(&a.guest, &a.migration, to.clone(), !json, &mut say)?;
     if json {
         println!(
             "{}",
@@ -616,7 +618,7 @@ fn emit(json: bool, e: &Event, text: impl FnOnce() -> String) {
 fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
     let json = a.json;
     let addr = resolve(&a.listen)?;
-    let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener = listen(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;

@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, ValueEnum};
-use dirtylog::perf::{self, PerfBackend, PerfConfig, PerfMode};
+use dirtylog::perf::{self, PerfBackend, PerfConfig};
 use dirtylog::softmmu::SoftmmuPerf;
+use dirtylog::TrackerKind;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -32,12 +33,17 @@ pub struct Args {
     /// Memslots the memory is split into.
     #[arg(long, default_value_t = 1)]
     slots: u32,
-    /// Plain KVM_GET_DIRTY_LOG (clear and re-protect in GET) instead of manual protect +
-    /// INITIALLY_SET with GET then CLEAR.
-    #[arg(long)]
+    /// The tracker that collects dirty pages: dirty-log (KVM_GET_DIRTY_LOG, which clears and
+    /// re-protects in GET), clear-log (manual protect + INITIALLY_SET: GET, then CLEAR of
+    /// each whole slot), ring (4096 entries per vCPU) or ring:ENTRIES (per-vCPU dirty rings:
+    /// harvest, then commit and reset).
+    #[arg(long, value_name = "TRACKER", default_value_t = TrackerKind::ClearLog)]
+    tracker: TrackerKind,
+    /// The same as --tracker dirty-log.
+    #[arg(long, conflicts_with_all = ["tracker", "ring"])]
     no_manual_protect: bool,
-    /// Use dirty rings of this many entries per vCPU instead of bitmaps.
-    #[arg(long, value_name = "ENTRIES")]
+    /// The same as --tracker ring:ENTRIES.
+    #[arg(long, value_name = "ENTRIES", conflicts_with = "tracker")]
     ring: Option<u32>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -71,6 +77,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// `--tracker`, with the older `--no-manual-protect` and `--ring ENTRIES` mapped into it.
+fn tracker(a: &Args) -> Result<TrackerKind, String> {
+    let t = match (a.ring, a.no_manual_protect) {
+        (Some(entries), _) => TrackerKind::Ring { entries },
+        (None, true) => TrackerKind::DirtyLog,
+        (None, false) => a.tracker,
+    };
+    if let Some(n) = t.ring_entries() {
+        if !n.is_power_of_two() || !(256..=65536).contains(&n) {
+            return Err(format!(
+                "ring of {n} entries: the size must be a power of two from 256 to 65536"
+            ));
+        }
+    }
+    Ok(t)
+}
+
 pub fn run(a: Args) -> Result<ExitCode, String> {
     if a.iterations < 2 {
         return Err("--iterations must be at least 2".into());
@@ -84,22 +107,12 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             a.mem_per_vcpu
         ));
     }
-    let mode = match (a.ring, a.no_manual_protect) {
-        (Some(n), _) if !n.is_power_of_two() || !(256..=65536).contains(&n) => {
-            return Err(format!(
-                "--ring {n} must be a power of two from 256 to 65536"
-            ))
-        }
-        (Some(n), _) => PerfMode::Ring(n),
-        (None, true) => PerfMode::Get,
-        (None, false) => PerfMode::GetClear,
-    };
     let cfg = PerfConfig {
         vcpus: a.vcpus,
         mem_per_vcpu: a.mem_per_vcpu,
         iterations: a.iterations,
         slots: a.slots,
-        mode,
+        tracker: tracker(&a)?,
     };
     let mut b: Box<dyn PerfBackend> = match a.backend {
         Backend::Softmmu => Box::new(SoftmmuPerf::new(&cfg).map_err(|e| e.to_string())?),
@@ -126,7 +139,53 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, tracker, Args};
+    use clap::Parser;
+    use dirtylog::TrackerKind;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn resolve(argv: &[&str]) -> Result<TrackerKind, String> {
+        let cli = Cli::try_parse_from(std::iter::once("perf").chain(argv.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        tracker(&cli.args)
+    }
+
+    #[test]
+    fn trackers() {
+        assert_eq!(resolve(&[]), Ok(TrackerKind::ClearLog));
+        assert_eq!(
+            resolve(&["--tracker", "dirty-log"]),
+            Ok(TrackerKind::DirtyLog)
+        );
+        assert_eq!(resolve(&["--no-manual-protect"]), Ok(TrackerKind::DirtyLog));
+        assert_eq!(
+            resolve(&["--tracker", "ring"]),
+            Ok(TrackerKind::Ring { entries: 4096 })
+        );
+        assert_eq!(
+            resolve(&["--tracker", "ring:256"]),
+            Ok(TrackerKind::Ring { entries: 256 })
+        );
+        assert_eq!(
+            resolve(&["--ring", "512"]),
+            Ok(TrackerKind::Ring { entries: 512 })
+        );
+        assert!(resolve(&["--ring", "1000"])
+            .unwrap_err()
+            .contains("power of two"));
+        assert!(resolve(&["--ring", "128"])
+            .unwrap_err()
+            .contains("256 to 65536"));
+        assert!(resolve(&["--tracker", "ring:128"]).is_err());
+        assert!(resolve(&["--tracker", "get"]).is_err());
+        assert!(resolve(&["--tracker", "ring", "--ring", "512"]).is_err());
+        assert!(resolve(&["--no-manual-protect", "--ring", "512"]).is_err());
+    }
 
     #[test]
     fn sizes() {

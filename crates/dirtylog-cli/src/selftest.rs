@@ -4,10 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, ValueEnum};
-use dirtylog::selftest::{
-    self, IterationReport, LogMode, SelftestBackend, SelftestConfig, Summary,
-};
+use dirtylog::selftest::{self, IterationReport, SelftestBackend, SelftestConfig, Summary};
 use dirtylog::softmmu::{FlushKind, SoftmmuSelftest};
+use dirtylog::TrackerKind;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -17,16 +16,28 @@ pub enum Backend {
     Kvm,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// KVM_GET_DIRTY_LOG, which fetches, clears and re-protects.
-    DirtyLog,
-    /// Manual protect + INITIALLY_SET: GET a snapshot, then CLEAR the whole slot.
-    ClearLog,
-    /// Per-vCPU dirty rings: harvest, commit, reset.
-    DirtyRing,
-    /// All three, one after the other.
+/// The `--tracker` value: every tracker, or one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trackers {
+    /// `all`: the three trackers, one after the other.
     All,
+    /// One tracker; `sized` if a ring's entries were given (`ring:ENTRIES`), not defaulted.
+    One { tracker: TrackerKind, sized: bool },
+}
+
+/// `all`, or a [`TrackerKind`] by its `FromStr`: `dirty-log`, `clear-log`, `ring`,
+/// `ring:ENTRIES` (and the older `dirty-ring`).
+pub fn parse_trackers(s: &str) -> Result<Trackers, String> {
+    if s == "all" {
+        return Ok(Trackers::All);
+    }
+    let tracker: TrackerKind = s
+        .parse()
+        .map_err(|e| format!("{e}, or all for the three"))?;
+    Ok(Trackers::One {
+        tracker,
+        sized: s.contains(':'),
+    })
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,22 +55,32 @@ pub struct Args {
     /// Where to run the protocol.
     #[arg(long, value_enum, default_value_t = Backend::Softmmu)]
     backend: Backend,
-    /// How dirty pages are collected.
-    #[arg(long, value_enum, default_value_t = Mode::All)]
-    mode: Mode,
+    /// The tracker that collects dirty pages: dirty-log (KVM_GET_DIRTY_LOG, which fetches,
+    /// clears and re-protects), clear-log (manual protect + INITIALLY_SET: GET a snapshot,
+    /// then CLEAR the whole slot), ring or ring:ENTRIES (per-vCPU dirty rings: harvest,
+    /// commit, reset), or all (the three, one after the other).
+    #[arg(
+        long,
+        visible_alias = "mode",
+        value_name = "TRACKER",
+        default_value = "all",
+        value_parser = parse_trackers
+    )]
+    tracker: Trackers,
     /// vCPU threads stamping pages.
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
-    /// Iterations per mode.
+    /// Iterations per tracker.
     #[arg(long, default_value_t = 32)]
     iterations: u64,
     /// Pages in the test slot (64·n + 3 by default, so the tail is not 64-aligned).
     #[arg(long, default_value_t = 64 * 64 + 3)]
     pages: u64,
-    /// Dirty ring entries per vCPU (dirty-ring mode); a small ring fills and exercises
-    /// ring-full exits. Power of two, 256..=65536.
-    #[arg(long, default_value_t = 1024)]
-    ring_entries: u32,
+    /// Dirty ring entries per vCPU for `--tracker ring` and `all` (1024 if not given; the
+    /// same as `ring:ENTRIES`); a small ring fills and exercises ring-full exits. Power of
+    /// two, 256..=65536.
+    #[arg(long, value_name = "ENTRIES")]
+    ring_entries: Option<u32>,
     /// Milliseconds the vCPUs run per iteration at least.
     #[arg(long, default_value_t = 10)]
     interval_ms: u64,
@@ -74,13 +95,38 @@ pub struct Args {
     json: bool,
 }
 
-fn modes(m: Mode) -> Vec<LogMode> {
-    match m {
-        Mode::DirtyLog => vec![LogMode::DirtyLog],
-        Mode::ClearLog => vec![LogMode::ClearLog],
-        Mode::DirtyRing => vec![LogMode::DirtyRing],
-        Mode::All => LogMode::ALL.to_vec(),
+/// The trackers to run, with `--ring-entries` mapped into the ring's size.
+fn trackers(t: Trackers, ring_entries: Option<u32>) -> Result<Vec<TrackerKind>, String> {
+    let entries = ring_entries.unwrap_or(SelftestConfig::DEFAULT_RING_ENTRIES);
+    let list = match t {
+        Trackers::All => TrackerKind::all_with_ring(entries).to_vec(),
+        Trackers::One {
+            tracker: TrackerKind::Ring { entries: n },
+            sized: true,
+        } => {
+            if ring_entries.is_some_and(|e| e != n) {
+                return Err(format!(
+                    "--tracker ring:{n} and --ring-entries {entries} disagree: give the size once"
+                ));
+            }
+            vec![TrackerKind::Ring { entries: n }]
+        }
+        Trackers::One {
+            tracker: TrackerKind::Ring { .. },
+            sized: false,
+        } => vec![TrackerKind::Ring { entries }],
+        Trackers::One { tracker, .. } => vec![tracker],
+    };
+    for t in &list {
+        if let Some(n) = t.ring_entries() {
+            if !n.is_power_of_two() || !(256..=65536).contains(&n) {
+                return Err(format!(
+                    "ring of {n} entries: the size must be a power of two from 256 to 65536"
+                ));
+            }
+        }
     }
+    Ok(list)
 }
 
 fn backend(a: &Args, cfg: &SelftestConfig) -> Result<Box<dyn SelftestBackend>, String> {
@@ -114,32 +160,25 @@ fn validate(a: &Args) -> Result<(), String> {
     if a.iterations == 0 {
         return Err("--iterations must be at least 1".into());
     }
-    if !a.ring_entries.is_power_of_two() || !(256..=65536).contains(&a.ring_entries) {
-        return Err(format!(
-            "--ring-entries {} must be a power of two from 256 to 65536",
-            a.ring_entries
-        ));
-    }
     Ok(())
 }
 
 pub fn run(a: Args) -> Result<ExitCode, String> {
     validate(&a)?;
     let mut summaries: Vec<(Summary, Vec<IterationReport>)> = Vec::new();
-    for mode in modes(a.mode) {
+    for tracker in trackers(a.tracker, a.ring_entries)? {
         let cfg = SelftestConfig {
-            mode,
+            tracker,
             vcpus: a.vcpus,
             pages: a.pages,
             iterations: a.iterations,
             interval: Duration::from_millis(a.interval_ms),
-            ring_entries: a.ring_entries,
             seed: a.seed,
             ..SelftestConfig::default()
         };
         let mut b = backend(&a, &cfg)?;
         if !a.json {
-            println!("== {} on {}", mode.name(), b.describe());
+            println!("== {tracker} on {}", b.describe());
         }
         let mut lines = Vec::new();
         let s = selftest::run(b.as_mut(), &cfg, |r| {
@@ -159,7 +198,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             }
             lines.push(r.clone());
         })
-        .map_err(|e| format!("{} mode: {e}", mode.name()))?;
+        .map_err(|e| format!("{tracker}: {e}"))?;
         if !a.json {
             report(&s);
         }
@@ -169,9 +208,14 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     if a.json {
         let runs: Vec<_> = summaries
             .iter()
-            .map(
-                |(s, l)| serde_json::json!({ "summary": s, "iterations": l, "passed": s.passed() }),
-            )
+            .map(|(s, l)| {
+                serde_json::json!({
+                    "tracker": s.tracker.to_string(),
+                    "summary": s,
+                    "iterations": l,
+                    "passed": s.passed(),
+                })
+            })
             .collect();
         let doc = serde_json::json!({ "backend": format!("{:?}", a.backend).to_lowercase(), "passed": ok, "runs": runs });
         println!(
@@ -189,12 +233,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
 fn report(s: &Summary) {
     println!(
         "{}: {} iterations, dirty {} clean {} writes {} ring-full exits {}",
-        s.mode.name(),
-        s.iterations,
-        s.dirty,
-        s.clean,
-        s.writes,
-        s.ring_full_exits
+        s.tracker, s.iterations, s.dirty, s.clean, s.writes, s.ring_full_exits
     );
     if s.passed() {
         println!("PASS: every dirty page held the current iteration and no write was lost");
@@ -203,5 +242,55 @@ fn report(s: &Summary) {
         for v in s.violations.iter().take(20) {
             println!("  {v}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(entries: u32) -> TrackerKind {
+        TrackerKind::Ring { entries }
+    }
+
+    fn resolve(arg: &str, ring_entries: Option<u32>) -> Result<Vec<TrackerKind>, String> {
+        trackers(parse_trackers(arg)?, ring_entries)
+    }
+
+    #[test]
+    fn tracker_names_and_ring_sizes() {
+        assert_eq!(
+            resolve("all", None),
+            Ok(TrackerKind::all_with_ring(1024).to_vec())
+        );
+        assert_eq!(
+            resolve("all", Some(256)),
+            Ok(TrackerKind::all_with_ring(256).to_vec())
+        );
+        assert_eq!(
+            resolve("dirty-log", Some(256)),
+            Ok(vec![TrackerKind::DirtyLog])
+        );
+        assert_eq!(resolve("clear-log", None), Ok(vec![TrackerKind::ClearLog]));
+        assert_eq!(resolve("ring", None), Ok(vec![ring(1024)]));
+        assert_eq!(resolve("dirty-ring", Some(512)), Ok(vec![ring(512)]));
+        assert_eq!(resolve("ring:4096", None), Ok(vec![ring(4096)]));
+        assert_eq!(resolve("ring:4096", Some(4096)), Ok(vec![ring(4096)]));
+    }
+
+    #[test]
+    fn bad_trackers_are_refused() {
+        assert!(resolve("ring:4096", Some(256))
+            .unwrap_err()
+            .contains("disagree"));
+        assert!(resolve("ring:128", None)
+            .unwrap_err()
+            .contains("256 to 65536"));
+        assert!(resolve("all", Some(131072))
+            .unwrap_err()
+            .contains("256 to 65536"));
+        assert!(resolve("ring", Some(1000)).is_err());
+        let e = resolve("log", None).unwrap_err();
+        assert!(e.contains("dirty-log") && e.contains("all"), "{e}");
     }
 }

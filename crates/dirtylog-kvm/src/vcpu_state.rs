@@ -41,49 +41,29 @@
 //!
 //! # Where it is taken
 //!
-//! These functions issue vCPU ioctls on any fd of the vCPU (its [`kvm_ioctls::VcpuFd`], or a
-//! duplicate of the vCPU fd). KVM serialises them with `KVM_RUN` on
-//! the vCPU's mutex, so they must only be used while the vCPU is out of `KVM_RUN` and stays
-//! out (parked): an ioctl on a running vCPU blocks until it exits.
+//! Every ioctl goes through `kvm-ioctls`' [`VcpuFd`] methods, on the VMM's own vCPU fd. KVM
+//! serialises vCPU ioctls with `KVM_RUN` on the vCPU's mutex, so they must only be used while
+//! the vCPU is out of `KVM_RUN` and stays out (parked): an ioctl on a running vCPU blocks until
+//! it exits. A VMM whose vCPU threads own their `VcpuFd`s runs [`VcpuSnapshot::save`] and
+//! [`VcpuSnapshot::restore`] on the parked vCPU's own thread (dirtylog's test VMM:
+//! `Runner::with_paused_vcpu`), or before the threads start.
 //!
-//! A vCPU of this harness is saved parked at a sync exit, i.e. right after an `out` that KVM
-//! completes (by advancing `rip` past it) at the next `KVM_RUN`. That completion is not part of
-//! any state KVM exposes, so the saved `rip` points at the `out`: the restored vCPU executes
-//! the `out` again on its first `KVM_RUN` and parks at the same sync exit, which is where the
-//! destination releases it. Port `out`s of this harness have no data the VMM needs, so
-//! replaying one is exactly completing it.
-
-use std::os::unix::io::AsRawFd;
+//! Save a vCPU only after completing any pending I/O or MMIO exit (`KVM_RUN` with
+//! `immediate_exit = 1`, which finishes the instruction and returns `EINTR`): KVM keeps that
+//! completion outside every state it exposes, so a vCPU saved with an `out` half done would
+//! re-execute it after a restore. A vCPU saved after the completion simply runs on.
+//!
+//! The harness's VMs have no in-kernel irqchip, so there is no LAPIC state to save; a VMM with
+//! one adds `KVM_GET_LAPIC`/`KVM_SET_LAPIC` (a new section, and a new blob version).
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_dtable, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_msrs, kvm_regs,
-    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_debugregs, kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
-use kvm_ioctls::Kvm;
-use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
-use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::error::{Error, Result};
 use crate::sys;
-
-ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
-ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
-ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
-ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
-ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
-ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
-ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
-ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
-ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
-ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
-ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
-ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
-ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
-ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
-ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
-ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
-ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
-ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
 
 /// `KVM_CAP_XSAVE`.
 const KVM_CAP_XSAVE: u32 = 55;
@@ -200,86 +180,47 @@ pub struct VcpuSnapshot {
     pub vmm: Vec<(u32, Vec<u8>)>,
 }
 
-/// `KVM_GET_MSRS`/`KVM_SET_MSRS` argument: the `kvm_msrs` header and its entries.
-#[repr(C)]
-struct MsrBuf {
-    nmsrs: u32,
-    pad: u32,
-    entries: [kvm_msr_entry; MAX_MSRS],
-}
-
-fn fail(vcpu: u32, ioctl: &'static str) -> Error {
-    Error::VcpuState {
+/// Map a failed `kvm-ioctls` call on vCPU `vcpu` to [`Error::VcpuState`] naming `ioctl`.
+fn fail(vcpu: u32, ioctl: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
+    move |e| Error::VcpuState {
         vcpu,
         ioctl,
-        errno: std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO),
+        errno: e.errno(),
     }
-}
-
-fn check(r: libc::c_int, vcpu: u32, ioctl: &'static str) -> Result<()> {
-    if r < 0 {
-        return Err(fail(vcpu, ioctl));
-    }
-    Ok(())
 }
 
 impl VcpuSnapshot {
     /// Save the state of vCPU `vcpu_id` through `fd`, which must be parked (see the
     /// [module docs](self)).
-    pub fn save(fd: &impl AsRawFd, vcpu_id: u32, spec: &StateSpec) -> Result<Self> {
+    pub fn save(fd: &VcpuFd, vcpu_id: u32, spec: &StateSpec) -> Result<Self> {
         let id = vcpu_id;
-        let mut regs = kvm_regs::default();
-        // SAFETY: KVM_GET_REGS writes exactly one `kvm_regs`, which `regs` is.
-        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_REGS(), &mut regs) };
-        check(r, id, "KVM_GET_REGS")?;
-        let mut sregs = kvm_sregs::default();
-        // SAFETY: KVM_GET_SREGS writes exactly one `kvm_sregs`.
-        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_SREGS(), &mut sregs) };
-        check(r, id, "KVM_GET_SREGS")?;
+        let regs = fd.get_regs().map_err(fail(id, "KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(fail(id, "KVM_GET_SREGS"))?;
         let fpu = if spec.xsave {
-            let mut x = Box::new(kvm_xsave::default());
-            // SAFETY: KVM_GET_XSAVE writes `sizeof(struct kvm_xsave)` = 4096 bytes, the size
-            // of `kvm_xsave` without its flexible tail (the ioctl number encodes that size;
-            // larger areas need KVM_GET_XSAVE2, which we do not use).
-            let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_XSAVE(), &mut *x) };
-            check(r, id, "KVM_GET_XSAVE")?;
+            // KVM_GET_XSAVE refuses (EINVAL) when the vCPU's XSAVE area is larger than the
+            // 4 KiB of `kvm_xsave` (dynamically enabled features such as AMX).
+            let x = fd.get_xsave().map_err(fail(id, "KVM_GET_XSAVE"))?;
             let mut bytes = Box::new([0u8; XSAVE_BYTES]);
             for (b, w) in bytes.chunks_exact_mut(4).zip(x.region.iter()) {
                 b.copy_from_slice(&w.to_le_bytes());
             }
             FpuState::Xsave(bytes)
         } else {
-            let mut f = kvm_fpu::default();
-            // SAFETY: KVM_GET_FPU writes exactly one `kvm_fpu`.
-            let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_FPU(), &mut f) };
-            check(r, id, "KVM_GET_FPU")?;
-            FpuState::Legacy(Box::new(f))
+            FpuState::Legacy(Box::new(fd.get_fpu().map_err(fail(id, "KVM_GET_FPU"))?))
         };
         let xcrs = if spec.xcrs {
-            let mut x = kvm_xcrs::default();
-            // SAFETY: KVM_GET_XCRS writes exactly one `kvm_xcrs`.
-            let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_XCRS(), &mut x) };
-            check(r, id, "KVM_GET_XCRS")?;
+            let x = fd.get_xcrs().map_err(fail(id, "KVM_GET_XCRS"))?;
             let n = (x.nr_xcrs as usize).min(x.xcrs.len());
             x.xcrs[..n].iter().map(|c| (c.xcr, c.value)).collect()
         } else {
             Vec::new()
         };
         let msrs = get_msrs(fd, id, &spec.msrs)?;
-        let mut events = kvm_vcpu_events::default();
-        // SAFETY: KVM_GET_VCPU_EVENTS writes exactly one `kvm_vcpu_events`.
-        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_VCPU_EVENTS(), &mut events) };
-        check(r, id, "KVM_GET_VCPU_EVENTS")?;
-        let mut mp = kvm_mp_state::default();
-        // SAFETY: KVM_GET_MP_STATE writes exactly one `kvm_mp_state`.
-        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_MP_STATE(), &mut mp) };
-        check(r, id, "KVM_GET_MP_STATE")?;
-        let mut debugregs = kvm_debugregs::default();
-        // SAFETY: KVM_GET_DEBUGREGS writes exactly one `kvm_debugregs`.
-        let r = unsafe { ioctl_with_mut_ref(fd, KVM_GET_DEBUGREGS(), &mut debugregs) };
-        check(r, id, "KVM_GET_DEBUGREGS")?;
+        let events = fd
+            .get_vcpu_events()
+            .map_err(fail(id, "KVM_GET_VCPU_EVENTS"))?;
+        let mp = fd.get_mp_state().map_err(fail(id, "KVM_GET_MP_STATE"))?;
+        let debugregs = fd.get_debug_regs().map_err(fail(id, "KVM_GET_DEBUGREGS"))?;
         Ok(VcpuSnapshot {
             vcpu_id,
             regs,
@@ -296,27 +237,27 @@ impl VcpuSnapshot {
 
     /// Load this state into the vCPU behind `fd`, which must not be running and must have its
     /// CPUID set. Errors name the ioctl (and for MSRs, the MSR) the kernel refused.
-    pub fn restore(&self, fd: &impl AsRawFd) -> Result<()> {
+    pub fn restore(&self, fd: &VcpuFd) -> Result<()> {
         let id = self.vcpu_id;
-        // SAFETY: KVM_SET_REGS reads exactly one `kvm_regs`.
-        let r = unsafe { ioctl_with_ref(fd, KVM_SET_REGS(), &self.regs) };
-        check(r, id, "KVM_SET_REGS")?;
+        fd.set_regs(&self.regs).map_err(fail(id, "KVM_SET_REGS"))?;
         match &self.fpu {
             FpuState::Xsave(bytes) => {
-                let mut x = Box::new(kvm_xsave::default());
+                let mut x = kvm_xsave::default();
                 for (w, b) in x.region.iter_mut().zip(bytes.chunks_exact(4)) {
                     *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
-                // SAFETY: KVM_SET_XSAVE reads 4096 bytes (the size the ioctl number encodes),
-                // all inside `*x`.
-                let r = unsafe { ioctl_with_ref(fd, KVM_SET_XSAVE(), &*x) };
-                check(r, id, "KVM_SET_XSAVE")?;
+                // KVM_SET_XSAVE reads the vCPU's whole XSAVE area, which can be larger than
+                // `kvm_xsave` (features enabled with arch_prctl, Linux 5.17+), while
+                // KVM_GET_XSAVE fails with EINVAL exactly in that case. So a successful GET
+                // proves the area fits the 4 KiB `x` holds. (The area only grows through
+                // KVM_SET_CPUID2, which the kernel refuses once the vCPU has run, and which
+                // needs this vCPU's mutex, as these ioctls do.)
+                fd.get_xsave().map_err(fail(id, "KVM_GET_XSAVE"))?;
+                // SAFETY: the vCPU's XSAVE area is at most `size_of::<kvm_xsave>()` bytes
+                // (checked just above), so the kernel reads only inside `x`.
+                unsafe { fd.set_xsave(&x) }.map_err(fail(id, "KVM_SET_XSAVE"))?;
             }
-            FpuState::Legacy(f) => {
-                // SAFETY: KVM_SET_FPU reads exactly one `kvm_fpu`.
-                let r = unsafe { ioctl_with_ref(fd, KVM_SET_FPU(), f) };
-                check(r, id, "KVM_SET_FPU")?;
-            }
+            FpuState::Legacy(f) => fd.set_fpu(f).map_err(fail(id, "KVM_SET_FPU"))?,
         }
         if !self.xcrs.is_empty() {
             let mut x = kvm_xcrs {
@@ -327,31 +268,24 @@ impl VcpuSnapshot {
                 slot.xcr = xcr;
                 slot.value = value;
             }
-            // SAFETY: KVM_SET_XCRS reads exactly one `kvm_xcrs`.
-            let r = unsafe { ioctl_with_ref(fd, KVM_SET_XCRS(), &x) };
-            check(r, id, "KVM_SET_XCRS")?;
+            fd.set_xcrs(&x).map_err(fail(id, "KVM_SET_XCRS"))?;
         }
-        // SAFETY: KVM_SET_SREGS reads exactly one `kvm_sregs`.
-        let r = unsafe { ioctl_with_ref(fd, KVM_SET_SREGS(), &self.sregs) };
-        check(r, id, "KVM_SET_SREGS")?;
+        fd.set_sregs(&self.sregs)
+            .map_err(fail(id, "KVM_SET_SREGS"))?;
         set_msrs(fd, id, &self.msrs)?;
-        // SAFETY: KVM_SET_VCPU_EVENTS reads exactly one `kvm_vcpu_events`.
-        let r = unsafe { ioctl_with_ref(fd, KVM_SET_VCPU_EVENTS(), &self.events) };
-        check(r, id, "KVM_SET_VCPU_EVENTS")?;
-        let mp = kvm_mp_state {
+        fd.set_vcpu_events(&self.events)
+            .map_err(fail(id, "KVM_SET_VCPU_EVENTS"))?;
+        fd.set_mp_state(kvm_bindings::kvm_mp_state {
             mp_state: self.mp_state,
-        };
-        // SAFETY: KVM_SET_MP_STATE reads exactly one `kvm_mp_state`.
-        let r = unsafe { ioctl_with_ref(fd, KVM_SET_MP_STATE(), &mp) };
-        check(r, id, "KVM_SET_MP_STATE")?;
+        })
+        .map_err(fail(id, "KVM_SET_MP_STATE"))?;
         // The kernel refuses non-zero flags on set.
         let debugregs = kvm_debugregs {
             flags: 0,
             ..self.debugregs
         };
-        // SAFETY: KVM_SET_DEBUGREGS reads exactly one `kvm_debugregs`.
-        let r = unsafe { ioctl_with_ref(fd, KVM_SET_DEBUGREGS(), &debugregs) };
-        check(r, id, "KVM_SET_DEBUGREGS")?;
+        fd.set_debug_regs(&debugregs)
+            .map_err(fail(id, "KVM_SET_DEBUGREGS"))?;
         Ok(())
     }
 
@@ -593,72 +527,55 @@ fn section_name(tag: u32) -> &'static str {
     }
 }
 
+fn msr_buf(entries: impl Iterator<Item = kvm_msr_entry>, id: u32) -> Result<Msrs> {
+    let entries: Vec<kvm_msr_entry> = entries.take(MAX_MSRS).collect();
+    Msrs::from_entries(&entries).map_err(|_| Error::VcpuState {
+        vcpu: id,
+        ioctl: "KVM_*_MSRS (too many MSRs)",
+        errno: libc::E2BIG,
+    })
+}
+
 /// `KVM_GET_MSRS` of `indexes`; fails naming the first MSR the kernel would not read.
-fn get_msrs(fd: &impl AsRawFd, id: u32, indexes: &[u32]) -> Result<Vec<(u32, u64)>> {
-    let n = indexes.len().min(MAX_MSRS);
-    let mut buf = MsrBuf {
-        nmsrs: n as u32,
-        pad: 0,
-        entries: [kvm_msr_entry::default(); MAX_MSRS],
-    };
-    for (e, &i) in buf.entries.iter_mut().zip(indexes) {
-        e.index = i;
-    }
-    // SAFETY: the kernel reads the `kvm_msrs` header (`nmsrs`, `pad`) and then reads and
-    // writes `nmsrs` entries that follow it; `MsrBuf` is `repr(C)` with exactly that layout and
-    // room for `MAX_MSRS ≥ nmsrs` entries. The ioctl number's size is that of the header, as
-    // the kernel defines it.
-    let r = unsafe {
-        ioctl_with_mut_ref(
-            fd,
-            KVM_GET_MSRS(),
-            &mut *(&mut buf as *mut MsrBuf).cast::<kvm_msrs>(),
-        )
-    };
-    if r < 0 {
-        return Err(fail(id, "KVM_GET_MSRS"));
-    }
-    if (r as usize) < n {
+fn get_msrs(fd: &VcpuFd, id: u32, indexes: &[u32]) -> Result<Vec<(u32, u64)>> {
+    let mut buf = msr_buf(
+        indexes.iter().map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        }),
+        id,
+    )?;
+    let n = buf.as_slice().len();
+    let read = fd.get_msrs(&mut buf).map_err(fail(id, "KVM_GET_MSRS"))?;
+    if read < n {
         return Err(Error::VcpuState {
             vcpu: id,
-            ioctl: msr_name(indexes[r as usize]),
+            ioctl: msr_name(indexes[read]),
             errno: libc::EINVAL,
         });
     }
-    Ok(buf.entries[..n].iter().map(|e| (e.index, e.data)).collect())
+    Ok(buf.as_slice().iter().map(|e| (e.index, e.data)).collect())
 }
 
 /// `KVM_SET_MSRS`; fails naming the first MSR the kernel refused.
-fn set_msrs(fd: &impl AsRawFd, id: u32, msrs: &[(u32, u64)]) -> Result<()> {
+fn set_msrs(fd: &VcpuFd, id: u32, msrs: &[(u32, u64)]) -> Result<()> {
     if msrs.is_empty() {
         return Ok(());
     }
-    let n = msrs.len().min(MAX_MSRS);
-    let mut buf = MsrBuf {
-        nmsrs: n as u32,
-        pad: 0,
-        entries: [kvm_msr_entry::default(); MAX_MSRS],
-    };
-    for (e, &(index, data)) in buf.entries.iter_mut().zip(msrs) {
-        e.index = index;
-        e.data = data;
-    }
-    // SAFETY: as for KVM_GET_MSRS: a `kvm_msrs` header followed by `nmsrs` entries, all inside
-    // `buf`; the kernel only reads them.
-    let r = unsafe {
-        ioctl_with_ref(
-            fd,
-            KVM_SET_MSRS(),
-            &*(&buf as *const MsrBuf).cast::<kvm_msrs>(),
-        )
-    };
-    if r < 0 {
-        return Err(fail(id, "KVM_SET_MSRS"));
-    }
-    if (r as usize) < n {
+    let buf = msr_buf(
+        msrs.iter().map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }),
+        id,
+    )?;
+    let n = buf.as_slice().len();
+    let written = fd.set_msrs(&buf).map_err(fail(id, "KVM_SET_MSRS"))?;
+    if written < n {
         return Err(Error::VcpuState {
             vcpu: id,
-            ioctl: msr_name(msrs[r as usize].0),
+            ioctl: msr_name(msrs[written].0),
             errno: libc::EINVAL,
         });
     }

@@ -15,8 +15,9 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
-use dirtylog_migrate::soft::{SoftConfig, SoftTracker, SoftVm, Workload};
+use dirtylog_migrate::soft::{SoftConfig, SoftVm, Workload};
 use dirtylog_migrate::wire::Region;
+use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{receive, send, ReceiveConfig, SendConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -33,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             size,
         }],
         vcpus: 1,
-        tracker: SoftTracker::ClearLog,
+        tracker: TrackerKind::ClearLog,
         workload: Workload::idle(),
         nonzero_percent: 100,
     })?;
@@ -41,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let addr = listener.local_addr()?;
     let receiver = std::thread::spawn(move || {
         receive(&listener, &ReceiveConfig::default(), |h| {
-            SoftVm::target(h, SoftTracker::ClearLog)
+            SoftVm::target(h, TrackerKind::ClearLog)
         })
         .map(|(_, report)| report)
     });

@@ -7,8 +7,10 @@ use std::time::Duration;
 use crate::wire::WireError;
 
 /// An error from the VM behind [`MigrationSource`](crate::MigrationSource) or
-/// [`MigrationTarget`](crate::MigrationTarget): whatever the implementation reports.
-pub type VmError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// [`MigrationTarget`](crate::MigrationTarget): whatever the implementation reports. The same
+/// type as the core's [`TrackerError`](dirtylog::TrackerError), so a tracker's errors pass
+/// through unchanged.
+pub type VmError = dirtylog::TrackerError;
 
 /// Why a migration failed. On the source, any of these means the guest was resumed (and the
 /// resume's own failure, if any, is in [`MigrateError::ResumeFailed`]); on the destination, it
@@ -51,6 +53,18 @@ pub enum MigrateError {
         /// The operation: `harvest`, `pause`, ...
         op: &'static str,
         /// The VM's error.
+        #[source]
+        source: VmError,
+    },
+    /// The target could not restore a device section: it does not know the device or the
+    /// version, or the state is bad.
+    #[error("device {name:?} (state version {version}) could not be restored: {source}")]
+    Device {
+        /// The device's name.
+        name: String,
+        /// The state's version.
+        version: u32,
+        /// The target's error.
         #[source]
         source: VmError,
     },

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::vm::RegionMemory;
+use crate::memory::RegionMemory;
 
 /// The words `offset..offset + len` bytes into `mem`, as atomics.
 ///
@@ -20,20 +20,20 @@ use crate::vm::RegionMemory;
 /// validated regions).
 fn words(mem: RegionMemory, offset: usize, len: usize) -> &'static [AtomicU64] {
     assert!(
-        offset % 8 == 0 && len % 8 == 0 && mem.ptr as usize % 8 == 0,
+        offset % 8 == 0 && len % 8 == 0 && mem.as_ptr() as usize % 8 == 0,
         "unaligned guest memory access"
     );
     assert!(
-        offset.checked_add(len).is_some_and(|end| end <= mem.len),
+        offset.checked_add(len).is_some_and(|end| end <= mem.len()),
         "guest memory access {offset:#x}+{len:#x} past the region's {:#x} bytes",
-        mem.len
+        mem.len()
     );
     // SAFETY: the range is inside the region's mapping (checked above), which the VM keeps
-    // valid for the whole migration (the `MigrationSource`/`MigrationTarget` memory contract),
+    // valid for the whole migration (the `RegionMemory::new` contract),
     // and 8-byte aligned. `AtomicU64` has the size and alignment of `u64` and may alias memory
     // that other threads, or the guest through KVM, write concurrently: all our accesses
     // through it are atomic. The 'static lifetime never escapes this module's functions.
-    unsafe { std::slice::from_raw_parts(mem.ptr.add(offset).cast::<AtomicU64>(), len / 8) }
+    unsafe { std::slice::from_raw_parts(mem.as_ptr().add(offset).cast::<AtomicU64>(), len / 8) }
 }
 
 /// Copy `dst.len()` bytes from `offset` of `mem` into `dst`, word by word.
@@ -76,7 +76,7 @@ pub(crate) fn is_zero_bytes(bytes: &[u8]) -> bool {
 /// No thread and no guest may write the region while the returned slice is alive.
 pub(crate) unsafe fn frozen(mem: RegionMemory) -> &'static [u8] {
     // SAFETY: valid mapping (memory contract); no writer for the slice's lifetime (caller).
-    unsafe { std::slice::from_raw_parts(mem.ptr, mem.len) }
+    unsafe { std::slice::from_raw_parts(mem.as_ptr(), mem.len()) }
 }
 
 #[cfg(test)]
@@ -84,10 +84,9 @@ mod tests {
     use super::*;
 
     fn region(buf: &mut [u64]) -> RegionMemory {
-        RegionMemory {
-            ptr: buf.as_mut_ptr().cast(),
-            len: buf.len() * 8,
-        }
+        // SAFETY: the buffer is 8-byte aligned and outlives every use in these tests, which
+        // only read it, on one thread.
+        unsafe { RegionMemory::new(buf.as_mut_ptr().cast(), buf.len() * 8) }
     }
 
     #[test]

@@ -15,24 +15,34 @@
 //! next round. So no frame of round `r + 1` is applied before every connection has delivered
 //! all of round `r`, and a page resent in a later round always overwrites the older copy.
 //!
+//! **Switchover.** After the last round, connection 0 carries the vCPU states, then the device
+//! sections (each validated, unique by name, handed to the target's
+//! [`DeviceState::restore_device`](crate::DeviceState::restore_device)), then one hash per
+//! region and `Done`.
+//!
 //! **Failure.** Any error stops every thread, is reported to the source in an `Error` frame
 //! (unless the source itself gave up), and is returned; the target is dropped without ever
 //! being resumed.
 
+use std::collections::HashSet;
 use std::io::BufReader;
-use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
+
+use dirtylog::sync::lock;
 use std::time::{Duration, Instant};
 
 use crate::error::{code, MigrateError, VmError};
 use crate::guestmem;
+use crate::memory::{MigrationMemory, RegionMemory};
+use crate::send::check_region_memory;
 use crate::stats::ReceiveReport;
-use crate::transport::{self, Killer};
-use crate::vm::{MigrationTarget, RegionMemory};
+use crate::transport::{self, Killer, Listener, Transport};
+use crate::vcpu::VcpuRestore;
+use crate::vm::MigrationTarget;
 use crate::wire::{
     self, Decoder, Encoder, GuestMemoryMut, Message, PageRange, StreamHeader, WireError,
-    MAX_CONNECTIONS, MAX_GUEST_MEMORY,
+    MAX_CONNECTIONS, MAX_DEVICE_SECTIONS, MAX_GUEST_MEMORY,
 };
 
 /// Read buffer per connection.
@@ -66,23 +76,27 @@ impl Default for ReceiveConfig {
     }
 }
 
-type Input = Decoder<BufReader<TcpStream>>;
+type Input<C> = Decoder<BufReader<C>>;
 
-/// Receive one migration on `listener`. `make_target` builds the empty VM from the stream
-/// header. Returns the target, running, and a report; on error the target (if any was built)
-/// is dropped without having run.
-pub fn receive<T, F>(
-    listener: &TcpListener,
+/// Receive one migration on `listener` (a [`TcpListener`](std::net::TcpListener), a
+/// [`UnixListener`](std::os::unix::net::UnixListener), or what
+/// [`listen`](crate::transport::listen) returns). `make_target` builds the empty VM from the
+/// stream header. Returns the target, running, and a report; on error the target (if any was
+/// built) is dropped without having run.
+pub fn receive<L, T, F>(
+    listener: &L,
     config: &ReceiveConfig,
     make_target: F,
 ) -> Result<(T, ReceiveReport), MigrateError>
 where
+    L: Listener,
     T: MigrationTarget,
     F: FnOnce(&StreamHeader) -> Result<T, VmError>,
 {
     let accept = |deadline: Instant, what: &str| {
-        let stream =
-            transport::accept(listener, deadline).map_err(|source| MigrateError::Connect {
+        let stream = listener
+            .accept_before(deadline)
+            .map_err(|source| MigrateError::Connect {
                 what: format!("accepting {what}"),
                 source,
             })?;
@@ -109,14 +123,16 @@ where
     })
 }
 
-/// [`receive`] on connections the caller accepted: `first`, then `more` in any order.
-pub fn receive_on<T, F>(
-    first: TcpStream,
-    more: Vec<TcpStream>,
+/// [`receive`] on connections the caller accepted, of any [`Transport`]: `first`, then `more`
+/// in any order. The caller sets their timeouts.
+pub fn receive_on<C, T, F>(
+    first: C,
+    more: Vec<C>,
     config: &ReceiveConfig,
     make_target: F,
 ) -> Result<(T, ReceiveReport), MigrateError>
 where
+    C: Transport,
     T: MigrationTarget,
     F: FnOnce(&StreamHeader) -> Result<T, VmError>,
 {
@@ -129,19 +145,20 @@ where
     })
 }
 
-fn receive_with<T, F>(
-    first: TcpStream,
+fn receive_with<C, T, F>(
+    first: C,
     config: &ReceiveConfig,
     make_target: F,
-    mut next: impl FnMut(usize) -> Result<TcpStream, MigrateError>,
+    mut next: impl FnMut(usize) -> Result<C, MigrateError>,
 ) -> Result<(T, ReceiveReport), MigrateError>
 where
+    C: Transport,
     T: MigrationTarget,
     F: FnOnce(&StreamHeader) -> Result<T, VmError>,
 {
     let start = Instant::now();
     let killer = Killer::default();
-    let reply = first.try_clone().map_err(|source| MigrateError::Connect {
+    let reply = Transport::try_clone(&first).map_err(|source| MigrateError::Connect {
         what: "setting up the reply channel".into(),
         source,
     });
@@ -155,14 +172,14 @@ where
 }
 
 /// Tell the source how it ended: `Ack` once the guest runs, or why it failed.
-fn finish<T>(
+fn finish<T, C: Transport>(
     outcome: Result<(T, ReceiveReport, StreamHeader), (MigrateError, Option<StreamHeader>)>,
-    reply: TcpStream,
+    mut reply: C,
 ) -> Result<(T, ReceiveReport), MigrateError> {
     let fallback = || StreamHeader::new(wire::MIN_PAGE_SIZE, 1, Vec::new());
     match outcome {
         Ok((target, report, header)) => {
-            let mut enc = Encoder::back_channel(&reply, header);
+            let mut enc = Encoder::back_channel(&mut reply, header);
             match enc.send(Message::Ack { code: 0 }) {
                 Ok(()) => Ok((target, report)),
                 // The guest runs here, but the source cannot know: it will resume its own.
@@ -177,7 +194,7 @@ fn finish<T>(
             let code = match &error {
                 MigrateError::Remote { .. } | MigrateError::Cancelled => None,
                 MigrateError::HashMismatch { .. } => Some(code::HASH_MISMATCH),
-                MigrateError::Vm { .. } => Some(code::TARGET_FAILED),
+                MigrateError::Vm { .. } | MigrateError::Device { .. } => Some(code::TARGET_FAILED),
                 _ => Some(code::BAD_STREAM),
             };
             if let (Some(code), Some(header)) = (code, header.or_else(|| fallback().ok())) {
@@ -187,7 +204,7 @@ fn finish<T>(
                     end -= 1;
                 }
                 let _ = reply.set_write_timeout(Some(Duration::from_secs(2)));
-                let mut enc = Encoder::back_channel(&reply, header);
+                let mut enc = Encoder::back_channel(&mut reply, header);
                 let _ = enc.send(Message::Error {
                     code,
                     message: &message[..end],
@@ -200,20 +217,21 @@ fn finish<T>(
 
 type Outcome<T> = Result<(T, ReceiveReport, StreamHeader), (MigrateError, Option<StreamHeader>)>;
 
-fn receive_inner<T, F>(
-    first: TcpStream,
+fn receive_inner<C, T, F>(
+    first: C,
     config: &ReceiveConfig,
     make_target: F,
-    next: &mut dyn FnMut(usize) -> Result<TcpStream, MigrateError>,
+    next: &mut dyn FnMut(usize) -> Result<C, MigrateError>,
     killer: &Killer,
     start: Instant,
 ) -> Outcome<T>
 where
+    C: Transport,
     T: MigrationTarget,
     F: FnOnce(&StreamHeader) -> Result<T, VmError>,
 {
-    let open = |stream: &TcpStream| -> Result<Input, MigrateError> {
-        let reader = stream.try_clone().map_err(|source| MigrateError::Io {
+    let open = |stream: &C| -> Result<Input<C>, MigrateError> {
+        let reader = Transport::try_clone(stream).map_err(|source| MigrateError::Io {
             what: "cloning a connection",
             source,
         })?;
@@ -260,7 +278,7 @@ where
     let mems = target_memory(&target, &header).map_err(fail)?;
 
     // The other connections, in any order, each with the same header and session.
-    let mut inputs: Vec<Option<Input>> = (0..n).map(|_| None).collect();
+    let mut inputs: Vec<Option<Input<C>>> = (0..n).map(|_| None).collect();
     inputs[0] = Some(first_input);
     for k in 1..n as usize {
         let stream = next(k).map_err(fail)?;
@@ -375,6 +393,7 @@ where
     }
     let hash_check_time = t.elapsed();
     target
+        .vcpus()
         .resume()
         .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
     let report = ReceiveReport {
@@ -384,6 +403,7 @@ where
         duplicate: shared.zero.load(Ordering::Relaxed),
         rounds,
         connections: n as usize,
+        devices: control.devices,
         hash_check_time: ms(hash_check_time),
         resume_time: ms(done_at.elapsed()),
     };
@@ -392,7 +412,7 @@ where
 }
 
 /// The Hello frame that must follow the header on every connection.
-fn hello(input: &mut Input, conn: usize) -> Result<(u32, u32, u64), MigrateError> {
+fn hello<C: Transport>(input: &mut Input<C>, conn: usize) -> Result<(u32, u32, u64), MigrateError> {
     match input.next(&mut ()).map_err(MigrateError::wire(conn))? {
         Some(Message::Hello {
             connection,
@@ -429,22 +449,38 @@ fn renumber(e: MigrateError, conn: usize) -> MigrateError {
     }
 }
 
+/// The target's memory of each region of the header, checked against it: same count, guest
+/// addresses and sizes (slot ids are the target's own business).
 fn target_memory<T: MigrationTarget>(
     target: &T,
     header: &StreamHeader,
 ) -> Result<Vec<RegionMemory>, MigrateError> {
+    let memory = target.memory();
+    let mine = memory.regions();
+    if mine.len() != header.regions().len() {
+        return Err(MigrateError::Config(format!(
+            "the target has {} regions for the stream's {}",
+            mine.len(),
+            header.regions().len()
+        )));
+    }
     header
         .regions()
         .iter()
+        .zip(&mine)
         .enumerate()
-        .map(|(i, r)| {
-            let mem = target.memory(i);
-            if mem.len as u64 != r.size || mem.ptr.is_null() || mem.ptr as usize % 8 != 0 {
+        .map(|(i, (r, m))| {
+            if (m.gpa, m.size) != (r.gpa, r.size) {
                 return Err(MigrateError::Config(format!(
-                    "the target maps {} bytes at {:p} for slot {} of {} bytes",
-                    mem.len, mem.ptr, r.slot, r.size
+                    "the target's region {i} is {:#x} bytes at {:#x}, the stream's slot {} is \
+                     {:#x} bytes at {:#x}",
+                    m.size, m.gpa, r.slot, r.size, r.gpa
                 )));
             }
+            let mem = memory.region_memory(i).ok_or_else(|| {
+                MigrateError::Config(format!("the target has no memory for slot {}", r.slot))
+            })?;
+            check_region_memory(mem, r, "the target")?;
             Ok(mem)
         })
         .collect()
@@ -471,6 +507,8 @@ struct ConnOutcome {
     vcpus: Vec<bool>,
     /// Connection 0: each region's hash from the source.
     hashes: Vec<Option<u64>>,
+    /// Connection 0: device sections restored.
+    devices: usize,
 }
 
 /// State shared by the connection threads.
@@ -507,7 +545,11 @@ impl<T: MigrationTarget> Shared<'_, T> {
         self.killer.shutdown_reads();
     }
 
-    fn connection(&self, conn: usize, mut input: Input) -> Result<ConnOutcome, MigrateError> {
+    fn connection<C: Transport>(
+        &self,
+        conn: usize,
+        mut input: Input<C>,
+    ) -> Result<ConnOutcome, MigrateError> {
         let control = conn == 0;
         let mut memory = Claimed { shared: self };
         let mut rounds = 0u64;
@@ -529,6 +571,10 @@ impl<T: MigrationTarget> Shared<'_, T> {
             }
         ];
         let (mut normal, mut zero) = (0, 0);
+        // Device sections: names seen (bounded by MAX_DEVICE_SECTIONS), and whether a hash
+        // has closed them.
+        let mut devices: HashSet<String> = HashSet::new();
+        let mut hashing = false;
         let mut last_position = input.position();
         let outcome = loop {
             let position = input.position();
@@ -605,15 +651,67 @@ impl<T: MigrationTarget> Shared<'_, T> {
                             format!("state of vCPU {vcpu_id} sent twice"),
                         ));
                     }
+                    if !devices.is_empty() || hashing {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("state of vCPU {vcpu_id} after the device sections or hashes"),
+                        ));
+                    }
                     self.target
-                        .restore_vcpu_state(vcpu_id, blob)
+                        .vcpus()
+                        .restore_state(vcpu_id, blob)
                         .map_err(MigrateError::vm("restore vCPU state"))?;
+                }
+                Some(Message::Device {
+                    name,
+                    version,
+                    bytes,
+                }) if control => {
+                    if let Some(id) = vcpus.iter().position(|&seen| !seen) {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("device section {name:?} before the state of vCPU {id}"),
+                        ));
+                    }
+                    if hashing {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("device section {name:?} after the memory hashes"),
+                        ));
+                    }
+                    if devices.len() >= MAX_DEVICE_SECTIONS {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("more than {MAX_DEVICE_SECTIONS} device sections"),
+                        ));
+                    }
+                    switchover = true;
+                    if !devices.insert(name.to_string()) {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!("device section {name:?} sent twice"),
+                        ));
+                    }
+                    let restored = match self.target.devices() {
+                        Some(d) => d.restore_device(name, version, bytes),
+                        None => Err(format!(
+                            "this VM has no devices, and the stream carries {name:?} \
+                             (version {version})"
+                        )
+                        .into()),
+                    };
+                    restored.map_err(|e| MigrateError::Device {
+                        name: name.to_string(),
+                        version,
+                        source: e,
+                    })?;
                 }
                 Some(Message::MemHash { slot, hash }) if control => {
                     if rounds == 0 {
                         return Err(MigrateError::protocol(conn, "memory hash before any round"));
                     }
                     switchover = true;
+                    hashing = true;
                     let (index, _) = self.header.region(slot).map_err(MigrateError::wire(conn))?;
                     if hashes[index].replace(hash).is_some() {
                         return Err(MigrateError::protocol(
@@ -630,6 +728,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         rounds,
                         vcpus,
                         hashes,
+                        devices: devices.len(),
                     };
                 }
                 Some(Message::Cancel) => return Err(MigrateError::Cancelled),
@@ -689,11 +788,11 @@ impl<T: MigrationTarget> GuestMemoryMut for Claimed<'_, '_, T> {
         let (Some(&mem), Some(claims)) = (s.mems.get(index), s.claims.get(index)) else {
             return Err(WireError::UnknownSlot(range.slot));
         };
-        let fits = matches!(start.checked_add(len), Some(end) if end <= mem.len);
-        if mem.len as u64 != size || !fits {
+        let fits = matches!(start.checked_add(len), Some(end) if end <= mem.len());
+        if mem.len() as u64 != size || !fits {
             return Err(WireError::Destination {
                 slot: range.slot,
-                have: mem.len as u64,
+                have: mem.len() as u64,
                 size,
             });
         }
@@ -704,7 +803,7 @@ impl<T: MigrationTarget> GuestMemoryMut for Claimed<'_, '_, T> {
         // the current round: no other thread can claim them, and so hold a reference to them,
         // until every thread has reached the round's fence, and the slice dies before this
         // thread does (at the end of the frame's decoding).
-        Ok(unsafe { std::slice::from_raw_parts_mut(mem.ptr.add(start), len) })
+        Ok(unsafe { std::slice::from_raw_parts_mut(mem.as_ptr().add(start), len) })
     }
 }
 
@@ -786,7 +885,7 @@ impl Fence {
         }
         let generation = s.generation;
         while s.generation == generation && !s.aborted {
-            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = dirtylog::sync::wait(&self.cv, s);
         }
         if s.aborted {
             return Err("stopped: another connection failed".into());
@@ -831,11 +930,8 @@ fn frame_name(msg: &Message<'_>) -> &'static str {
         Message::Ack { .. } => "Ack frame",
         Message::Cancel => "Cancel frame",
         Message::Hello { .. } => "Hello frame",
+        Message::Device { .. } => "Device frame",
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn ms(d: Duration) -> u64 {

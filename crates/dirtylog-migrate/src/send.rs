@@ -1,11 +1,15 @@
-//! The sending engine: pre-copy from a [`MigrationSource`] over one or more TCP connections.
+//! The sending engine: pre-copy from a [`MigrationSource`] over one or more connections (any
+//! [`Transport`]: TCP, Unix sockets).
 //!
 //! ```text
 //! setup      connect N; header + Hello on each; start tracking; first harvest
 //! bulk       round 0: every page, zero pages as ZeroPages markers, the rest as Pages runs
 //! rounds     harvest (tracker ∪ VMM bitmap) → estimate → switch over, stop, or send the round
-//! switchover pause; final harvest; final round; vCPU states; MemHash per slot; Done; wait Ack
+//! switchover pause; final harvest; final round; vCPU states; device sections; MemHash per
+//!            slot; Done; wait Ack
 //! ```
+//!
+//! The frames themselves are drawn in the [protocol](crate::protocol) docs.
 //!
 //! **Threads.** The calling thread is the control thread: it harvests, decides, clears chunks
 //! and cuts the dirty set into *spans* (a run of bitmap words of one region, up to
@@ -21,7 +25,7 @@
 //! round order.
 //!
 //! **Chunked re-arming.** With manual protect, the control thread calls
-//! [`MigrationSource::clear`] for a chunk (default 1 GiB) just before it hands out the first span
+//! [`DirtyTracker::clear`] for a chunk (default 1 GiB) just before it hands out the first span
 //! of that chunk, with the chunk's harvested bits only; every page whose bit it clears is
 //! copied afterwards. A write that races the copy is logged again and sent in a later round.
 //!
@@ -30,26 +34,30 @@
 //! message before the broken pipe it caused). Local failures are announced to the destination
 //! with an `Error` (or `Cancel`) frame on every connection.
 
+use std::collections::HashSet;
 use std::io::BufWriter;
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirtylog::bitmap::runs;
+use dirtylog::DirtyTracker;
 use serde::Serialize;
 
 use crate::convergence::TimeoutPolicy;
 use crate::convergence::{self, AutoConverge, Decision, Limits, Throttle};
+use crate::device::{DeviceSection, DeviceState};
 use crate::error::{code, MigrateError};
 use crate::guestmem;
+use crate::memory::{MigrationMemory, RegionMemory};
 use crate::stats::{MigrationStats, RoundReport, RoundStats, SendReport};
-use crate::transport::{self, Killer, RateLimiter};
-use crate::vm::{MigrationSource, RegionMemory};
+use crate::transport::{self, Address, Killer, RateLimiter, Transport};
+use crate::vcpu::{is_unsupported, Vcpus};
+use crate::vm::MigrationSource;
 use crate::wire::{
     self, Decoder, Encoder, Message, PageRange, Region, StreamHeader, MAX_CONNECTIONS,
-    MAX_PAGES_BYTES,
+    MAX_DEVICE_SECTIONS, MAX_PAGES_BYTES,
 };
 
 /// Most bytes of send buffers over all connections together.
@@ -66,7 +74,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// How to migrate. [`Default`] gives QEMU's and Cloud Hypervisor's defaults.
 #[derive(Clone, Debug)]
 pub struct SendConfig {
-    /// TCP connections, `1..=`[`MAX_CONNECTIONS`]. Default 1.
+    /// Connections, `1..=`[`MAX_CONNECTIONS`]. Default 1.
     pub connections: usize,
     /// Switch over once the expected downtime is at most this. Default 300 ms.
     pub downtime_limit: Duration,
@@ -81,7 +89,7 @@ pub struct SendConfig {
     /// Throttle vCPUs when the dirty rate keeps exceeding the bandwidth's threshold; `None`
     /// to never throttle. Default `None`.
     pub auto_converge: Option<AutoConverge>,
-    /// Bytes of guest memory re-armed by one [`MigrationSource::clear`]; a power of two of at
+    /// Bytes of guest memory re-armed by one [`DirtyTracker::clear`]; a power of two of at
     /// least 64 pages. Default 1 GiB (QEMU's `clear_bmap_shift` 18 with 4 KiB pages).
     pub clear_chunk_bytes: u64,
     /// Most page bytes in one `Pages` frame, and so the size of each connection's copy
@@ -198,19 +206,20 @@ pub struct Progress {
     pub elapsed_ms: u64,
 }
 
-/// Migrate `source` to the receiver listening at `to`. See the [module docs](self).
+/// Migrate `source` to the receiver listening at `to` (a [`SocketAddr`](std::net::SocketAddr)
+/// or any [`Address`]: TCP or a Unix socket). See the [module docs](self).
 ///
 /// On success the source guest stays paused: it now runs at the destination, and the caller
 /// should tear it down. On failure it runs again (see [`MigrateError`]).
 pub fn send<S: MigrationSource>(
     source: &S,
-    to: SocketAddr,
+    to: impl Into<Address>,
     config: &SendConfig,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<SendReport, MigrateError> {
-    config.check(u64::from(source.page_size()))?;
+    config.check(u64::from(source.memory().page_size()))?;
     let streams = transport::connect(
-        to,
+        &to.into(),
         config.connections,
         config.connect_timeout,
         config.io_timeout,
@@ -218,11 +227,12 @@ pub fn send<S: MigrationSource>(
     send_on(source, streams, config, progress)
 }
 
-/// [`send`] over connections the caller opened (all to the same receiver; their number
-/// overrides `config.connections`).
-pub fn send_on<S: MigrationSource>(
+/// [`send`] over connections the caller opened, of any [`Transport`] (all to the same
+/// receiver; their number overrides `config.connections`). The caller sets their timeouts;
+/// `config.io_timeout` still bounds how long the engine waits without progress.
+pub fn send_on<S: MigrationSource, T: Transport>(
     source: &S,
-    streams: Vec<TcpStream>,
+    streams: Vec<T>,
     config: &SendConfig,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<SendReport, MigrateError> {
@@ -230,7 +240,7 @@ pub fn send_on<S: MigrationSource>(
         connections: streams.len(),
         ..config.clone()
     };
-    config.check(u64::from(source.page_size()))?;
+    config.check(u64::from(source.memory().page_size()))?;
     let mut guard = SourceGuard {
         source,
         tracking: false,
@@ -244,7 +254,7 @@ pub fn send_on<S: MigrationSource>(
             // The guest lives at the destination now; tracking it further is pointless, and a
             // failure to stop is not a failure of the migration.
             if guard.tracking {
-                let _ = source.stop_tracking();
+                let _ = source.tracker().stop();
             }
             Ok(report)
         }
@@ -264,7 +274,7 @@ impl<S: MigrationSource> SourceGuard<'_, S> {
     fn recover(&mut self, error: MigrateError) -> MigrateError {
         let mut error = error;
         if self.throttled {
-            if let Err(e) = self.source.throttle(0) {
+            if let Err(e) = self.source.vcpus().throttle(0) {
                 error = MigrateError::ResumeFailed {
                     error: Box::new(error),
                     resume: e,
@@ -272,7 +282,7 @@ impl<S: MigrationSource> SourceGuard<'_, S> {
             }
         }
         if self.paused {
-            if let Err(e) = self.source.resume() {
+            if let Err(e) = self.source.vcpus().resume() {
                 error = MigrateError::ResumeFailed {
                     error: Box::new(error),
                     resume: e,
@@ -280,7 +290,7 @@ impl<S: MigrationSource> SourceGuard<'_, S> {
             }
         }
         if self.tracking {
-            let _ = self.source.stop_tracking();
+            let _ = self.source.tracker().stop();
         }
         error
     }
@@ -301,6 +311,7 @@ enum Job {
 /// The switchover frames of connection 0.
 struct Control {
     vcpus: Vec<Vec<u8>>,
+    devices: Vec<DeviceSection>,
     hashes: Vec<(u32, u64)>,
 }
 
@@ -373,6 +384,7 @@ struct Engine<'s, 'a, S: MigrationSource> {
     rounds: Vec<RoundReport>,
     stats: MigrationStats,
     throttle: Option<Throttle>,
+    throttle_unsupported: bool,
     last_mbps: f64,
     last_progress: Instant,
 }
@@ -380,21 +392,20 @@ struct Engine<'s, 'a, S: MigrationSource> {
 impl<'a, S: MigrationSource> Shared<'a, S> {
     fn new(source: &'a S, config: &'a SendConfig) -> Result<Self, MigrateError> {
         let start = Instant::now();
-        let regions = source.regions();
-        let header = StreamHeader::new(source.page_size(), source.vcpu_count(), regions.clone())
-            .map_err(|e| {
+        let memory = source.memory();
+        let regions = memory.regions();
+        let vcpus = source.vcpus().vcpu_count();
+        let header =
+            StreamHeader::new(memory.page_size(), vcpus, regions.clone()).map_err(|e| {
                 MigrateError::Config(format!("the VM's memory layout cannot be migrated: {e}"))
             })?;
         let page_size = u64::from(header.page_size());
         let mut mems = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
-            let mem = source.memory(i);
-            if mem.len as u64 != r.size || mem.ptr.is_null() || mem.ptr as usize % 8 != 0 {
-                return Err(MigrateError::Config(format!(
-                    "slot {}: the VM maps {} bytes at {:p} for a region of {} bytes",
-                    r.slot, mem.len, mem.ptr, r.size
-                )));
-            }
+            let mem = memory.region_memory(i).ok_or_else(|| {
+                MigrateError::Config(format!("slot {}: the VM has no memory for it", r.slot))
+            })?;
+            check_region_memory(mem, r, "the VM")?;
             mems.push(mem);
         }
         let per_conn = (SEND_BUFFER_BUDGET / config.connections)
@@ -416,9 +427,9 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
         })
     }
 
-    fn run(
+    fn run<T: Transport>(
         &self,
-        streams: Vec<TcpStream>,
+        streams: Vec<T>,
         guard: &mut SourceGuard<'_, S>,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<SendReport, MigrateError> {
@@ -433,6 +444,7 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
             rounds: Vec::new(),
             stats: MigrationStats::default(),
             throttle: self.config.auto_converge.map(Throttle::new),
+            throttle_unsupported: false,
             last_mbps: 0.0,
             last_progress: self.start,
         };
@@ -448,7 +460,8 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
                 source: e,
             };
             self.killer.add(stream).map_err(setup)?;
-            let writer = BufWriter::with_capacity(64 << 10, stream.try_clone().map_err(setup)?);
+            let writer =
+                BufWriter::with_capacity(64 << 10, Transport::try_clone(stream).map_err(setup)?);
             let mut enc =
                 Encoder::new(writer, self.header.clone()).map_err(MigrateError::wire(i))?;
             enc.send(Message::Hello {
@@ -457,9 +470,13 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
                 session,
             })
             .map_err(MigrateError::wire(i))?;
+            // Out now, not when the buffer first fills: the receiver reads every connection's
+            // Hello before it reads any page, and a connection given only zero-page markers
+            // would otherwise hold its Hello back while connection 0 waits for it.
+            enc.flush().map_err(MigrateError::wire(i))?;
             encoders.push(enc);
         }
-        let back = streams[0].try_clone().map_err(|e| MigrateError::Connect {
+        let back = Transport::try_clone(&streams[0]).map_err(|e| MigrateError::Connect {
             what: "setting up the reply channel".into(),
             source: e,
         })?;
@@ -503,10 +520,10 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
 
 impl<S: MigrationSource> Shared<'_, S> {
     /// The body of connection `conn`'s thread.
-    fn connection(
+    fn connection<T: Transport>(
         &self,
         conn: usize,
-        enc: Encoder<BufWriter<TcpStream>>,
+        enc: Encoder<BufWriter<T>>,
         jobs: Receiver<Job>,
         events: Sender<Event>,
     ) {
@@ -543,7 +560,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
     ) -> Result<SendReport, MigrateError> {
         let source = self.sh.source;
         source
-            .start_tracking()
+            .tracker()
+            .start()
             .map_err(MigrateError::vm("start tracking"))?;
         guard.tracking = true;
         let (mut harvest_time, _) = self.harvest()?;
@@ -579,10 +597,15 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             if let Some(throttle) = &mut self.throttle {
                 let dirty_bytes = rate as f64 * self.sh.page_size as f64;
                 if let Some(percent) = throttle.observe(dirty_bytes, bandwidth) {
-                    source
-                        .throttle(percent)
-                        .map_err(MigrateError::vm("throttle"))?;
-                    guard.throttled = true;
+                    match source.vcpus().throttle(percent) {
+                        Ok(()) => guard.throttled = true,
+                        // The VM cannot throttle: go on without auto-converge.
+                        Err(e) if is_unsupported(&e) => {
+                            self.throttle = None;
+                            self.throttle_unsupported = true;
+                        }
+                        Err(e) => return Err(MigrateError::vm("throttle")(e)),
+                    }
                 }
             }
             round += 1;
@@ -599,11 +622,12 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
 
         // Switchover.
         let pause_start = Instant::now();
-        source.pause().map_err(MigrateError::vm("pause"))?;
+        source.vcpus().pause().map_err(MigrateError::vm("pause"))?;
         guard.paused = true;
         let (harvest_time, pages) = self.harvest()?;
         let vcpus = source
-            .save_vcpu_state()
+            .vcpus()
+            .save_state()
             .map_err(MigrateError::vm("save vCPU state"))?;
         if vcpus.len() != self.sh.header.vcpu_count() as usize {
             return Err(MigrateError::Config(format!(
@@ -612,6 +636,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 self.sh.header.vcpu_count()
             )));
         }
+        let devices = save_devices(source.devices())?;
         self.stats.remaining = pages * self.sh.page_size;
         round += 1;
         let mems = self.sh.mems.clone();
@@ -633,7 +658,12 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 .map_err(|_| MigrateError::Config("hashing guest memory panicked".into()));
             sent.and(hashes)
         })?;
-        let control = Arc::new(Control { vcpus, hashes });
+        let device_count = devices.len();
+        let control = Arc::new(Control {
+            vcpus,
+            devices,
+            hashes,
+        });
         for (conn, queue) in ctl.queues.iter().enumerate() {
             let job = Job::Finish((conn == 0).then(|| control.clone()));
             if queue.send(job).is_err() {
@@ -679,6 +709,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             stats: self.stats.clone(),
             switchover: reason,
             cpu_throttle_percentage: self.throttle.as_ref().map_or(0, Throttle::percent),
+            throttle_unsupported: self.throttle_unsupported,
+            devices: device_count,
             connections: ctl.queues.len(),
             page_size: self.sh.header.page_size(),
             total: self.sh.total_pages * self.sh.page_size,
@@ -706,9 +738,10 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         for (i, words) in self.dirty.iter_mut().enumerate() {
             self.sh
                 .source
+                .tracker()
                 .harvest(i, words)
                 .map_err(MigrateError::vm("harvest"))?;
-            if let Some(vmm) = self.sh.source.vmm_bitmap(i) {
+            if let Some(vmm) = self.sh.source.memory().vmm_bitmap(i) {
                 if vmm.words() != words.len() {
                     return Err(MigrateError::Config(format!(
                         "the VMM bitmap of region {i} has {} words, the region needs {}",
@@ -796,6 +829,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                     if chunk_bits.iter().any(|&b| b != 0) {
                         self.sh
                             .source
+                            .tracker()
                             .clear(region, c0 as u64 * 64, chunk_bits)
                             .map_err(MigrateError::vm("clear"))?;
                     }
@@ -1071,15 +1105,15 @@ impl Conns {
 }
 
 /// One connection's thread: copies pages into its buffer and writes frames.
-struct Worker<'s, 'a, S: MigrationSource> {
+struct Worker<'s, 'a, S: MigrationSource, T: Transport> {
     sender: &'s Shared<'a, S>,
     conn: usize,
-    enc: Encoder<BufWriter<TcpStream>>,
+    enc: Encoder<BufWriter<T>>,
     buf: Vec<u8>,
     position: u64,
 }
 
-impl<S: MigrationSource> Worker<'_, '_, S> {
+impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
     fn run(&mut self, job: Job) -> Result<Option<Event>, MigrateError> {
         let event = match job {
             Job::Span(span) => {
@@ -1097,6 +1131,13 @@ impl<S: MigrationSource> Worker<'_, '_, S> {
                         self.send(Message::VcpuState {
                             vcpu_id: id as u32,
                             blob,
+                        })?;
+                    }
+                    for d in &control.devices {
+                        self.send(Message::Device {
+                            name: d.name(),
+                            version: d.version(),
+                            bytes: d.bytes(),
                         })?;
                     }
                     for &(slot, hash) in &control.hashes {
@@ -1224,7 +1265,12 @@ impl Span {
 }
 
 /// The replies thread: decode the destination's frames on connection 0 and pass them on.
-fn read_replies(stream: TcpStream, header: StreamHeader, events: Sender<Event>, killer: &Killer) {
+fn read_replies<T: Transport>(
+    stream: T,
+    header: StreamHeader,
+    events: Sender<Event>,
+    killer: &Killer,
+) {
     // Replies come at the end, after the last round: no read timeout while we send.
     let _ = stream.set_read_timeout(None);
     let mut decoder = Decoder::back_channel(std::io::BufReader::new(stream), header);
@@ -1271,6 +1317,48 @@ fn reply_error(reply: Reply) -> MigrateError {
         },
         Reply::Broken(e) => e,
     }
+}
+
+/// The devices' sections, checked: at most [`MAX_DEVICE_SECTIONS`], names unique.
+fn save_devices(devices: Option<&dyn DeviceState>) -> Result<Vec<DeviceSection>, MigrateError> {
+    let Some(devices) = devices else {
+        return Ok(Vec::new());
+    };
+    let sections = devices
+        .save_devices()
+        .map_err(MigrateError::vm("save device state"))?;
+    if sections.len() > MAX_DEVICE_SECTIONS {
+        return Err(MigrateError::Config(format!(
+            "the VM saved {} device sections, more than the limit of {MAX_DEVICE_SECTIONS}",
+            sections.len()
+        )));
+    }
+    let mut names = HashSet::with_capacity(sections.len());
+    if let Some(d) = sections.iter().find(|d| !names.insert(d.name())) {
+        return Err(MigrateError::Config(format!(
+            "the VM saved two device sections named {:?}",
+            d.name()
+        )));
+    }
+    Ok(sections)
+}
+
+/// Check that `mem` can back `region`: its size, not null, 8-byte aligned.
+pub(crate) fn check_region_memory(
+    mem: RegionMemory,
+    region: &Region,
+    who: &str,
+) -> Result<(), MigrateError> {
+    let ptr = mem.as_ptr();
+    if mem.len() as u64 != region.size || ptr.is_null() || ptr as usize % 8 != 0 {
+        return Err(MigrateError::Config(format!(
+            "slot {}: {who} maps {} bytes at {ptr:p} for a region of {} bytes",
+            region.slot,
+            mem.len(),
+            region.size
+        )));
+    }
+    Ok(())
 }
 
 /// XXH3 of every region, in header order, with its slot.

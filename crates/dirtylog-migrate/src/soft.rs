@@ -4,41 +4,39 @@
 //!   (so the engine's concurrent reads are well defined).
 //! - **vCPUs**: threads that each write one word into a page of a working set, in order or at
 //!   random, at a tunable rate (or flat out), and count their writes: the guest's progress.
-//!   They stop on [`pause`](MigrationSource::pause), and
-//!   [`throttle`](MigrationSource::throttle) holds them out for that share of every 10 ms.
-//! - **Tracker**: [`SoftTracker`] models KVM's three: the legacy get-and-clear bitmap, manual
-//!   protect (GET snapshot, per-chunk CLEAR) and the dirty ring (per-vCPU rings of first writes
-//!   to write-protected pages, a full ring stalls the vCPU until harvest, harvest resets).
+//!   They stop on [`pause`](Vcpus::pause), and [`throttle`](Vcpus::throttle) holds them out
+//!   for that share of every 10 ms.
+//! - **Tracker**: it models KVM's three ([`TrackerKind`]): the legacy get-and-clear bitmap,
+//!   manual protect (GET snapshot, per-chunk CLEAR) and the dirty ring (per-vCPU rings of first
+//!   writes to write-protected pages, a full ring stalls the vCPU until harvest, harvest
+//!   resets).
 //! - **VMM writes**: an optional device thread writes pages behind the tracker's back and
 //!   records them only in the [`VmmDirtyBitmap`], as a VMM's device models do.
 //! - **vCPU state**: each thread's counter, random state, position and workload, so that the
 //!   target continues the same workload where the source stopped.
+//! - **Devices**: named, versioned byte strings ([`SoftVm::add_device`]) that a source sends
+//!   and a target, which must know each name and version, restores.
+//!
+//! `SoftVm` implements every part of [`MigrationSource`] and [`MigrationTarget`] itself.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
+
+use dirtylog::sync::lock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dirtylog::DirtyBitmap;
+use dirtylog::{DirtyBitmap, DirtyTracker, TrackerError, TrackerKind};
 
+use crate::device::{DeviceSection, DeviceState};
 use crate::error::VmError;
-use crate::vm::{MigrationSource, MigrationTarget, RegionMemory};
+use crate::memory::{MigrationMemory, RegionMemory, VmmBits};
+use crate::vcpu::{VcpuRestore, Vcpus};
+use crate::vm::{MigrationSource, MigrationTarget};
 use crate::vmmbitmap::VmmDirtyBitmap;
 use crate::wire::{Region, StreamHeader};
-
-/// Which KVM dirty tracker the software VM models.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SoftTracker {
-    /// `KVM_GET_DIRTY_LOG` without manual protect: harvesting re-arms.
-    #[default]
-    DirtyLog,
-    /// Manual protect: harvest is a snapshot, `clear` re-arms chunk by chunk.
-    ClearLog,
-    /// The dirty ring, with this many entries per vCPU.
-    Ring(usize),
-}
 
 /// What the vCPUs (and the device) do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +77,7 @@ pub struct SoftConfig {
     /// vCPU threads.
     pub vcpus: u32,
     /// The dirty tracker modelled.
-    pub tracker: SoftTracker,
+    pub tracker: TrackerKind,
     /// What the vCPUs do.
     pub workload: Workload,
     /// Percentage of pages given non-zero content at creation (the rest stay zero).
@@ -117,10 +115,10 @@ impl Memory {
     }
 
     fn region(&self) -> RegionMemory {
-        RegionMemory {
-            ptr: self.ptr.as_ptr().cast(),
-            len: self.words * 8,
-        }
+        // SAFETY: the allocation is `words * 8` bytes, 8-byte aligned, and lives as long as
+        // the `SoftVm` (which outlives any migration that borrows it); the threads that write
+        // it use atomics, and pause and resume follow the memory contract.
+        unsafe { RegionMemory::new(self.ptr.as_ptr().cast(), self.words * 8) }
     }
 }
 
@@ -145,7 +143,7 @@ struct Inner {
     /// First global page of each region, and one past the last.
     starts: Vec<u64>,
     memory: Vec<Memory>,
-    tracker: SoftTracker,
+    tracker: TrackerKind,
     tracking: AtomicBool,
     /// `DirtyLog`/`ClearLog`: the log. `Ring`: pages harvested from the rings, per region.
     logs: Vec<DirtyBitmap>,
@@ -179,6 +177,10 @@ pub struct SoftVm {
     /// Tests: keep a copy of the memory as it was when the target was resumed.
     keep_resume_image: std::sync::atomic::AtomicBool,
     resume_image: Mutex<Option<Vec<Vec<u8>>>>,
+    /// The devices: sent by a source; known to, and restored into, a target.
+    devices: Mutex<Vec<DeviceSection>>,
+    /// Target: the device sections restored, in arrival order.
+    restored_devices: Mutex<Vec<String>>,
 }
 
 /// The state of one vCPU thread, as migrated.
@@ -268,8 +270,8 @@ impl SoftVm {
     }
 
     /// An empty target VM with `header`'s layout: zero memory, vCPUs waiting for their state
-    /// and for [`resume`](MigrationTarget::resume).
-    pub fn target(header: &StreamHeader, tracker: SoftTracker) -> Result<Self, VmError> {
+    /// and for [`resume`](VcpuRestore::resume).
+    pub fn target(header: &StreamHeader, tracker: TrackerKind) -> Result<Self, VmError> {
         SoftVm::build(
             header.page_size(),
             header.regions().to_vec(),
@@ -283,7 +285,7 @@ impl SoftVm {
         page_size: u32,
         regions: Vec<Region>,
         vcpus: u32,
-        tracker: SoftTracker,
+        tracker: TrackerKind,
         workload: Workload,
     ) -> Result<Self, VmError> {
         // Validates the layout the same way a stream header would.
@@ -312,7 +314,7 @@ impl SoftVm {
                 .map(|r| DirtyBitmap::new(npages(r)))
                 .collect(),
             writable: match tracker {
-                SoftTracker::Ring(_) => regions
+                TrackerKind::Ring { .. } => regions
                     .iter()
                     .map(|r| {
                         (0..npages(r).div_ceil(64))
@@ -354,7 +356,40 @@ impl SoftVm {
             threads: Mutex::new(Vec::new()),
             keep_resume_image: AtomicBool::new(false),
             resume_image: Mutex::new(None),
+            devices: Mutex::new(Vec::new()),
+            restored_devices: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The saved state of an idle vCPU that has done nothing yet, in this VM's format: what a
+    /// source without software vCPUs sends to a software target.
+    pub fn idle_vcpu_state() -> Vec<u8> {
+        VcpuState {
+            counter: 0,
+            rng: 1,
+            position: 0,
+            workload: Workload::idle(),
+        }
+        .encode()
+    }
+
+    /// Add a device. On a source, its section is sent at switchover. On a target, it declares
+    /// a device the VM knows, by name and version: a section of that name and version replaces
+    /// its bytes; any other section fails the migration. Replaces a device of the same name.
+    pub fn add_device(&self, section: DeviceSection) {
+        let mut devices = lock(&self.devices);
+        devices.retain(|d| d.name() != section.name());
+        devices.push(section);
+    }
+
+    /// The devices, with the state restored into them on a target.
+    pub fn devices(&self) -> Vec<DeviceSection> {
+        lock(&self.devices).clone()
+    }
+
+    /// Target: the names of the device sections restored, in arrival order.
+    pub fn restored_devices(&self) -> Vec<String> {
+        lock(&self.restored_devices).clone()
     }
 
     /// Give `percent`% of the pages non-zero content (a few words each).
@@ -404,7 +439,7 @@ impl SoftVm {
             .collect()
     }
 
-    /// For tests: on [`MigrationTarget::resume`], copy the whole memory first (it costs a
+    /// For tests: on [`VcpuRestore::resume`], copy the whole memory first (it costs a
     /// full copy, and so downtime), so that it can be compared with the source's after the
     /// target guest has moved on.
     pub fn keep_resume_image(&self) {
@@ -429,7 +464,7 @@ impl SoftVm {
         lock(&self.inner.gate).paused || self.thread_count() == 0
     }
 
-    /// How many times [`MigrationTarget::resume`] or [`MigrationSource::resume`] ran.
+    /// How many times [`VcpuRestore::resume`] or [`Vcpus::resume`] ran.
     pub fn resume_count(&self) -> usize {
         self.inner.resumes.load(Ordering::Relaxed)
     }
@@ -506,7 +541,7 @@ impl Inner {
         if g.paused {
             self.parked.fetch_add(1, Ordering::AcqRel);
             while g.paused && !self.stop.load(Ordering::Acquire) {
-                g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = dirtylog::sync::wait(&self.gate_cv, g);
             }
             self.parked.fetch_sub(1, Ordering::AcqRel);
         }
@@ -524,7 +559,8 @@ impl Inner {
         let word = (page * words_per_page + value % words_per_page) as usize;
         let target = &self.memory[r].words()[word];
         match self.tracker {
-            SoftTracker::Ring(capacity) if self.tracking.load(Ordering::Acquire) => {
+            TrackerKind::Ring { entries } if self.tracking.load(Ordering::Acquire) => {
+                let capacity = entries as usize;
                 // The ring lock covers protection check, logging and the write itself, as the
                 // fault handler and the store are one step for a vCPU under KVM.
                 let mut ring = loop {
@@ -546,7 +582,7 @@ impl Inner {
                 }
                 target.store(value, Ordering::Relaxed);
             }
-            SoftTracker::Ring(_) => target.store(value, Ordering::Relaxed),
+            TrackerKind::Ring { .. } => target.store(value, Ordering::Relaxed),
             _ => {
                 target.store(value, Ordering::Relaxed);
                 if self.tracking.load(Ordering::Acquire) {
@@ -655,23 +691,86 @@ fn device_thread(inner: &Inner, rate: u64, ws: Workload) {
 }
 
 impl MigrationSource for SoftVm {
-    fn page_size(&self) -> u32 {
-        self.inner.page_size as u32
+    type Memory = Self;
+    type Tracker = Self;
+    type Vcpus = Self;
+
+    fn memory(&self) -> &Self {
+        self
     }
 
-    fn vcpu_count(&self) -> u32 {
-        self.vcpus
+    fn tracker(&self) -> &Self {
+        self
+    }
+
+    fn vcpus(&self) -> &Self {
+        self
+    }
+
+    fn devices(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
+    fn guest_progress(&self) -> u64 {
+        self.progress_sum()
+    }
+}
+
+impl MigrationTarget for SoftVm {
+    type Memory = Self;
+    type Vcpus = Self;
+
+    fn memory(&self) -> &Self {
+        self
+    }
+
+    fn vcpus(&self) -> &Self {
+        self
+    }
+
+    fn devices(&self) -> Option<&dyn DeviceState> {
+        Some(self)
+    }
+
+    fn guest_progress(&self) -> u64 {
+        self.progress_sum()
+    }
+}
+
+impl SoftVm {
+    fn progress_sum(&self) -> u64 {
+        self.inner
+            .progress
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl MigrationMemory for SoftVm {
+    fn page_size(&self) -> u32 {
+        self.inner.page_size as u32
     }
 
     fn regions(&self) -> Vec<Region> {
         self.inner.regions.clone()
     }
 
-    fn memory(&self, index: usize) -> RegionMemory {
-        self.inner.memory[index].region()
+    fn region_memory(&self, index: usize) -> Option<RegionMemory> {
+        self.inner.memory.get(index).map(Memory::region)
     }
 
-    fn start_tracking(&self) -> Result<(), VmError> {
+    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
+        self.inner.vmm.get(index).map(|b| b as &dyn VmmBits)
+    }
+}
+
+impl DirtyTracker for SoftVm {
+    fn kind(&self) -> TrackerKind {
+        self.inner.tracker
+    }
+
+    fn start(&self) -> Result<(), TrackerError> {
         let inner = &self.inner;
         if inner.tracking.swap(true, Ordering::AcqRel) {
             return Err("dirty tracking is already on".into());
@@ -679,28 +778,31 @@ impl MigrationSource for SoftVm {
         Ok(())
     }
 
-    fn harvest(&self, index: usize, out: &mut [u64]) -> Result<(), VmError> {
+    fn harvest(&self, index: usize, out: &mut [u64]) -> Result<(), TrackerError> {
         let inner = &self.inner;
-        let log = &inner.logs[index];
+        let log = inner
+            .logs
+            .get(index)
+            .ok_or_else(|| format!("no region {index}"))?;
         if out.len() != log.words() {
             return Err(
                 format!("harvest buffer of {} words for {}", out.len(), log.words()).into(),
             );
         }
         match inner.tracker {
-            SoftTracker::DirtyLog => {
+            TrackerKind::DirtyLog => {
                 for (i, o) in out.iter_mut().enumerate() {
                     if log.load_word(i) != 0 {
                         *o |= log.take_word(i);
                     }
                 }
             }
-            SoftTracker::ClearLog => {
+            TrackerKind::ClearLog => {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o |= log.load_word(i);
                 }
             }
-            SoftTracker::Ring(_) => {
+            TrackerKind::Ring { .. } => {
                 // Reap every ring into the per-region logs, then reset: re-protect what was
                 // reaped. Only then are the pages handed out as clean.
                 for ring in &inner.rings {
@@ -722,14 +824,18 @@ impl MigrationSource for SoftVm {
         Ok(())
     }
 
-    fn clear(&self, index: usize, first_page: u64, bits: &[u64]) -> Result<(), VmError> {
-        if self.inner.tracker != SoftTracker::ClearLog {
+    fn clear(&self, index: usize, first_page: u64, bits: &[u64]) -> Result<(), TrackerError> {
+        if self.inner.tracker != TrackerKind::ClearLog {
             return Ok(());
         }
         if first_page % 64 != 0 {
             return Err(format!("clear at page {first_page}, not a multiple of 64").into());
         }
-        let log = &self.inner.logs[index];
+        let log = self
+            .inner
+            .logs
+            .get(index)
+            .ok_or_else(|| format!("no region {index}"))?;
         let first = (first_page / 64) as usize;
         if first + bits.len() > log.words() {
             return Err("clear past the end of the slot".into());
@@ -742,16 +848,18 @@ impl MigrationSource for SoftVm {
         Ok(())
     }
 
-    fn stop_tracking(&self) -> Result<(), VmError> {
+    fn stop(&self) -> Result<(), TrackerError> {
         self.inner.tracking.store(false, Ordering::Release);
         for ring in &self.inner.rings {
             lock(ring).entries.clear();
         }
         Ok(())
     }
+}
 
-    fn vmm_bitmap(&self, index: usize) -> Option<&VmmDirtyBitmap> {
-        self.inner.vmm.get(index)
+impl Vcpus for SoftVm {
+    fn vcpu_count(&self) -> u32 {
+        self.vcpus
     }
 
     fn pause(&self) -> Result<(), VmError> {
@@ -771,9 +879,9 @@ impl MigrationSource for SoftVm {
         Ok(())
     }
 
-    fn save_vcpu_state(&self) -> Result<Vec<Vec<u8>>, VmError> {
+    fn save_state(&self) -> Result<Vec<Vec<u8>>, VmError> {
         if !lock(&self.inner.gate).paused {
-            return Err("save_vcpu_state while the vCPUs run".into());
+            return Err("save_state while the vCPUs run".into());
         }
         self.inner
             .live
@@ -785,28 +893,16 @@ impl MigrationSource for SoftVm {
             })
             .collect()
     }
-
-    fn guest_progress(&self) -> u64 {
-        self.inner
-            .progress
-            .iter()
-            .map(|p| p.load(Ordering::Relaxed))
-            .sum()
-    }
 }
 
-impl MigrationTarget for SoftVm {
-    fn memory(&self, index: usize) -> RegionMemory {
-        self.inner.memory[index].region()
-    }
-
-    fn restore_vcpu_state(&self, vcpu_id: u32, blob: &[u8]) -> Result<(), VmError> {
+impl VcpuRestore for SoftVm {
+    fn restore_state(&self, vcpu: u32, blob: &[u8]) -> Result<(), VmError> {
         let state = VcpuState::decode(blob)?;
         let mut states = lock(&self.states);
-        let Some(slot) = states.get_mut(vcpu_id as usize) else {
-            return Err(format!("no vCPU {vcpu_id}").into());
+        let Some(slot) = states.get_mut(vcpu as usize) else {
+            return Err(format!("no vCPU {vcpu}").into());
         };
-        self.inner.progress[vcpu_id as usize].store(state.counter, Ordering::Relaxed);
+        self.inner.progress[vcpu as usize].store(state.counter, Ordering::Relaxed);
         *slot = Some(state);
         Ok(())
     }
@@ -826,13 +922,28 @@ impl MigrationTarget for SoftVm {
         self.start(states);
         Ok(())
     }
+}
 
-    fn guest_progress(&self) -> u64 {
-        self.inner
-            .progress
-            .iter()
-            .map(|p| p.load(Ordering::Relaxed))
-            .sum()
+impl DeviceState for SoftVm {
+    fn save_devices(&self) -> Result<Vec<DeviceSection>, VmError> {
+        Ok(self.devices())
+    }
+
+    fn restore_device(&self, name: &str, version: u32, bytes: &[u8]) -> Result<(), VmError> {
+        let mut devices = lock(&self.devices);
+        let Some(d) = devices.iter_mut().find(|d| d.name() == name) else {
+            return Err(format!("this VM has no device named {name:?}").into());
+        };
+        if d.version() != version {
+            return Err(format!(
+                "device {name:?} reads state version {}, not {version}",
+                d.version()
+            )
+            .into());
+        }
+        *d = DeviceSection::new(name, version, bytes.to_vec())?;
+        lock(&self.restored_devices).push(name.to_string());
+        Ok(())
     }
 }
 
@@ -841,8 +952,4 @@ fn splitmix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

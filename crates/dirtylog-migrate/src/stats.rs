@@ -85,7 +85,12 @@ pub struct SendReport {
     pub switchover: crate::convergence::SwitchoverReason,
     /// vCPU throttle at switchover, percent (`cpu-throttle-percentage`).
     pub cpu_throttle_percentage: u8,
-    /// TCP connections used.
+    /// Auto-converge wanted to throttle, but the VM's [`Vcpus::throttle`](crate::Vcpus::throttle)
+    /// is [`Unsupported`](crate::Unsupported): the migration went on without throttling.
+    pub throttle_unsupported: bool,
+    /// Device sections sent at switchover.
+    pub devices: usize,
+    /// Connections used.
     pub connections: usize,
     /// Page size of the stream.
     pub page_size: u32,
@@ -109,8 +114,10 @@ pub struct ReceiveReport {
     pub duplicate: u64,
     /// Rounds received, the bulk pass and the final round included.
     pub rounds: u64,
-    /// TCP connections used.
+    /// Connections used.
     pub connections: usize,
+    /// Device sections received and restored.
+    pub devices: usize,
     /// Milliseconds spent checking the memory hashes (`hash-check-time`).
     pub hash_check_time: u64,
     /// Milliseconds from the sender's `Done` to the guest running (`resume-time`).

@@ -2,13 +2,13 @@
 //!
 //! ```text
 //! stream   = preamble header-frame frame*
-//! preamble = magic "DIRTYLG\0" (8 bytes) | version u32 (= 1)
+//! preamble = magic "DIRTYLG\0" (8 bytes) | version u32 (= 2)
 //! frame    = type u8 | flags u8 (= 0) | length u32 | payload[length] | crc32c u32
 //! ```
 //!
 //! Integers are little-endian. The CRC32C covers the type, flags and length bytes and the
 //! payload, so a flipped bit anywhere in a frame is caught. Each payload starts with fixed
-//! fields; `Pages`, `VcpuState` and `Error` then carry variable data:
+//! fields; `Pages`, `VcpuState`, `Error` and `Device` then carry variable data:
 //!
 //! | type | frame       | fixed fields                                | data                     |
 //! |------|-------------|---------------------------------------------|--------------------------|
@@ -23,8 +23,13 @@
 //! | 9    | `Ack`       | code u32                                    |                          |
 //! | 10   | `Cancel`    |                                             |                          |
 //! | 11   | `Hello`     | connection u32, connections u32, session u64 |                         |
+//! | 12   | `Device`    | version u32, name_len u32                   | name, then state bytes   |
 //!
-//! A region entry is slot u32, gpa u64, size u64.
+//! A region entry is slot u32, gpa u64, size u64. A `Device` name is 1 to
+//! [`MAX_DEVICE_NAME`] bytes of ASCII letters, digits and `-_.:/`; its state at most
+//! [`MAX_DEVICE_STATE`] bytes. Version 2 added `Device`; version 1 streams are refused.
+//!
+//! Who sends what, and when, is drawn in the [protocol](crate::protocol) docs.
 //!
 //! Every length is bounded per type ([`MAX_PAYLOAD`] overall) and checked before anything is
 //! read or allocated; every page range is checked against the header's memory map.
@@ -69,7 +74,7 @@ pub use header::{PageRange, Region, StreamHeader};
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"DIRTYLG\0";
 /// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Smallest page size a header may declare.
 pub const MIN_PAGE_SIZE: u32 = 4096;
 /// Largest page size a header may declare (tracking at 2 MiB huge-page granularity).
@@ -88,6 +93,12 @@ pub const MAX_PAGES_BYTES: usize = 16 << 20;
 pub const MAX_VCPU_BLOB: usize = 1 << 20;
 /// Longest `Error` message, in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// Longest device name in a `Device` frame, in bytes.
+pub const MAX_DEVICE_NAME: usize = 64;
+/// Largest device state in a `Device` frame: 8 MiB.
+pub const MAX_DEVICE_STATE: usize = 8 << 20;
+/// Most `Device` frames one migration may carry.
+pub const MAX_DEVICE_SECTIONS: usize = 1024;
 /// Largest payload of any frame: a full `Pages` frame.
 pub const MAX_PAYLOAD: u32 = (PAGES_FIXED + MAX_PAGES_BYTES) as u32;
 
@@ -95,8 +106,12 @@ pub const MAX_PAYLOAD: u32 = (PAGES_FIXED + MAX_PAGES_BYTES) as u32;
 const FRAME_HEAD: usize = 6;
 /// Bytes of the fixed fields of `Pages` and `ZeroPages`, the largest of any frame.
 const PAGES_FIXED: usize = 20;
-/// Room for the fixed fields of any frame.
-const FIXED_MAX: usize = PAGES_FIXED;
+/// Bytes of the fixed fields of `Device`: version, name length.
+const DEVICE_FIXED: usize = 8;
+/// Room for the fixed fields of any frame, and for a `Device` frame's name after them (the
+/// encoder frames the name with the fixed fields, so that the state is the only borrowed
+/// slice).
+const FIXED_MAX: usize = DEVICE_FIXED + MAX_DEVICE_NAME;
 
 /// The content hash carried by [`Message::MemHash`]: XXH3-64 of the region's bytes.
 ///
@@ -171,6 +186,37 @@ pub enum Message<'a> {
         /// The same random value on every connection of one migration.
         session: u64,
     },
+    /// Sender to receiver, at switchover after the vCPU states: the opaque saved state of one
+    /// device.
+    Device {
+        /// The device's name: 1 to [`MAX_DEVICE_NAME`] bytes of ASCII letters, digits and
+        /// `-_.:/`, unique within the migration.
+        name: &'a str,
+        /// The version of the state's format, as the device defines it.
+        version: u32,
+        /// The state, at most [`MAX_DEVICE_STATE`] bytes.
+        bytes: &'a [u8],
+    },
+}
+
+/// Check a device name: 1 to [`MAX_DEVICE_NAME`] bytes of ASCII letters, digits and `-_.:/`.
+pub fn check_device_name(name: &[u8]) -> Result<(), WireError> {
+    let why = if name.is_empty() {
+        "is empty"
+    } else if name.len() > MAX_DEVICE_NAME {
+        "is longer than 64 bytes"
+    } else if !name
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+    {
+        "has a character other than ASCII letters, digits and -_.:/"
+    } else {
+        return Ok(());
+    };
+    Err(WireError::DeviceName {
+        name: String::from_utf8_lossy(&name[..name.len().min(MAX_DEVICE_NAME)]).into_owned(),
+        why,
+    })
 }
 
 /// The frame types. `Header` only starts a stream; the others carry a [`Message`].
@@ -187,10 +233,11 @@ enum Kind {
     Ack,
     Cancel,
     Hello,
+    Device,
 }
 
 impl Kind {
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 12] = [
         Kind::Header,
         Kind::Pages,
         Kind::ZeroPages,
@@ -202,6 +249,7 @@ impl Kind {
         Kind::Ack,
         Kind::Cancel,
         Kind::Hello,
+        Kind::Device,
     ];
 
     fn from_u8(byte: u8) -> Option<Kind> {
@@ -221,6 +269,7 @@ impl Kind {
             Kind::Ack => "Ack frame",
             Kind::Cancel => "Cancel frame",
             Kind::Hello => "Hello frame",
+            Kind::Device => "Device frame",
         }
     }
 
@@ -237,6 +286,7 @@ impl Kind {
             Kind::Error => (4, MAX_ERROR_MESSAGE),
             Kind::Ack => (4, 0),
             Kind::Hello => (16, 0),
+            Kind::Device => (DEVICE_FIXED, MAX_DEVICE_NAME + MAX_DEVICE_STATE),
         }
     }
 
@@ -257,10 +307,18 @@ impl Kind {
 }
 
 /// Fixed fields being encoded.
-#[derive(Default)]
 struct Fixed {
     buf: [u8; FIXED_MAX],
     len: usize,
+}
+
+impl Default for Fixed {
+    fn default() -> Self {
+        Fixed {
+            buf: [0; FIXED_MAX],
+            len: 0,
+        }
+    }
 }
 
 impl Fixed {
@@ -327,6 +385,16 @@ fn encode_fields<'a>(msg: Message<'a>) -> (Kind, Fixed, &'a [u8]) {
         }
         Message::VcpuState { vcpu_id, blob } => (Kind::VcpuState, f.u32(vcpu_id), blob),
         Message::MemHash { slot, hash } => (Kind::MemHash, f.u32(slot).u64(hash), &[]),
+        Message::Device {
+            name,
+            version,
+            bytes,
+        } => {
+            // The name rides with the fixed fields (validated to fit before framing).
+            let name = &name.as_bytes()[..name.len().min(MAX_DEVICE_NAME)];
+            let fixed = f.u32(version).u32(name.len() as u32).put(name);
+            (Kind::Device, fixed, bytes)
+        }
         Message::Done => (Kind::Done, f, &[]),
         Message::Error { code, message } => (Kind::Error, f.u32(code), message.as_bytes()),
         Message::Ack { code } => (Kind::Ack, f.u32(code), &[]),
@@ -381,6 +449,30 @@ fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message
             connections: f.u32(),
             session: f.u64(),
         },
+        Kind::Device => {
+            let version = f.u32();
+            let name_len = f.u32() as usize;
+            if name_len > MAX_DEVICE_NAME || name_len > data.len() {
+                return Err(WireError::DeviceNameLength {
+                    len: name_len,
+                    max: MAX_DEVICE_NAME.min(data.len()),
+                });
+            }
+            let (name, bytes) = data.split_at(name_len);
+            check_device_name(name)?;
+            if bytes.len() > MAX_DEVICE_STATE {
+                return Err(WireError::DeviceStateTooLarge {
+                    len: bytes.len(),
+                    max: MAX_DEVICE_STATE,
+                });
+            }
+            Message::Device {
+                // Checked to be ASCII just above.
+                name: std::str::from_utf8(name).map_err(|_| WireError::Utf8)?,
+                version,
+                bytes,
+            }
+        }
     })
 }
 
@@ -397,6 +489,16 @@ impl StreamHeader {
                 })
             }
             Message::MemHash { slot, .. } => self.region(slot).map(drop),
+            Message::Device { name, bytes, .. } => {
+                check_device_name(name.as_bytes())?;
+                if bytes.len() > MAX_DEVICE_STATE {
+                    return Err(WireError::DeviceStateTooLarge {
+                        len: bytes.len(),
+                        max: MAX_DEVICE_STATE,
+                    });
+                }
+                Ok(())
+            }
             Message::Hello {
                 connection,
                 connections,
@@ -434,7 +536,11 @@ impl<'a> Frame<'a> {
 
     /// Frame a payload whose length has been checked against `kind`'s bounds.
     fn build(kind: Kind, fixed: &Fixed, data: &'a [u8]) -> Self {
-        debug_assert_eq!(fixed.len, kind.layout().0, "{} fixed fields", kind.name());
+        debug_assert!(
+            fixed.len == kind.layout().0 || kind == Kind::Device,
+            "{} fixed fields",
+            kind.name()
+        );
         // Bounded by Kind::layout, far below u32::MAX.
         let len = (fixed.len + data.len()) as u32;
         let mut head = [0; FRAME_HEAD + FIXED_MAX];

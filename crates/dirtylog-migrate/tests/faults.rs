@@ -9,15 +9,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use dirtylog_migrate::soft::{SoftTracker, SoftVm};
+use dirtylog_migrate::soft::SoftVm;
 use dirtylog_migrate::wire::{Decoder, Encoder, Message, Region, StreamHeader};
+use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{send, MigrateError, Phase, Progress, SendConfig, TimeoutPolicy};
 
 fn source() -> SoftVm {
     soft(
         layout(4, 2),
         2,
-        SoftTracker::ClearLog,
+        TrackerKind::ClearLog,
         workload(256, Some(2000), true),
     )
 }
@@ -153,7 +154,15 @@ fn receiver_dropped_mid_stream() {
 
 #[test]
 fn untracked_write_is_caught_by_the_hash() {
-    let src = source();
+    // A dirtier fast enough that every round finds dirty pages: at 2000 pages/s it writes in
+    // batches of 64 every 32 ms, and a round that found none "converged" at once (0 expected
+    // downtime) before any pre-copy round ran (seen on a loaded machine).
+    let src = soft(
+        layout(4, 2),
+        2,
+        TrackerKind::ClearLog,
+        workload(256, Some(50_000), true),
+    );
     let (addr, receiver, resumed) = spawn_receiver(recv_config());
     // A zero downtime budget never converges, so at least one round runs before the round
     // limit forces the switchover: the write below lands after that round's harvest, outside

@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dirtylog_migrate::soft::{SoftTracker, Workload};
+use dirtylog_migrate::soft::Workload;
+use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{
     AutoConverge, MigrateError, Progress, SendConfig, SwitchoverReason, TimeoutPolicy,
 };
@@ -49,7 +50,7 @@ fn check_success(
 
 #[test]
 fn idle_guest_one_connection() {
-    let src = soft(layout(6, 2), 1, SoftTracker::DirtyLog, Workload::idle());
+    let src = soft(layout(6, 2), 1, TrackerKind::DirtyLog, Workload::idle());
     let (sent, received) = migrate(&src, &send_config(1));
     let report = check_success("idle-1", &src, sent, received);
     assert_eq!(report.switchover, SwitchoverReason::Converged);
@@ -67,13 +68,13 @@ fn idle_guest_one_connection() {
 
 #[test]
 fn idle_guest_three_connections() {
-    let src = soft(layout(6, 2), 2, SoftTracker::DirtyLog, Workload::idle());
+    let src = soft(layout(6, 2), 2, TrackerKind::DirtyLog, Workload::idle());
     let (sent, received) = migrate(&src, &send_config(3));
     let report = check_success("idle-3", &src, sent, received);
     assert_eq!(report.connections, 3);
 }
 
-fn moderate(tracker: SoftTracker, connections: usize, chunk: u64) {
+fn moderate(tracker: TrackerKind, connections: usize, chunk: u64) {
     let name = format!("moderate-{tracker:?}-{connections}");
     let mut w = workload(512, Some(1000), true);
     w.vmm_rate = Some(1000);
@@ -98,23 +99,23 @@ fn moderate(tracker: SoftTracker, connections: usize, chunk: u64) {
 
 #[test]
 fn moderate_dirty_log_one_connection() {
-    moderate(SoftTracker::DirtyLog, 1, 1 << 30);
+    moderate(TrackerKind::DirtyLog, 1, 1 << 30);
 }
 
 #[test]
 fn moderate_clear_log_small_chunks_three_connections() {
     // 64-page chunks: the smallest QEMU allows.
-    moderate(SoftTracker::ClearLog, 3, 64 * PAGE);
+    moderate(TrackerKind::ClearLog, 3, 64 * PAGE);
 }
 
 #[test]
 fn moderate_ring_three_connections() {
-    moderate(SoftTracker::Ring(256), 3, 1 << 30);
+    moderate(TrackerKind::Ring { entries: 256 }, 3, 1 << 30);
 }
 
 /// A writer that out-dirties the capped bandwidth: 40 000 random page writes per second over
 /// 4 MiB, against 16 MiB/s (4 000 pages/s) and a 20 ms downtime budget.
-fn heavy(tracker: SoftTracker) -> dirtylog_migrate::soft::SoftVm {
+fn heavy(tracker: TrackerKind) -> dirtylog_migrate::soft::SoftVm {
     soft(layout(6, 2), 1, tracker, workload(1024, Some(40_000), true))
 }
 
@@ -128,7 +129,7 @@ fn heavy_config(connections: usize) -> SendConfig {
 
 #[test]
 fn heavy_converges_with_auto_converge() {
-    let src = heavy(SoftTracker::ClearLog);
+    let src = heavy(TrackerKind::ClearLog);
     let config = SendConfig {
         auto_converge: Some(AutoConverge {
             trigger_rounds: 1,
@@ -152,7 +153,7 @@ fn heavy_converges_with_auto_converge() {
 
 #[test]
 fn heavy_without_throttle_cancels_at_the_timeout() {
-    let src = heavy(SoftTracker::DirtyLog);
+    let src = heavy(TrackerKind::DirtyLog);
     let config = SendConfig {
         timeout: Some(Duration::from_millis(1500)),
         on_timeout: TimeoutPolicy::Cancel,
@@ -179,7 +180,7 @@ fn heavy_without_throttle_cancels_at_the_timeout() {
 
 #[test]
 fn heavy_switches_over_at_the_round_limit() {
-    let src = heavy(SoftTracker::Ring(4096));
+    let src = heavy(TrackerKind::Ring { entries: 4096 });
     let config = SendConfig {
         max_rounds: 3,
         on_timeout: TimeoutPolicy::Switchover,

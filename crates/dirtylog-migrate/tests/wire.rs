@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use dirtylog_migrate::wire::{
     mem_hash, Decoder, Encoder, Frame, Message, PageRange, Region, StreamHeader, WireError, MAGIC,
-    MAX_ERROR_MESSAGE, MAX_REGIONS, MAX_VCPU_BLOB,
+    MAX_DEVICE_STATE, MAX_ERROR_MESSAGE, MAX_REGIONS, MAX_VCPU_BLOB,
 };
 use proptest::prelude::*;
 
@@ -85,6 +85,16 @@ fn every_message(guest: &[Vec<u8>]) -> Vec<Message<'_>> {
         Message::VcpuState {
             vcpu_id: 1,
             blob: b"registers",
+        },
+        Message::Device {
+            name: "virtio-net:0/rx",
+            version: 3,
+            bytes: b"queue state",
+        },
+        Message::Device {
+            name: "pit",
+            version: 0,
+            bytes: b"",
         },
         Message::MemHash {
             slot: 5,
@@ -251,12 +261,15 @@ fn wrong_magic_and_version_are_rejected() {
     assert!(matches!(err, WireError::BadMagic(m) if m[0] == b'X'));
 
     let mut s = stream_with(&[]);
-    s[8..12].copy_from_slice(&2u32.to_le_bytes());
-    let err = Decoder::new(s.as_slice()).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "unsupported stream version 2 (this build speaks version 1)"
-    );
+    // Version 1 had no Device frame: refused, as any other version.
+    for v in [1u32, 3] {
+        s[8..12].copy_from_slice(&v.to_le_bytes());
+        let err = Decoder::new(s.as_slice()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("unsupported stream version {v} (this build speaks version 2)")
+        );
+    }
     assert_eq!(&s[..8], &MAGIC);
 }
 
@@ -364,14 +377,14 @@ fn absurd_lengths_fail_before_reading_or_allocating() {
 
 #[test]
 fn unknown_types_flags_and_misplaced_headers_are_rejected() {
-    let err = next_error(&stream_with(&raw_frame(12, &[])));
-    assert_eq!(err.to_string(), "unknown frame type 12");
+    let err = next_error(&stream_with(&raw_frame(13, &[])));
+    assert_eq!(err.to_string(), "unknown frame type 13");
 
     let mut done = raw_frame(7, &[]);
     done[1] = 0x40;
     assert_eq!(
         next_error(&stream_with(&done)).to_string(),
-        "Done frame has flags 0x40; version 1 defines none"
+        "Done frame has flags 0x40; version 2 defines none"
     );
 
     let header_frame = stream_with(&[])[12..].to_vec();
@@ -746,6 +759,7 @@ enum Owned {
     Ack(u32),
     Done,
     Cancel,
+    Device(String, u32, Vec<u8>),
 }
 
 impl Owned {
@@ -772,6 +786,11 @@ impl Owned {
             Owned::Ack(code) => Message::Ack { code: *code },
             Owned::Done => Message::Done,
             Owned::Cancel => Message::Cancel,
+            Owned::Device(name, version, bytes) => Message::Device {
+                name,
+                version: *version,
+                bytes,
+            },
         }
     }
 }
@@ -797,7 +816,117 @@ fn any_message() -> impl Strategy<Value = Owned> {
         any::<u32>().prop_map(Owned::Ack),
         Just(Owned::Done),
         Just(Owned::Cancel),
+        (
+            "[A-Za-z0-9._:/-]{1,64}",
+            any::<u32>(),
+            prop::collection::vec(any::<u8>(), 0..300)
+        )
+            .prop_map(|(n, v, b)| Owned::Device(n, v, b)),
     ]
+}
+
+/// The payload of a `Device` frame as raw bytes: version, the declared name length, then
+/// `name` and `state`.
+fn device_payload(version: u32, name_len: u32, name: &[u8], state: &[u8]) -> Vec<u8> {
+    let mut p = version.to_le_bytes().to_vec();
+    p.extend_from_slice(&name_len.to_le_bytes());
+    p.extend_from_slice(name);
+    p.extend_from_slice(state);
+    p
+}
+
+/// What a valid device name is, written independently of the decoder.
+fn valid_device_name(name: &[u8]) -> bool {
+    (1..=64).contains(&name.len())
+        && name.iter().all(|c| {
+            matches!(c, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' | b'/')
+        })
+}
+
+#[test]
+fn device_sections_are_validated_on_both_sides() {
+    let h = header();
+    let mut enc = Encoder::new(Vec::new(), h.clone()).unwrap();
+    for (name, why) in [
+        ("", "is empty"),
+        ("a b", "has a character"),
+        ("é", "has a character"),
+        ("dev\n", "has a character"),
+    ] {
+        let err = enc
+            .send(Message::Device {
+                name,
+                version: 1,
+                bytes: b"",
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, WireError::DeviceName { .. }),
+            "{name:?}: {err}"
+        );
+        assert!(err.to_string().contains(why), "{name:?}: {err}");
+    }
+    let long = "x".repeat(65);
+    let err = enc
+        .send(Message::Device {
+            name: &long,
+            version: 1,
+            bytes: b"",
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("longer than 64 bytes"), "{err}");
+    let max_name = "y".repeat(64);
+    enc.send(Message::Device {
+        name: &max_name,
+        version: 1,
+        bytes: b"ok",
+    })
+    .unwrap();
+    let big = vec![0u8; MAX_DEVICE_STATE + 1];
+    let err = enc
+        .send(Message::Device {
+            name: "blk",
+            version: 1,
+            bytes: &big,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, WireError::DeviceStateTooLarge { len, .. } if len == MAX_DEVICE_STATE + 1),
+        "{err}"
+    );
+    // Nothing of the refused frames was written: the stream decodes to the one good frame.
+    let stream = enc.into_inner();
+    let mut dec = Decoder::new(stream.as_slice()).unwrap();
+    let mut mem = memory(&h);
+    assert!(matches!(
+        dec.next(&mut mem).unwrap(),
+        Some(Message::Device { name, .. }) if name == max_name
+    ));
+    assert_eq!(dec.next(&mut mem).unwrap(), None);
+
+    // The receiver refuses the same, and lengths that do not add up.
+    let bad = |payload: Vec<u8>| next_error(&stream_with(&raw_frame(12, &payload)));
+    let err = bad(device_payload(1, 3, b"a b", b""));
+    assert!(matches!(err, WireError::DeviceName { .. }), "{err}");
+    let err = bad(device_payload(1, 10, b"abc", b""));
+    assert!(
+        matches!(err, WireError::DeviceNameLength { len: 10, .. }),
+        "{err}"
+    );
+    let err = bad(device_payload(1, 65, &[b'a'; 65], b""));
+    assert!(
+        matches!(err, WireError::DeviceNameLength { len: 65, .. }),
+        "{err}"
+    );
+    let err = bad(device_payload(1, 0, b"", b"state"));
+    assert!(err.to_string().contains("is empty"), "{err}");
+    let err = bad(device_payload(1, 3, b"blk", &big));
+    assert!(
+        matches!(err, WireError::DeviceStateTooLarge { .. }),
+        "{err}"
+    );
+    let err = bad(vec![1, 0, 0, 0]);
+    assert!(matches!(err, WireError::Length { min: 8, .. }), "{err}");
 }
 
 /// Valid, non-overlapping regions in shuffled slot order.
@@ -820,6 +949,39 @@ fn any_regions() -> impl Strategy<Value = Vec<Region>> {
 }
 
 proptest! {
+    #[test]
+    fn malformed_device_frames_are_rejected(
+        name in prop::collection::vec(any::<u8>(), 0..80),
+        declared in prop_oneof![
+            Just(None),
+            any::<u32>().prop_map(Some),
+            (0u32..100).prop_map(Some),
+        ],
+        state in prop::collection::vec(any::<u8>(), 0..64),
+        version in any::<u32>(),
+    ) {
+        let name_len = declared.unwrap_or(name.len() as u32);
+        let payload = device_payload(version, name_len, &name, &state);
+        let stream = stream_with(&raw_frame(12, &payload));
+        let mut dec = Decoder::new(stream.as_slice()).unwrap();
+        let mut mem = memory(&header());
+        // The declared length splits the data into a name and the state.
+        let data: Vec<u8> = name.iter().chain(&state).copied().collect();
+        let split = usize::try_from(name_len).ok().filter(|&n| n <= data.len());
+        let valid = split.is_some_and(|n| valid_device_name(&data[..n]));
+        match dec.next(&mut mem) {
+            Ok(Some(Message::Device { name: n, version: v, bytes })) => {
+                prop_assert!(valid, "accepted {:?}", n);
+                let k = split.unwrap();
+                prop_assert_eq!(n.as_bytes(), &data[..k]);
+                prop_assert_eq!(bytes, &data[k..]);
+                prop_assert_eq!(v, version);
+            }
+            Ok(other) => prop_assert!(false, "decoded {:?}", other),
+            Err(e) => prop_assert!(!valid, "refused a valid section: {}", e),
+        }
+    }
+
     #[test]
     fn any_valid_message_sequence_round_trips(
         owned in prop::collection::vec(any_message(), 0..30),
@@ -851,7 +1013,7 @@ proptest! {
     #[test]
     fn garbage_after_the_header_never_panics(
         tail in prop::collection::vec(any::<u8>(), 0..2000),
-        ty in 1u8..=10,
+        ty in 1u8..=12,
     ) {
         let mut garbage = vec![ty, 0];
         garbage.extend_from_slice(&tail);

@@ -2,8 +2,8 @@
 //! size, measured in the same run.
 //!
 //! ```text
-//! cargo run --release -p dirtylog-migrate --example kvm_loopback_throughput -- \
-//!     [MiB] [connections] [clear-log|dirty-log|ring] [huge-pages|no-huge-pages] [target: same]
+//! cargo run --release -p dirtylog-testvm --example kvm_loopback_throughput -- \
+//!     [MiB] [connections] [clear-log|dirty-log|ring|ring:ENTRIES] [huge-pages|no-huge-pages] [target: same]
 //! ```
 //!
 //! Boots an idle KVM guest of `MiB` (default 1024) whose memory the host first fills with
@@ -19,19 +19,18 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use dirtylog_migrate::{receive, send, MigrationSource, ReceiveConfig, SendConfig};
-use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
+use dirtylog_migrate::TrackerKind;
+use dirtylog_migrate::{receive, send, MigrationMemory, ReceiveConfig, SendConfig};
+use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, TargetOptions};
 use dirtylog_testvm::{GuestMemory, MemoryOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
     let mib: u64 = args.next().map_or(Ok(1024), |a| a.parse())?;
     let connections: usize = args.next().map_or(Ok(1), |a| a.parse())?;
-    let tracker = match args.next().as_deref() {
-        None | Some("clear-log") => KvmTracker::ClearLog,
-        Some("dirty-log") => KvmTracker::DirtyLog,
-        Some("ring") => KvmTracker::Ring { entries: 4096 },
-        Some(t) => return Err(format!("unknown tracker {t}").into()),
+    let tracker: TrackerKind = match args.next() {
+        None => TrackerKind::ClearLog,
+        Some(t) => t.parse()?,
     };
     let huge_pages = args.next().as_deref() != Some("no-huge-pages");
     let target_huge_pages = args
@@ -51,13 +50,13 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         ..GuestConfig::default()
     })?;
     // Fill the main slot from the host. The idle guest writes nothing.
-    let mem = MigrationSource::memory(&src, 1);
-    for page in 0..mem.len / 4096 {
+    let mem = src.region_memory(1).ok_or("the source has no region 1")?;
+    for page in 0..mem.len() / 4096 {
         // SAFETY: `page * 4096 + 8 <= len` inside the source's mapping of region 1, which
         // lives as long as `src`; no vCPU writes this memory (the guest is idle) and the
         // engine is not running yet.
         unsafe {
-            mem.ptr
+            mem.as_ptr()
                 .add(page * 4096)
                 .cast::<u64>()
                 .write_volatile(page as u64 | 1 << 63);
@@ -77,6 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 h,
                 &TargetOptions {
                     huge_pages: target_huge_pages,
+                    ..TargetOptions::default()
                 },
             )
         })

@@ -7,15 +7,19 @@
 //! on a busy host.
 //!
 //! ```text
-//! cargo run --release -p dirtylog-kvm --example kvm_perf -- [get | get-clear | ring=N]
+//! cargo run --release -p dirtylog-testvm --example kvm_perf -- [TRACKER]
 //!     [--vcpus N] [--mem-mib N] [--iterations N] [--slots N] [--json]
 //! ```
+//!
+//! `TRACKER` is a [`TrackerKind`]: `dirty-log`, `clear-log` (the default), `ring` or
+//! `ring:ENTRIES` (the older `get`, `get-clear` and `ring=N` are accepted too).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use dirtylog::perf::{run, Layer, PerfBackend, PerfConfig, PerfMode};
+use dirtylog::perf::{run, Layer, PerfBackend, PerfConfig};
 use dirtylog::selftest::BackendError;
+use dirtylog::TrackerKind;
 use dirtylog_testvm::KvmPerf;
 
 /// CPU time of the calling thread, in seconds.
@@ -74,7 +78,7 @@ fn parse(args: &[String]) -> Result<(PerfConfig, bool), String> {
         mem_per_vcpu: 1 << 30,
         iterations: 4,
         slots: 1,
-        mode: PerfMode::GetClear,
+        tracker: TrackerKind::ClearLog,
     };
     let mut json = false;
     let mut it = args.iter();
@@ -85,16 +89,20 @@ fn parse(args: &[String]) -> Result<(PerfConfig, bool), String> {
     };
     while let Some(a) = it.next() {
         match a.as_str() {
-            "get" => cfg.mode = PerfMode::Get,
-            "get-clear" => cfg.mode = PerfMode::GetClear,
+            "get" => cfg.tracker = TrackerKind::DirtyLog,
+            "get-clear" => cfg.tracker = TrackerKind::ClearLog,
             s if s.starts_with("ring=") => {
-                cfg.mode = PerfMode::Ring(s[5..].parse().map_err(|e| format!("{s}: {e}"))?)
+                cfg.tracker = s
+                    .replacen('=', ":", 1)
+                    .parse()
+                    .map_err(|e| format!("{e}"))?
             }
             "--vcpus" => cfg.vcpus = num(it.next(), a)? as u32,
             "--mem-mib" => cfg.mem_per_vcpu = num(it.next(), a)? << 20,
             "--iterations" => cfg.iterations = num(it.next(), a)? as u32,
             "--slots" => cfg.slots = num(it.next(), a)? as u32,
             "--json" => json = true,
+            s if !s.starts_with("--") => cfg.tracker = s.parse().map_err(|e| format!("{e}"))?,
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -176,7 +184,7 @@ fn measure(cfg: &PerfConfig, json: bool) -> Result<(), Box<dyn std::error::Error
          = {:.3}x",
         co / cb
     );
-    if let PerfMode::Ring(_) = cfg.mode {
+    if let TrackerKind::Ring { .. } = cfg.tracker {
         // Per entry, in wall-clock and in thread CPU time (samples follow the iterations).
         let per_entry = |l: Layer| {
             let (mut wall, mut cpu, mut n) = (0.0, 0.0, 0u64);

@@ -46,9 +46,9 @@ pub use dirtylog_kvm::{
     DirtyRings, Error, HarvestStats, Op, Result, RingFlavor, RingMap, VcpuSnapshot,
 };
 pub use guest::Program;
-pub use machine::{Machine, MachineConfig, TestRegion, Tracking};
+pub use machine::{Machine, MachineConfig, TestRegion};
 pub use memory::{GuestMemory, MemoryOptions};
 pub use perf::KvmPerf;
-pub use runner::{Runner, VcpuState};
+pub use runner::{Runner, VcpuRunState};
 pub use selftest::KvmSelftest;
 pub use vm::{KvmVcpu, KvmVm, RingSetup, Slot};

@@ -2,6 +2,10 @@
 //! never logged) and test memslots the workload writes, N vCPUs booted straight into long
 //! mode, each on its own thread, and the chosen dirty tracking.
 //!
+//! The VMM stops guests itself: [`Machine::stop`] pauses every vCPU wherever it is
+//! ([`Runner::pause`]), and [`Machine::resume`] lets them run on. Memstress and the script
+//! program are driven pass by pass through their sync exits instead.
+//!
 //! Test slots are `1..=n`, contiguous in guest-physical space from
 //! [`layout::TEST_BASE`]; the workload sees them as one range of pages. Page `p` of that
 //! range is page `p - first` of the slot containing it.
@@ -15,30 +19,15 @@ use crate::error::{Error, Result};
 use crate::guest::{control, Program};
 use crate::memory::{GuestMemory, MemoryOptions};
 use crate::ring::{DirtyRings, HarvestStats};
-use crate::runner::{Runner, VcpuState};
+use crate::runner::{Runner, VcpuRunState};
 use crate::sys::{self, KVM_MEM_LOG_DIRTY_PAGES};
+use dirtylog::TrackerKind;
+
 use crate::vm::{KvmVm, RingSetup};
 use crate::x86::{self, layout, EntryRegs};
 
 /// The system memslot's id.
 pub const SYSTEM_SLOT: u32 = 0;
-
-/// How dirty pages are tracked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum Tracking {
-    /// `KVM_GET_DIRTY_LOG`, which clears and re-protects.
-    Bitmap,
-    /// Manual protect: GET is a snapshot, `KVM_CLEAR_DIRTY_LOG` re-protects.
-    Manual {
-        /// `KVM_DIRTY_LOG_INITIALLY_SET`.
-        initially_set: bool,
-    },
-    /// Per-vCPU dirty rings of this many entries.
-    Ring {
-        /// Entries per vCPU (a power of two).
-        entries: u32,
-    },
-}
 
 /// What to build.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -51,8 +40,12 @@ pub struct MachineConfig {
     pub slot_pages: Vec<u64>,
     /// Create test slots with `KVM_MEM_LOG_DIRTY_PAGES`.
     pub log_dirty_pages: bool,
-    /// Dirty tracking.
-    pub tracking: Tracking,
+    /// The dirty tracker the VM is set up for (manual protect or the ring enabled at
+    /// creation; dirty-log needs nothing).
+    pub tracker: TrackerKind,
+    /// With [`TrackerKind::ClearLog`]: enable `KVM_DIRTY_LOG_INITIALLY_SET` (QEMU's mode;
+    /// the default). Ignored by the other trackers.
+    pub initially_set: bool,
     /// Backing of test memory.
     #[serde(skip)]
     pub memory: MemoryOptions,
@@ -67,7 +60,8 @@ impl Default for MachineConfig {
             program: Program::Stamp,
             slot_pages: vec![64 * 64 + 3],
             log_dirty_pages: true,
-            tracking: Tracking::Bitmap,
+            tracker: TrackerKind::DirtyLog,
+            initially_set: true,
             memory: MemoryOptions {
                 no_huge_pages: true,
                 populate: false,
@@ -122,8 +116,22 @@ fn script_capacity(vcpus: u32) -> u64 {
 
 impl Machine {
     /// Build the VM, load the program, create the vCPUs and start their threads. Every guest
-    /// starts parked at its first sync exit, having written nothing.
+    /// starts stopped, having written nothing: memstress and script guests parked at their
+    /// first sync exit, the others paused before their first instruction ([`Machine::resume`]
+    /// starts them).
     pub fn new(cfg: MachineConfig) -> Result<Self> {
+        Self::with_vm_setup(cfg, |_| Ok(()))
+    }
+
+    /// [`new`](Self::new), calling `setup(&vm)` on the new VM after `cfg.tracker`'s
+    /// capability is enabled and before any memslot or vCPU is created: where a VMM enables
+    /// what a `dirtylog_kvm::KvmDirtyTracker` needs (`KvmDirtyTracker::enable`, with
+    /// `cfg.tracker` left at [`TrackerKind::DirtyLog`] so that the machine enables nothing
+    /// itself, maps no ring and starts no ring watchdog).
+    pub fn with_vm_setup(
+        cfg: MachineConfig,
+        setup: impl FnOnce(&KvmVm) -> Result<()>,
+    ) -> Result<Self> {
         let page = sys::host_page_size();
         if cfg.vcpus == 0 || cfg.vcpus > control::max_vcpus(layout::CONTROL_SIZE) {
             return Err(Error::Config(format!(
@@ -146,14 +154,15 @@ impl Machine {
         }
         let top = layout::TEST_BASE + total * page;
         let mut vm = KvmVm::new()?;
-        let ring = match cfg.tracking {
-            Tracking::Bitmap => None,
-            Tracking::Manual { initially_set } => {
-                vm.enable_manual_protect(initially_set)?;
+        let ring = match cfg.tracker {
+            TrackerKind::DirtyLog => None,
+            TrackerKind::ClearLog => {
+                vm.enable_manual_protect(cfg.initially_set)?;
                 None
             }
-            Tracking::Ring { entries } => Some(vm.enable_dirty_ring(entries)?),
+            TrackerKind::Ring { entries } => Some(vm.enable_dirty_ring(entries)?),
         };
+        setup(&vm)?;
 
         let sys = Arc::new(GuestMemory::new(
             x86::system_slot_size(top) as usize,
@@ -198,7 +207,6 @@ impl Machine {
         }
 
         let ctl = layout::CONTROL;
-        sys.write_u64(ctl + control::STOP, 1);
         let mut vcpus = Vec::new();
         let mut rings = DirtyRings::new();
         for i in 0..cfg.vcpus {
@@ -210,9 +218,11 @@ impl Machine {
             );
             let (base, pages) = match cfg.program {
                 Program::Stamp | Program::Script => (layout::TEST_BASE, total),
-                Program::Memstress | Program::Dirtier | Program::DeviceDirtier => {
-                    (layout::TEST_BASE + lo * page, hi - lo)
-                }
+                Program::Memstress
+                | Program::Dirtier
+                | Program::DeviceDirtier
+                | Program::TightLoop
+                | Program::Halt => (layout::TEST_BASE + lo * page, hi - lo),
             };
             let vb = ctl + control::vcpu(i);
             sys.write_u64(vb + control::WS_BASE, base);
@@ -233,7 +243,7 @@ impl Machine {
             }
             vcpus.push(v);
         }
-        let mut runner = Runner::start(vcpus, sys.clone())?;
+        let mut runner = Runner::start_paused(vcpus, sys.clone())?;
         if let Some(r) = ring {
             runner.watch_rings(
                 rings.watches(),
@@ -252,11 +262,14 @@ impl Machine {
             ring,
             ring_progress,
         };
-        m.runner.wait_all(
-            "the vCPUs to reach their first sync",
-            Duration::from_secs(30),
-            |s| s == VcpuState::Synced,
-        )?;
+        if matches!(m.cfg.program, Program::Memstress | Program::Script) {
+            m.runner.resume();
+            m.runner.wait_all(
+                "the vCPUs to reach their first sync",
+                Duration::from_secs(30),
+                |s| s == VcpuRunState::Synced,
+            )?;
+        }
         Ok(m)
     }
 
@@ -278,6 +291,11 @@ impl Machine {
     /// The vCPU threads.
     pub fn runner(&self) -> &Runner {
         &self.runner
+    }
+
+    /// The vCPU threads, mutably (starting a ring watchdog, ...).
+    pub fn runner_mut(&mut self) -> &mut Runner {
+        &mut self.runner
     }
 
     /// The ring setup, if tracking by ring.
@@ -344,8 +362,10 @@ impl Machine {
         self.ctl(control::vcpu(i) + control::PASSES)
     }
 
-    /// Set the dirtier's working set of vCPU `i` (`pattern` 0 sequential, 1 random); takes
-    /// effect at its next sync (set it while stopped).
+    /// Set the dirtier's (or, before the first resume, the tight loop's) working set of vCPU
+    /// `i` (`pattern` 0 sequential, 1 random). The dirtier reloads it at its next budget exit,
+    /// which this forces by zeroing its budget: set it while stopped, it takes effect at the
+    /// resume.
     pub fn set_working_set(&self, i: u32, first_page: u64, pages: u64, random: bool) -> Result<()> {
         let total = self.test_pages();
         if pages == 0 || first_page.checked_add(pages).is_none_or(|e| e > total) {
@@ -360,12 +380,17 @@ impl Machine {
         );
         self.set_ctl(vb + control::WS_PAGES, pages);
         self.set_ctl(vb + control::PATTERN, random as u64);
+        self.set_ctl(vb + control::BUDGET, 0);
         Ok(())
     }
 
-    /// Dirtier busy-wait loop count between writes (global; read at each sync).
+    /// Dirtier busy-wait loop count between writes (global; read at the next budget exit,
+    /// which this forces).
     pub fn set_delay(&self, spins: u64) {
-        self.set_ctl(control::DELAY, spins)
+        self.set_ctl(control::DELAY, spins);
+        for i in 0..self.cfg.vcpus {
+            self.set_ctl(control::vcpu(i) + control::BUDGET, 0);
+        }
     }
 
     /// Dirtier rate in pages per second per vCPU (`None` = as fast as it goes).
@@ -373,30 +398,27 @@ impl Machine {
         self.runner.set_rate(rate)
     }
 
-    /// Ask looping guests to stop and wait until no vCPU can write: each is parked at a sync
-    /// exit or blocked on a full ring.
+    /// Pause every vCPU wherever its guest is ([`Runner::pause`]) and wait until none can
+    /// write: each is paused, halted, parked at a sync exit or blocked on a full ring.
     pub fn stop(&self, timeout: Duration) -> Result<()> {
-        self.set_ctl(control::STOP, 1);
-        self.runner.poke();
-        self.runner
-            .wait_all("the vCPUs to stop", timeout, VcpuState::is_stopped)
+        self.runner.pause(timeout)
     }
 
-    /// Wait until every vCPU is parked at a sync exit, zero the write counters if asked, clear
-    /// `STOP` and release them.
+    /// Wait until every vCPU is stopped, zero the write counters if asked, and let them run
+    /// ([`Runner::resume`]). vCPUs parked at a sync exit stay there (see
+    /// [`memstress_pass`](Self::memstress_pass)).
     pub fn resume(&self, reset_writes: bool, timeout: Duration) -> Result<()> {
         self.runner.wait_all(
-            "every vCPU to park at a sync exit before resuming",
+            "every vCPU to be stopped before resuming",
             timeout,
-            |s| s == VcpuState::Synced,
+            VcpuRunState::is_stopped,
         )?;
         if reset_writes {
             for i in 0..self.cfg.vcpus {
                 self.set_ctl(control::vcpu(i) + control::WRITES, 0);
             }
         }
-        self.set_ctl(control::STOP, 0);
-        self.runner.release();
+        self.runner.resume();
         Ok(())
     }
 
@@ -421,7 +443,7 @@ impl Machine {
         let before: Vec<u64> = (0..self.cfg.vcpus).map(|i| self.passes(i)).collect();
         self.runner
             .wait_all("every vCPU to park before a memstress pass", timeout, |s| {
-                s == VcpuState::Synced
+                s == VcpuRunState::Synced
             })?;
         self.set_iteration(iteration);
         self.runner.release();
@@ -441,7 +463,7 @@ impl Machine {
             match self.runner.wait_all(
                 "every vCPU to park after a memstress pass",
                 Duration::from_micros(200),
-                |s| s == VcpuState::Synced,
+                |s| s == VcpuRunState::Synced,
             ) {
                 Err(Error::Timeout { .. }) => {}
                 r => return r,
@@ -450,7 +472,7 @@ impl Machine {
                 return self.runner.wait_all(
                     "every vCPU to park after a memstress pass",
                     Duration::ZERO,
-                    |s| s == VcpuState::Synced,
+                    |s| s == VcpuRunState::Synced,
                 );
             }
             poll(self)?;

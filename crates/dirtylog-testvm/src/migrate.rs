@@ -23,31 +23,45 @@
 //!
 //! **The system slot is not dirty-logged.** It is small (1 MiB plus 4 KiB per GiB of guest
 //! memory, mostly zero pages, which travel as markers), and besides the guest (its write
-//! counters, on every write) the VMM writes it too (the `STOP` word, the pacer's `BUDGET`
-//! grants). Rather than log a page that is dirty all the time and chase the VMM's writes,
-//! [`pause`](MigrationSource::pause) marks the whole slot in its VMM bitmap once the vCPUs
+//! counters, on every write) the VMM writes it too (the pacer's `BUDGET` grants, the
+//! mailbox device's counters). Rather than log a page that is dirty all the time and chase the VMM's writes,
+//! [`pause`](Vcpus::pause) marks the whole slot in its VMM bitmap once the vCPUs
 //! are stopped, so the final round re-sends it, consistent with the paused vCPUs. Its cost is
 //! the final round's copy of a few dozen non-zero pages.
 //!
-//! # Trackers ([`KvmTracker`])
+//! # Trackers ([`TrackerKind`])
+//!
+//! The source tracks with the library's [`KvmDirtyTracker`], as any VMM would: its
+//! [`enable`](KvmDirtyTracker::enable) runs on the machine's new VM before the vCPUs exist
+//! ([`Machine::with_vm_setup`]), its slot table is the test slots (regions 1 and 2; the
+//! system slot is not in it and harvests nothing), every vCPU fd is added on the vCPU's own
+//! thread before the guest first runs, and [`DirtyTracker`] delegates to it.
 //!
 //! - `DirtyLog`: `KVM_GET_DIRTY_LOG`, which clears and re-protects; `clear` is a no-op.
 //! - `ClearLog`: manual protect with `KVM_DIRTY_LOG_INITIALLY_SET` (QEMU's mode): enabling
 //!   logging write-protects nothing and reports every page dirty; `harvest` is the GET
 //!   snapshot; the engine's per-chunk `clear` is `KVM_CLEAR_DIRTY_LOG`, which re-protects.
-//! - `Ring`: per-vCPU dirty rings. A reaper thread harvests the rings into per-region pending
-//!   bitmaps whenever one is half full (QEMU's reaper), so vCPUs rarely block on a full ring
-//!   between the engine's harvests; the harness's watchdog kicks vCPUs at the soft limit so
-//!   that this host's late ring-full exits cannot overflow a ring. `harvest` collects every
-//!   ring, resets them (`KVM_RESET_DIRTY_RINGS`) and returns the pending bits.
+//! - `Ring`: per-vCPU dirty rings. A reaper thread calls
+//!   [`harvest_rings`](KvmDirtyTracker::harvest_rings) whenever a ring is half full (QEMU's
+//!   reaper) or a vCPU is parked on a full ring, then releases the parked vCPUs
+//!   ([`Runner::ring_reset_done`](crate::Runner::ring_reset_done)), so vCPUs rarely block
+//!   between the engine's harvests; the runner's watchdog kicks a vCPU whose ring reached the
+//!   soft limit ([`KvmDirtyTracker::ring_soft_full`]) so that this host's late ring-full exits
+//!   cannot overflow a ring. `harvest` collects and resets every ring and returns the region's
+//!   pages.
+//!
+//! The VMM's own writes (the mailbox, and the whole system slot at the pause) reach the engine
+//! through [`MigrationMemory::vmm_bitmap`], not the tracker.
 //!
 //! # Pause, vCPU state, throttle
 //!
-//! Pausing sets the control region's `STOP` word, which the guest polls on every write, and
-//! waits until every vCPU is parked at its sync exit (with rings, harvesting to release a vCPU
-//! blocked on a full ring first). A parked vCPU's state is saved through a duplicate of its fd
-//! ([`VcpuSnapshot`]: registers, segments, control registers, EFER and the other MSRs, XSAVE,
-//! XCR0, events, MP state, debug registers), plus the pacer's rate as a VMM section. The
+//! Pausing kicks every vCPU out of `KVM_RUN` and parks it wherever its guest is
+//! ([`Runner::pause`](crate::Runner::pause)): no guest cooperation, so any guest can be
+//! migrated. A vCPU blocked on a full ring counts as paused (its write has not retired; it
+//! executes at the destination). A paused vCPU's state is saved on its own thread
+//! ([`Runner::with_paused_vcpu`](crate::Runner::with_paused_vcpu), [`VcpuSnapshot`]:
+//! registers, segments, control registers, EFER and the other MSRs, XSAVE, XCR0, events, MP
+//! state, debug registers), plus the pacer's rate as a VMM section. The
 //! throttle holds vCPU threads out of `KVM_RUN` for a share of every 10 ms
 //! ([`Runner::set_throttle`](crate::Runner::set_throttle)).
 //!
@@ -55,17 +69,16 @@
 //!
 //! [`KvmTarget::new`] builds a VM with the stream's memory map (the system slot must be slot 0
 //! at GPA 0) and creates the vCPUs with the host's CPUID, without loading any program: memory
-//! comes from the stream. vCPU states are loaded as they arrive; the vCPU threads start only in
-//! [`resume`](MigrationTarget::resume), after the engine has checked every region's hash. A
-//! restored vCPU first re-executes the `out` it was parked at (see
-//! [`crate::vcpu_state`]) and parks there; the target then serves the mailbox at the
-//! address the guest's control region names, applies the source's pacing, clears `STOP` and
-//! releases the vCPUs.
+//! comes from the stream. vCPU states are loaded into the vCPUs as they arrive; the vCPU
+//! threads start only in [`resume`](VcpuRestore::resume), after the engine has checked
+//! every region's hash: paused, while the target serves the mailbox at the address the guest's
+//! control region names and applies the source's pacing, then released. A source vCPU paused
+//! after an I/O exit had the instruction completed first, so a restored vCPU simply runs on.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::guest::{control, ports};
 use crate::machine::SYSTEM_SLOT;
@@ -73,15 +86,19 @@ use crate::runner::PortHandler;
 use crate::vcpu_state::{StateSpec, VcpuSnapshot, VMM_SECTION_BASE};
 use crate::x86::{self, layout};
 use crate::{
-    GuestMemory, KvmVcpu, KvmVm, Machine, MachineConfig, MemoryOptions, Program, Runner, Tracking,
-    VcpuState,
+    GuestMemory, KvmVcpu, KvmVm, Machine, MachineConfig, MemoryOptions, Program, Runner,
+    VcpuRunState,
 };
-use dirtylog::DirtyBitmap;
+use dirtylog::sync::lock;
+use dirtylog_kvm::{KvmDirtyTracker, TrackerOptions};
 
 use dirtylog_migrate::wire::{Region, StreamHeader};
 use dirtylog_migrate::VmError;
 use dirtylog_migrate::VmmDirtyBitmap;
-use dirtylog_migrate::{MigrationSource, MigrationTarget, RegionMemory};
+use dirtylog_migrate::{
+    DirtyTracker, MigrationMemory, MigrationSource, MigrationTarget, RegionMemory, TrackerKind,
+    VcpuRestore, Vcpus, VmmBits,
+};
 
 /// Pages of the device slot; the mailbox is its first page.
 pub const DEVICE_PAGES: u64 = 16;
@@ -92,35 +109,14 @@ pub const MAILBOX_RECORD: u64 = 32;
 pub const MAILBOX_CHECK: u64 = 0x6d61_696c_626f_7821;
 /// The VMM section of a vCPU blob holding the pacer's rate.
 pub const PACING_SECTION: u32 = VMM_SECTION_BASE;
-/// How long [`pause`](MigrationSource::pause) and the target's start wait for the vCPUs.
+/// How long [`pause`](Vcpus::pause) and the target's start wait for the vCPUs.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 const PAGE: u64 = 4096;
 
-/// Which KVM dirty tracker the source uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvmTracker {
-    /// `KVM_GET_DIRTY_LOG`, which clears and re-protects.
-    DirtyLog,
-    /// Manual protect with `INITIALLY_SET`: GET snapshots, chunked `KVM_CLEAR_DIRTY_LOG`.
-    ClearLog,
-    /// Per-vCPU dirty rings of this many entries (a power of two, 1024..=65536).
-    Ring {
-        /// Entries per vCPU.
-        entries: u32,
-    },
-}
-
-impl KvmTracker {
-    /// Short name, as on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            KvmTracker::DirtyLog => "dirty-log",
-            KvmTracker::ClearLog => "clear-log",
-            KvmTracker::Ring { .. } => "ring",
-        }
-    }
-}
+/// Ring sizes the source accepts: the watchdog kicks at the soft limit (64 entries short of
+/// full) and polls fast from 64 entries before it, so smaller rings would be kicked constantly.
+pub const RING_ENTRIES: std::ops::RangeInclusive<u32> = 1024..=65536;
 
 /// The guest [`KvmSource::boot`] starts.
 #[derive(Clone, Debug)]
@@ -138,8 +134,8 @@ pub struct GuestConfig {
     pub random: bool,
     /// Guest writes between mailbox requests; 0 for none.
     pub mailbox_every: u64,
-    /// The dirty tracker.
-    pub tracker: KvmTracker,
+    /// The dirty tracker (a ring of a power of two in [`RING_ENTRIES`] entries).
+    pub tracker: TrackerKind,
     /// Seed of the guests' random generators.
     pub seed: u64,
     /// Back guest memory with transparent huge pages where the host allows
@@ -147,6 +143,11 @@ pub struct GuestConfig {
     /// page, so the bulk pass's zero scan costs one fault per 2 MiB instead of per 4 KiB.
     /// Dirty tracking stays at 4 KiB (KVM splits its mappings when logging starts).
     pub huge_pages: bool,
+    /// The guest program: [`Program::DeviceDirtier`] (the default), [`Program::Dirtier`],
+    /// [`Program::TightLoop`] (never exits, polls nothing; its working set is its share of
+    /// `working_set_bytes` in the guest memory slot, which the tracker logs; `dirty_rate` and
+    /// `mailbox_every` do not apply) or [`Program::Halt`] (`cli; hlt`, writes nothing).
+    pub program: Program,
 }
 
 impl Default for GuestConfig {
@@ -158,9 +159,10 @@ impl Default for GuestConfig {
             working_set_bytes: 64 << 20,
             random: false,
             mailbox_every: 1000,
-            tracker: KvmTracker::ClearLog,
+            tracker: TrackerKind::ClearLog,
             seed: 1,
             huge_pages: true,
+            program: Program::DeviceDirtier,
         }
     }
 }
@@ -235,10 +237,6 @@ impl Mailbox {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn err(msg: impl Into<String>) -> VmError {
     msg.into().into()
 }
@@ -251,10 +249,12 @@ fn writes(sys: &GuestMemory, vcpus: u32) -> u64 {
 }
 
 fn region_memory(mem: &GuestMemory) -> RegionMemory {
-    RegionMemory {
-        ptr: mem.host_addr() as *mut u8,
-        len: mem.len(),
-    }
+    // SAFETY: `mem` is a page-aligned anonymous mapping of `len()` bytes, kept alive by the
+    // `Arc` the source or target holds for as long as it lives, which outlives any migration
+    // that borrows it. The source's pause stops every vCPU and the mailbox (the only writers)
+    // before the final round; a target's memory is touched by nobody but the engine until its
+    // vCPU threads start in `resume`.
+    unsafe { RegionMemory::new(mem.host_addr() as *mut u8, mem.len()) }
 }
 
 fn encode_pacing(rate: Option<u64>) -> Vec<u8> {
@@ -271,18 +271,17 @@ fn decode_pacing(bytes: &[u8]) -> Result<Option<u64>, VmError> {
 
 /// What the source's threads share.
 struct SourceInner {
+    // Drop order: the tracker before the machine and the memory its slot table names (the
+    // runner's watchdog holds it too, and drops it when the machine stops the threads).
+    /// The tracker over the test slots: tracker region `i` is source region `i + 1`.
+    tracker: Arc<KvmDirtyTracker>,
     machine: Mutex<Machine>,
-    tracker: KvmTracker,
     regions: Vec<Region>,
     mems: Vec<Arc<GuestMemory>>,
     sys: Arc<GuestMemory>,
     vcpus: u32,
     spec: StateSpec,
     vmm: Vec<Arc<VmmDirtyBitmap>>,
-    /// Ring mode: pages harvested from the rings, per region, not yet returned by `harvest`.
-    pending: Vec<DirtyBitmap>,
-    /// Bitmap modes: the GET buffer of each region.
-    scratch: Mutex<Vec<Vec<u64>>>,
     /// The first error of the ring reaper.
     reaper_error: Mutex<Option<String>>,
     reaper_quit: AtomicBool,
@@ -330,32 +329,47 @@ impl KvmSource {
                 cfg.mem_bytes
             )));
         }
-        let tracking = match cfg.tracker {
-            KvmTracker::DirtyLog => Tracking::Bitmap,
-            KvmTracker::ClearLog => Tracking::Manual {
-                initially_set: true,
-            },
-            KvmTracker::Ring { entries } => {
-                if !entries.is_power_of_two() || !(1024..=65536).contains(&entries) {
-                    return Err(err(format!(
-                        "a ring of {entries} entries: use a power of two from 1024 to 65536"
-                    )));
-                }
-                Tracking::Ring { entries }
+        let kind = cfg.tracker;
+        let mut opts = TrackerOptions::default();
+        if let TrackerKind::Ring { entries } = kind {
+            if !entries.is_power_of_two() || !RING_ENTRIES.contains(&entries) {
+                return Err(err(format!(
+                    "a ring of {entries} entries: use a power of two from {} to {}",
+                    RING_ENTRIES.start(),
+                    RING_ENTRIES.end()
+                )));
             }
-        };
-        let machine = Machine::new(MachineConfig {
-            vcpus: cfg.vcpus,
-            program: Program::DeviceDirtier,
-            slot_pages: vec![pages, DEVICE_PAGES],
-            log_dirty_pages: false,
-            tracking,
-            memory: MemoryOptions {
-                no_huge_pages: !cfg.huge_pages,
-                populate: false,
+            // The watchdog's kick threshold: the soft limit.
+            opts.ring_soft_full = Some(entries - dirtylog::ring::KVM_DIRTY_RING_RSVD_ENTRIES);
+        }
+        if !matches!(
+            cfg.program,
+            Program::DeviceDirtier | Program::Dirtier | Program::TightLoop | Program::Halt
+        ) {
+            return Err(err(format!(
+                "the {:?} program needs the host to drive it pass by pass; a migration source \
+                 runs the device dirtier, the dirtier, the tight loop or the halting guest",
+                cfg.program
+            )));
+        }
+        // The machine enables nothing itself: the tracker's `enable` runs before the vCPUs.
+        let mut machine = Machine::with_vm_setup(
+            MachineConfig {
+                vcpus: cfg.vcpus,
+                program: cfg.program,
+                slot_pages: vec![pages, DEVICE_PAGES],
+                log_dirty_pages: false,
+                tracker: TrackerKind::DirtyLog,
+                initially_set: false,
+                memory: MemoryOptions {
+                    no_huge_pages: !cfg.huge_pages,
+                    populate: false,
+                },
+                seed: cfg.seed,
             },
-            seed: cfg.seed,
-        })?;
+            |vm| KvmDirtyTracker::enable(vm.fd(), kind).map(|_| ()),
+        )?;
+        let tracker = track_test_slots(&mut machine, kind, opts)?;
         if cfg.huge_pages {
             for r in machine.regions() {
                 advise_huge_pages(&r.mem);
@@ -415,17 +429,7 @@ impl KvmSource {
         machine.set_rate(rate.map(|r| r as f64));
         machine.resume(false, STOP_TIMEOUT)?;
         let inner = SourceInner {
-            tracker: cfg.tracker,
-            pending: regions
-                .iter()
-                .map(|r| DirtyBitmap::new(r.size / PAGE))
-                .collect(),
-            scratch: Mutex::new(
-                regions
-                    .iter()
-                    .map(|r| vec![0; (r.size / PAGE).div_ceil(64) as usize])
-                    .collect(),
-            ),
+            tracker,
             machine: Mutex::new(machine),
             regions,
             mems,
@@ -462,7 +466,7 @@ impl KvmSource {
         self.inner.mailbox.record(vcpu)
     }
 
-    /// Whether [`pause`](MigrationSource::pause) stopped the guest and nothing resumed it.
+    /// Whether [`pause`](Vcpus::pause) stopped the guest and nothing resumed it.
     pub fn is_paused(&self) -> bool {
         self.inner.paused.load(Ordering::Acquire)
     }
@@ -473,7 +477,7 @@ impl KvmSource {
     }
 
     /// Where each vCPU thread is.
-    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+    pub fn vcpu_states(&self) -> Vec<VcpuRunState> {
         lock(&self.inner.machine).runner().states()
     }
 
@@ -507,72 +511,86 @@ impl KvmSource {
         }
     }
 
-    /// Wait until every vCPU is parked at its sync exit (after `STOP` was set).
+    /// Pause every vCPU ([`Runner::pause`]): each parked out of `KVM_RUN`, or blocked on a
+    /// full ring.
     fn wait_stopped(&self) -> Result<(), VmError> {
-        let inner = &self.inner;
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            {
-                let mut m = lock(&inner.machine);
-                m.runner().check()?;
-                let states = m.runner().states();
-                if states.iter().all(|s| *s == VcpuState::Synced) {
-                    return Ok(());
-                }
-                if states.contains(&VcpuState::RingFull) && inner.tracking.load(Ordering::Acquire) {
-                    // Release it: it finishes its write (logged in the ring) and stops.
-                    inner.reap(&mut m)?;
-                }
-                if Instant::now() > deadline {
-                    return Err(err(format!(
-                        "the vCPUs did not stop within {STOP_TIMEOUT:?} (states: {states:?})"
-                    )));
-                }
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-
-    /// The test slots (every region but the system slot): index and slot id.
-    fn test_slots(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
-        self.inner
-            .regions
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.slot != SYSTEM_SLOT)
-            .map(|(i, r)| (i, r.slot))
+        let m = lock(&self.inner.machine);
+        m.runner().check()?;
+        m.runner().pause(STOP_TIMEOUT)?;
+        Ok(())
     }
 }
 
+/// A [`KvmDirtyTracker`] of `kind` over `machine`'s test slots (in their order), with every
+/// vCPU added (on its own thread, parked before its first instruction) and, for rings, the runner's watchdog kicking a vCPU at the soft limit.
+fn track_test_slots(
+    machine: &mut Machine,
+    kind: TrackerKind,
+    opts: TrackerOptions,
+) -> Result<Arc<KvmDirtyTracker>, VmError> {
+    let mut slots = Vec::with_capacity(machine.regions().len());
+    for r in machine.regions() {
+        let s = machine
+            .vm()
+            .slot(r.slot)
+            .ok_or_else(|| err(format!("the machine has no memslot {}", r.slot)))?;
+        slots.push(dirtylog_kvm::Slot {
+            slot: s.slot,
+            guest_phys_addr: s.guest_phys_addr,
+            memory_size: s.npages * PAGE,
+            userspace_addr: s.mem.host_addr(),
+            flags: s.flags,
+        });
+    }
+    // SAFETY: `slots` are the machine's test memslots exactly as its `KvmVm` created them (id,
+    // guest address, size, host memory, flags), and nothing changes them afterwards: the
+    // source never touches them through the `KvmVm` (only this tracker toggles their logging).
+    // Their memory is pinned by the `KvmVm` (owned by the machine) and by the source's `mems`;
+    // the tracker lives in `SourceInner::tracker` (dropped before both) and in the runner's
+    // watchdog closures (dropped when the runner stops, before the machine's `KvmVm`).
+    let tracker = Arc::new(unsafe {
+        KvmDirtyTracker::with_options(machine.vm().shared_fd(), &slots, kind, opts)
+    }?);
+    // The vCPUs start paused; wait until each thread is parked (it owns its fd).
+    machine.stop(STOP_TIMEOUT)?;
+    for i in 0..machine.runner().len() {
+        let t = tracker.clone();
+        machine
+            .runner()
+            .with_paused_vcpu(i, move |fd| t.add_vcpu(fd))??;
+    }
+    if let (Some(entries), Some(soft)) = (kind.ring_entries(), opts.ring_soft_full) {
+        // Poll fast from 64 entries before the soft limit.
+        let near = soft.saturating_sub(64).clamp(1, entries);
+        let (t1, t2) = (tracker.clone(), tracker.clone());
+        machine.runner_mut().watch_ring_fill(
+            move || t1.rings_hold_at_least(near),
+            move |i| t2.ring_soft_full(i),
+        )?;
+    }
+    Ok(tracker)
+}
+
 impl SourceInner {
-    /// Collect and reset every ring into the pending bitmaps. Needs the machine locked.
-    fn reap(&self, m: &mut Machine) -> Result<(), VmError> {
-        let mut bad = None;
-        m.harvest_rings(|_, e| {
-            match self
-                .regions
-                .iter()
-                .position(|r| r.slot == e.slot && r.slot != SYSTEM_SLOT)
-            {
-                Some(i) if e.offset < self.pending[i].npages() => self.pending[i].set(e.offset),
-                _ => bad = Some((e.slot, e.offset)),
-            }
-        })?;
-        if let Some((slot, offset)) = bad {
-            return Err(err(format!(
-                "dirty ring entry for slot {slot} page {offset}, outside the guest's memory"
-            )));
-        }
+    /// Ring: harvest and reset every ring ([`KvmDirtyTracker::harvest_rings`]), then release
+    /// the vCPUs parked on a full ring, even after an error (the tracker resets what it
+    /// collected either way).
+    fn harvest_rings(&self) -> Result<(), VmError> {
+        let r = self.tracker.harvest_rings();
+        lock(&self.machine).runner().ring_reset_done();
+        r?;
         Ok(())
     }
 
     fn reaper(&self, threshold: u32) {
         while !self.reaper_quit.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(1));
-            let mut m = lock(&self.machine);
-            let blocked = m.runner().states().contains(&VcpuState::RingFull);
-            if blocked || m.rings_hold_at_least(threshold) {
-                if let Err(e) = self.reap(&mut m) {
+            let blocked = lock(&self.machine)
+                .runner()
+                .states()
+                .contains(&VcpuRunState::RingFull);
+            if blocked || self.tracker.rings_hold_at_least(threshold) {
+                if let Err(e) = self.harvest_rings() {
                     lock(&self.reaper_error).get_or_insert(e.to_string());
                     return;
                 }
@@ -588,34 +606,59 @@ impl Drop for KvmSource {
 }
 
 impl MigrationSource for KvmSource {
-    fn page_size(&self) -> u32 {
-        PAGE as u32
+    type Memory = Self;
+    type Tracker = Self;
+    type Vcpus = Self;
+
+    fn memory(&self) -> &Self {
+        self
     }
 
-    fn vcpu_count(&self) -> u32 {
-        self.inner.vcpus
+    fn tracker(&self) -> &Self {
+        self
+    }
+
+    fn vcpus(&self) -> &Self {
+        self
+    }
+
+    fn guest_progress(&self) -> u64 {
+        self.guest_writes()
+    }
+}
+
+impl MigrationMemory for KvmSource {
+    fn page_size(&self) -> u32 {
+        PAGE as u32
     }
 
     fn regions(&self) -> Vec<Region> {
         self.inner.regions.clone()
     }
 
-    fn memory(&self, index: usize) -> RegionMemory {
-        region_memory(&self.inner.mems[index])
+    fn region_memory(&self, index: usize) -> Option<RegionMemory> {
+        self.inner.mems.get(index).map(|m| region_memory(m))
     }
 
-    fn start_tracking(&self) -> Result<(), VmError> {
+    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
+        self.inner.vmm.get(index).map(|b| &**b as &dyn VmmBits)
+    }
+}
+
+impl DirtyTracker for KvmSource {
+    fn kind(&self) -> TrackerKind {
+        self.inner.tracker.kind()
+    }
+
+    fn start(&self) -> Result<(), VmError> {
         if self.inner.tracking.swap(true, Ordering::AcqRel) {
             return Err(err("dirty tracking is already on"));
         }
-        let slots: Vec<u32> = self.test_slots().map(|(_, s)| s).collect();
-        {
-            let mut m = lock(&self.inner.machine);
-            for &slot in &slots {
-                m.vm_mut().set_logging(slot, true)?;
-            }
+        if let Err(e) = self.inner.tracker.start() {
+            self.inner.tracking.store(false, Ordering::Release);
+            return Err(e.into());
         }
-        if let KvmTracker::Ring { entries } = self.inner.tracker {
+        if let Some(entries) = self.inner.tracker.kind().ring_entries() {
             self.inner.reaper_quit.store(false, Ordering::Release);
             let inner = self.inner.clone();
             let h = std::thread::Builder::new()
@@ -629,97 +672,60 @@ impl MigrationSource for KvmSource {
 
     fn harvest(&self, index: usize, out: &mut [u64]) -> Result<(), VmError> {
         let inner = &self.inner;
-        let region = &inner.regions[index];
-        if out.len() as u64 != (region.size / PAGE).div_ceil(64) {
-            return Err(err(format!(
-                "harvest buffer of {} words for slot {}",
-                out.len(),
-                region.slot
-            )));
-        }
-        if region.slot == SYSTEM_SLOT {
-            // Not logged: the VMM bitmap carries it (see the module docs).
+        let Some(t) = index.checked_sub(1) else {
+            // The system slot is not logged: the VMM bitmap carries it (see the module docs).
+            let words = (inner.regions[0].size / PAGE).div_ceil(64);
+            if out.len() as u64 != words {
+                return Err(err(format!(
+                    "harvest buffer of {} words for the system slot, which needs {words}",
+                    out.len()
+                )));
+            }
             return Ok(());
+        };
+        if inner.tracker.kind().ring_entries().is_none() {
+            return Ok(inner.tracker.harvest(t, out)?);
         }
-        match inner.tracker {
-            KvmTracker::DirtyLog | KvmTracker::ClearLog => {
-                let mut scratch = lock(&inner.scratch);
-                let buf = &mut scratch[index];
-                lock(&inner.machine).vm().get_dirty_log(region.slot, buf)?;
-                for (o, b) in out.iter_mut().zip(buf.iter()) {
-                    *o |= *b;
-                }
-            }
-            KvmTracker::Ring { .. } => {
-                if let Some(e) = lock(&inner.reaper_error).clone() {
-                    return Err(err(format!("the ring reaper failed: {e}")));
-                }
-                {
-                    let mut m = lock(&inner.machine);
-                    inner.reap(&mut m)?;
-                }
-                let pending = &inner.pending[index];
-                for (i, o) in out.iter_mut().enumerate() {
-                    if pending.load_word(i) != 0 {
-                        *o |= pending.take_word(i);
-                    }
-                }
-            }
+        if let Some(e) = lock(&inner.reaper_error).clone() {
+            return Err(err(format!("the ring reaper failed: {e}")));
         }
-        Ok(())
+        // Harvests and resets every ring: release vCPUs parked on a full one.
+        let r = inner.tracker.harvest(t, out);
+        lock(&inner.machine).runner().ring_reset_done();
+        Ok(r?)
     }
 
     fn clear(&self, index: usize, first_page: u64, bits: &[u64]) -> Result<(), VmError> {
-        let region = &self.inner.regions[index];
-        if self.inner.tracker != KvmTracker::ClearLog || region.slot == SYSTEM_SLOT {
-            return Ok(());
+        match index.checked_sub(1) {
+            None => Ok(()),
+            Some(t) => Ok(self.inner.tracker.clear(t, first_page, bits)?),
         }
-        let npages = region.size / PAGE;
-        let num = (bits.len() as u64 * 64).min(npages.saturating_sub(first_page));
-        if num == 0 {
-            return Ok(());
-        }
-        let num = u32::try_from(num).map_err(|_| err("clear of more than 2^32 pages"))?;
-        lock(&self.inner.machine)
-            .vm()
-            .clear_dirty_log(region.slot, first_page, num, bits)?;
-        Ok(())
     }
 
-    fn stop_tracking(&self) -> Result<(), VmError> {
+    fn stop(&self) -> Result<(), VmError> {
         if !self.inner.tracking.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         self.stop_reaper();
-        let slots: Vec<u32> = self.test_slots().map(|(_, s)| s).collect();
-        let mut m = lock(&self.inner.machine);
-        for &slot in &slots {
-            m.vm_mut().set_logging(slot, false)?;
+        // Rings: the last harvest hands back what is left; no vCPU may stay blocked.
+        let r = self.inner.tracker.stop();
+        if self.inner.tracker.kind().ring_entries().is_some() {
+            lock(&self.inner.machine).runner().ring_reset_done();
         }
-        if matches!(self.inner.tracker, KvmTracker::Ring { .. }) {
-            // Hand back what is left, so that no vCPU stays blocked on a full ring.
-            self.inner.reap(&mut m)?;
-            for p in &self.inner.pending {
-                for i in 0..p.words() {
-                    p.take_word(i);
-                }
-            }
-        }
-        Ok(())
+        Ok(r?)
     }
+}
 
-    fn vmm_bitmap(&self, index: usize) -> Option<&VmmDirtyBitmap> {
-        self.inner.vmm.get(index).map(|b| &**b)
+impl Vcpus for KvmSource {
+    fn vcpu_count(&self) -> u32 {
+        self.inner.vcpus
     }
 
     fn pause(&self) -> Result<(), VmError> {
         let inner = &self.inner;
-        inner.sys.write_u64(layout::CONTROL + control::STOP, 1);
-        lock(&inner.machine).runner().poke();
         if let Err(e) = self.wait_stopped() {
             // The engine resumes only a guest it paused: undo the half-done pause here.
-            inner.sys.write_u64(layout::CONTROL + control::STOP, 0);
-            lock(&inner.machine).runner().release();
+            lock(&inner.machine).runner().resume();
             return Err(e);
         }
         // Every writer is stopped: the system slot (control region, VMM-written words) goes
@@ -741,27 +747,23 @@ impl MigrationSource for KvmSource {
         Ok(())
     }
 
-    fn save_vcpu_state(&self) -> Result<Vec<Vec<u8>>, VmError> {
+    fn save_state(&self) -> Result<Vec<Vec<u8>>, VmError> {
         let m = lock(&self.inner.machine);
         let runner = m.runner();
-        if !runner.states().iter().all(|s| *s == VcpuState::Synced) {
-            return Err(err("save_vcpu_state while the vCPUs are not all parked"));
+        if !runner.is_paused() || !runner.states().iter().all(|s| s.is_parked()) {
+            return Err(err("save_vcpu_state while the vCPUs are not all paused"));
         }
         let rate = *lock(&self.inner.rate);
         (0..self.inner.vcpus)
             .map(|i| {
-                let fd = runner
-                    .vcpu_fd(i as usize)
-                    .ok_or_else(|| err(format!("no fd for vCPU {i}")))?;
-                let mut s = VcpuSnapshot::save(fd, i, &self.inner.spec)?;
+                // On the vCPU's own thread, which owns its fd.
+                let spec = self.inner.spec.clone();
+                let mut s = runner
+                    .with_paused_vcpu(i as usize, move |fd| VcpuSnapshot::save(fd, i, &spec))??;
                 s.set_vmm_section(PACING_SECTION, encode_pacing(rate))?;
                 Ok(s.encode())
             })
             .collect()
-    }
-
-    fn guest_progress(&self) -> u64 {
-        self.guest_writes()
     }
 }
 
@@ -771,16 +773,22 @@ pub struct TargetOptions {
     /// Back guest memory with transparent huge pages (`MADV_HUGEPAGE`): pages the stream
     /// leaves zero then read as the huge zero page during the hash check. Default true.
     pub huge_pages: bool,
+    /// Keep the vCPUs paused after the engine's resume, until [`KvmTarget::unpause`] (tests
+    /// compare the arrived memory with the source's before the guest runs). Default false.
+    pub start_paused: bool,
 }
 
 impl Default for TargetOptions {
     fn default() -> Self {
-        TargetOptions { huge_pages: true }
+        TargetOptions {
+            huge_pages: true,
+            start_paused: false,
+        }
     }
 }
 
 /// A KVM VM built from a migration stream's header, waiting for its memory, its vCPU states
-/// and [`resume`](MigrationTarget::resume). See the [module docs](self).
+/// and [`resume`](VcpuRestore::resume). See the [module docs](self).
 pub struct KvmTarget {
     // Drop order: the vCPU threads stop first, then the vCPUs, the VM, the memory.
     runner: Mutex<Option<Runner>>,
@@ -793,6 +801,7 @@ pub struct KvmTarget {
     sys: Arc<GuestMemory>,
     vcpu_count: u32,
     resumed: AtomicBool,
+    start_paused: bool,
 }
 
 impl std::fmt::Debug for KvmTarget {
@@ -872,6 +881,7 @@ impl KvmTarget {
             mems,
             vcpu_count: vcpus,
             resumed: AtomicBool::new(false),
+            start_paused: opts.start_paused,
         })
     }
 
@@ -900,8 +910,29 @@ impl KvmTarget {
         self.resumed.load(Ordering::Acquire)
     }
 
+    /// Pause the guest's vCPUs (after the resume; see [`Runner::pause`]).
+    pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
+        let runner = lock(&self.runner);
+        let r = runner
+            .as_ref()
+            .ok_or_else(|| err("the target has not resumed"))?;
+        r.pause(timeout)?;
+        Ok(())
+    }
+
+    /// Let the guest's vCPUs run (after [`pause`](Self::pause), or with
+    /// [`TargetOptions::start_paused`]).
+    pub fn unpause(&self) -> Result<(), VmError> {
+        let runner = lock(&self.runner);
+        let r = runner
+            .as_ref()
+            .ok_or_else(|| err("the target has not resumed"))?;
+        r.resume();
+        Ok(())
+    }
+
     /// Where each vCPU thread is (empty before the resume).
-    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+    pub fn vcpu_states(&self) -> Vec<VcpuRunState> {
         lock(&self.runner)
             .as_ref()
             .map_or_else(Vec::new, Runner::states)
@@ -939,16 +970,21 @@ impl KvmTarget {
             .copied()
             .flatten()
             .unwrap_or(None);
-        let runner = Runner::start(vcpus, self.sys.clone())?;
+        // Paused until the devices and the pacing are in place.
+        let runner = Runner::start_paused(vcpus, self.sys.clone())?;
+        let store = |r| *lock(&self.runner) = Some(r);
         // The mailbox the guest's control region names, if any.
         let gpa = self.sys.read_u64(layout::CONTROL + control::MAILBOX);
         if gpa != 0 {
-            let (i, r) = self
+            let found = self
                 .regions
                 .iter()
                 .enumerate()
-                .find(|(_, r)| gpa >= r.gpa && gpa + PAGE <= r.gpa + r.size)
-                .ok_or_else(|| err(format!("the guest's mailbox {gpa:#x} is in no region")))?;
+                .find(|(_, r)| gpa >= r.gpa && gpa + PAGE <= r.gpa + r.size);
+            let Some((i, r)) = found else {
+                store(runner);
+                return Err(err(format!("the guest's mailbox {gpa:#x} is in no region")));
+            };
             let mailbox = Arc::new(Mailbox {
                 mem: self.mems[i].clone(),
                 offset: gpa - r.gpa,
@@ -957,34 +993,54 @@ impl KvmTarget {
                 track: Arc::new(AtomicBool::new(false)),
                 served: AtomicU64::new(0),
             });
-            runner.set_port_handler(ports::MAILBOX, mailbox.handler())?;
+            if let Err(e) = runner.set_port_handler(ports::MAILBOX, mailbox.handler()) {
+                store(runner);
+                return Err(e.into());
+            }
             *lock(&self.mailbox) = Some(mailbox);
         }
-        // Every vCPU re-executes the `out` it was saved at and parks there.
-        let parked = runner.wait_all(
-            "the restored vCPUs to park at their sync exit",
-            STOP_TIMEOUT,
-            |s| s == VcpuState::Synced,
-        );
-        let store = |r| *lock(&self.runner) = Some(r);
-        if let Err(e) = parked {
-            store(runner);
-            return Err(e.into());
-        }
         runner.set_rate(rate.map(|r| r as f64));
-        self.sys.write_u64(layout::CONTROL + control::STOP, 0);
-        runner.release();
+        if !self.start_paused {
+            runner.resume();
+        }
         store(runner);
         Ok(())
     }
 }
 
 impl MigrationTarget for KvmTarget {
-    fn memory(&self, index: usize) -> RegionMemory {
-        region_memory(&self.mems[index])
+    type Memory = Self;
+    type Vcpus = Self;
+
+    fn memory(&self) -> &Self {
+        self
     }
 
-    fn restore_vcpu_state(&self, vcpu_id: u32, blob: &[u8]) -> Result<(), VmError> {
+    fn vcpus(&self) -> &Self {
+        self
+    }
+
+    fn guest_progress(&self) -> u64 {
+        self.guest_writes()
+    }
+}
+
+impl MigrationMemory for KvmTarget {
+    fn page_size(&self) -> u32 {
+        PAGE as u32
+    }
+
+    fn regions(&self) -> Vec<Region> {
+        self.regions.clone()
+    }
+
+    fn region_memory(&self, index: usize) -> Option<RegionMemory> {
+        self.mems.get(index).map(|m| region_memory(m))
+    }
+}
+
+impl VcpuRestore for KvmTarget {
+    fn restore_state(&self, vcpu_id: u32, blob: &[u8]) -> Result<(), VmError> {
         let s = VcpuSnapshot::decode(blob)?;
         if s.vcpu_id != vcpu_id {
             return Err(err(format!(
@@ -1012,10 +1068,6 @@ impl MigrationTarget for KvmTarget {
         self.start()?;
         self.resumed.store(true, Ordering::Release);
         Ok(())
-    }
-
-    fn guest_progress(&self) -> u64 {
-        self.guest_writes()
     }
 }
 

@@ -29,16 +29,17 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dirtylog::perf::{Layer, PerfBackend, PerfConfig, PerfMode};
+use dirtylog::perf::{Layer, PerfBackend, PerfConfig};
 use dirtylog::ring::{KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_MASK, KVM_DIRTY_GFN_F_RESET};
 use dirtylog::selftest::BackendError;
+use dirtylog::TrackerKind;
 use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log};
 
 use crate::error::{Error, Op, Result};
 use crate::guest::Program;
-use crate::machine::{Machine, MachineConfig, Tracking};
+use crate::machine::{Machine, MachineConfig};
 use crate::memory::MemoryOptions;
-use crate::runner::VcpuState;
+use crate::runner::VcpuRunState;
 use crate::sys;
 
 /// Ioctl request numbers, computed once so the bare layer is only the system call.
@@ -113,19 +114,13 @@ impl KvmPerf {
                  more slots"
             ))
         })?;
-        let tracking = match cfg.mode {
-            PerfMode::Get => Tracking::Bitmap,
-            PerfMode::GetClear => Tracking::Manual {
-                initially_set: true,
-            },
-            PerfMode::Ring(entries) => Tracking::Ring { entries },
-        };
         let m = Machine::new(MachineConfig {
             vcpus: cfg.vcpus,
             program: Program::Memstress,
             slot_pages: vec![per_slot; cfg.slots as usize],
             log_dirty_pages: false,
-            tracking,
+            tracker: cfg.tracker,
+            initially_set: true,
             memory: MemoryOptions {
                 no_huge_pages: true,
                 populate: false,
@@ -134,8 +129,8 @@ impl KvmPerf {
         })?;
         let slots: Vec<(u32, u32)> = m.regions().iter().map(|r| (r.slot, per_slot32)).collect();
         let words = sys::bitmap_words(per_slot);
-        let ring_entries = match cfg.mode {
-            PerfMode::Ring(n) => n as usize * cfg.vcpus as usize,
+        let ring_entries = match cfg.tracker {
+            TrackerKind::Ring { entries } => entries as usize * cfg.vcpus as usize,
             _ => 0,
         };
         // Faulted in now, like our harvester's buffer, which the passes' harvests grow.
@@ -196,7 +191,7 @@ impl KvmPerf {
     }
 
     fn get_ours(&mut self) -> Result<u64> {
-        if let PerfMode::Ring(_) = self.cfg.mode {
+        if let TrackerKind::Ring { .. } = self.cfg.tracker {
             self.sync_rings()?;
             return Ok(self.m.collect_rings(|_, _| {})?.collected);
         }
@@ -209,10 +204,10 @@ impl KvmPerf {
     }
 
     fn clear_ours(&mut self) -> Result<u64> {
-        match self.cfg.mode {
-            PerfMode::Ring(_) => self.m.reset_rings(),
-            PerfMode::Get => Ok(0),
-            PerfMode::GetClear => {
+        match self.cfg.tracker {
+            TrackerKind::Ring { .. } => self.m.reset_rings(),
+            TrackerKind::DirtyLog => Ok(0),
+            TrackerKind::ClearLog => {
                 let mut n = 0;
                 for (&(slot, pages), buf) in self.slots.iter().zip(self.bufs.iter()) {
                     self.m.vm().clear_dirty_log(slot, 0, pages, buf)?;
@@ -224,7 +219,7 @@ impl KvmPerf {
     }
 
     fn get_bare(&mut self) -> Result<u64> {
-        if let PerfMode::Ring(_) = self.cfg.mode {
+        if let TrackerKind::Ring { .. } = self.cfg.tracker {
             return self.ring_get_bare();
         }
         let fd = self.m.vm().as_raw_fd();
@@ -248,10 +243,10 @@ impl KvmPerf {
     }
 
     fn clear_bare(&mut self) -> Result<u64> {
-        match self.cfg.mode {
-            PerfMode::Ring(_) => self.ring_reset_bare(),
-            PerfMode::Get => Ok(0),
-            PerfMode::GetClear => {
+        match self.cfg.tracker {
+            TrackerKind::Ring { .. } => self.ring_reset_bare(),
+            TrackerKind::DirtyLog => Ok(0),
+            TrackerKind::ClearLog => {
                 let fd = self.m.vm().as_raw_fd();
                 let mut n = 0;
                 for (&(slot, pages), buf) in self.slots.iter().zip(self.bare_bufs.iter_mut()) {
@@ -341,10 +336,10 @@ impl KvmPerf {
 
 impl PerfBackend for KvmPerf {
     fn describe(&self) -> String {
-        let mode = match self.cfg.mode {
-            PerfMode::Get => "GET".to_string(),
-            PerfMode::GetClear => "GET+CLEAR (manual protect, INITIALLY_SET)".to_string(),
-            PerfMode::Ring(n) => match self.m.ring() {
+        let mode = match self.cfg.tracker {
+            TrackerKind::DirtyLog => "GET".to_string(),
+            TrackerKind::ClearLog => "GET+CLEAR (manual protect, INITIALLY_SET)".to_string(),
+            TrackerKind::Ring { entries: n } => match self.m.ring() {
                 Some(r) => format!("dirty ring {n} entries ({:?})", r.flavor),
                 None => format!("dirty ring {n} entries"),
             },
@@ -372,7 +367,8 @@ impl PerfBackend for KvmPerf {
         let half = (ring.entries / 2).max(1);
         let (mut entries, mut harvests) = (0u64, 0u64);
         self.m.memstress_pass_with(iteration, self.timeout, |m| {
-            if m.rings_hold_at_least(half) || m.runner().states().contains(&VcpuState::RingFull) {
+            if m.rings_hold_at_least(half) || m.runner().states().contains(&VcpuRunState::RingFull)
+            {
                 entries += m.harvest_rings(|_, _| {})?.collected;
                 harvests += 1;
             }

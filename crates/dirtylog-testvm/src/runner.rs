@@ -3,31 +3,44 @@
 //!
 //! | exit | what the vCPU thread does |
 //! |---|---|
-//! | `out` to [`ports::SYNC`] | parks (state [`VcpuState::Synced`]) until the host calls [`Runner::release`] |
+//! | `out` to [`ports::SYNC`] | completes the `out`, parks ([`VcpuRunState::Synced`]) until the host calls [`Runner::release`] |
 //! | `out` to [`ports::BUDGET`] | paces the dirtier: grants write budget per [`Runner::set_rate`], sleeping as needed |
 //! | `out` to a device port | calls its handler ([`Runner::set_port_handler`]), re-enters |
-//! | `KVM_EXIT_DIRTY_RING_FULL` (31) | counts it, parks ([`VcpuState::RingFull`]) until the host has harvested and reset the rings ([`Runner::ring_reset_done`]), then re-enters |
-//! | `EINTR` / `EAGAIN` | re-enters |
-//! | HLT, shutdown, internal error, failed entry, anything else | stops with [`Error::Guest`] carrying the registers |
+//! | `KVM_EXIT_DIRTY_RING_FULL` (31) | counts it, parks ([`VcpuRunState::RingFull`]) until the host has harvested and reset the rings ([`Runner::ring_reset_done`]), then re-enters |
+//! | HLT | parks ([`VcpuRunState::Halted`]) until the host resumes, pauses or shuts down; re-enters on [`Runner::resume`] |
+//! | `EINTR` / `EAGAIN` | checks the host's requests (pause, shutdown, throttle), re-enters |
+//! | shutdown, internal error, failed entry, anything else | stops with [`Error::Guest`] carrying the registers |
 //!
-//! Guests poll the `STOP` word of the control region, so stopping them is a memory write plus
-//! a wait for every vCPU to reach a parked state. Signals ([`kick_signal`]) are used only to
-//! force a vCPU out of `KVM_RUN`: at shutdown, and by the ring watchdog
-//! ([`Runner::watch_rings`]), which kicks a vCPU whose ring has reached the soft limit so that
-//! KVM's next entry takes the ring-full exit. Some hosts (PVM, measured: exits 0–64 entries past
-//! the soft limit, at arbitrary guest instructions) act on the soft-full request only when the
-//! vCPU next leaves for userspace or takes a host interrupt, not right after the faulting write
-//! is logged; without the kick a fast writer overruns the 64 reserved entries and KVM
-//! overwrites entries not yet harvested (a `WARN` in `kvm_dirty_ring_push`, lost dirty pages,
-//! and a ring that never resynchronises: see [`Error::RingOverflow`]).
+//! # Pausing any guest
+//!
+//! The VMM pauses vCPUs whatever their guest does ([`Runner::pause`]): it sets each vCPU's
+//! pause request and kicks the thread out of `KVM_RUN` ([`kick_signal`]; race-free through
+//! `kvm_run.immediate_exit`, see [`kick`]), re-kicking until every thread has parked. A
+//! thread parks ([`VcpuRunState::Paused`]) at its next check of the request, after
+//! completing a pending I/O exit (a `KVM_RUN` with `immediate_exit = 1`, which finishes the
+//! instruction and returns `EINTR` without entering the guest), so that a vCPU's saved state
+//! never holds a half-done `out`. Threads parked elsewhere (sync, full ring, halted) count as
+//! paused and park as paused when released. [`Runner::with_paused_vcpu`] runs a closure on a
+//! parked vCPU's own thread, with its `VcpuFd` (saving and restoring vCPU state).
+//! Throttling ([`Runner::set_throttle`]) and shutdown kick the same way.
+//!
+//! # Dirty rings on late hosts
+//!
+//! The ring watchdog ([`Runner::watch_rings`]) kicks a vCPU whose ring has reached the soft
+//! limit so that KVM's next entry takes the ring-full exit. Some hosts (PVM, measured: exits
+//! 0–64 entries past the soft limit, at arbitrary guest instructions) act on the soft-full
+//! request only when the vCPU next leaves for userspace or takes a host interrupt, not right
+//! after the faulting write is logged; without the kick a fast writer overruns the 64 reserved
+//! entries and KVM overwrites entries not yet harvested (a `WARN` in `kvm_dirty_ring_push`,
+//! lost dirty pages, and a ring that never resynchronises: see [`Error::RingOverflow`]).
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_regs;
-use kvm_ioctls::VcpuExit;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::error::{Error, Op, Result};
 use crate::guest::{control, ports};
@@ -38,35 +51,13 @@ use crate::vm::KvmVcpu;
 use crate::x86::{describe_state, layout};
 
 mod devices;
+pub mod kick;
+mod pause;
 mod throttle;
 pub use devices::PortHandler;
+pub use kick::kick_signal;
+pub use pause::PAUSE_REKICK;
 pub use throttle::THROTTLE_PERIOD;
-
-/// The signal used to kick vCPU threads out of `KVM_RUN`: `SIGRTMIN() + 1`, with a handler
-/// that does nothing (its only effect is that `KVM_RUN` returns `EINTR`).
-pub fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN() + 1
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn install_kick_handler() -> Result<()> {
-    static ONCE: Once = Once::new();
-    static FAILED: AtomicI32 = AtomicI32::new(0);
-    ONCE.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
-            FAILED.store(e.errno(), Ordering::Release);
-        }
-    });
-    let failed = FAILED.load(Ordering::Acquire);
-    if failed != 0 {
-        return Err(Error::Kvm {
-            op: Op::Signal,
-            errno: failed,
-        });
-    }
-    Ok(())
-}
 
 /// How often the ring watchdog looks at the rings. With the 64 reserved entries, a guest
 /// faulting every 10 µs leaves the watchdog about 600 µs after the soft limit.
@@ -86,31 +77,46 @@ fn make_realtime() -> bool {
     unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &p) == 0 }
 }
 
-/// Where a vCPU thread is.
+/// Where a vCPU thread is (not the saved vCPU state: see [`crate::vcpu_state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum VcpuState {
+pub enum VcpuRunState {
     /// In (or about to enter) `KVM_RUN`.
     Running,
-    /// Parked at a sync exit, waiting for [`Runner::release`].
+    /// Parked at a sync exit (its `out` completed), waiting for [`Runner::release`].
     Synced,
     /// Parked after a dirty-ring-full exit, waiting for [`Runner::ring_reset_done`].
     RingFull,
     /// Sleeping for write budget (dirtier).
     Paced,
+    /// Parked after the guest executed `HLT`, until [`Runner::resume`].
+    Halted,
+    /// Parked at the host's request ([`Runner::pause`]), until [`Runner::resume`].
+    Paused,
     /// The thread ended normally (on shutdown).
     Done,
     /// The thread ended with an error.
     Failed,
 }
 
-impl VcpuState {
-    /// Parked where it cannot write guest memory: synced, or blocked on a full ring (whose
-    /// pending write has not retired). Done and failed threads cannot write either.
+impl VcpuRunState {
+    /// Out of `KVM_RUN` and staying out until the host acts: paused, halted, synced, or
+    /// blocked on a full ring (whose pending write has not retired). Done and failed threads
+    /// cannot run either. What [`Runner::pause`] waits for.
     pub fn is_stopped(self) -> bool {
         matches!(
             self,
-            VcpuState::Synced | VcpuState::RingFull | VcpuState::Done | VcpuState::Failed
+            VcpuRunState::Synced
+                | VcpuRunState::RingFull
+                | VcpuRunState::Halted
+                | VcpuRunState::Paused
+                | VcpuRunState::Done
+                | VcpuRunState::Failed
         )
+    }
+
+    /// Stopped, with a live thread that can run a closure ([`Runner::with_paused_vcpu`]).
+    pub fn is_parked(self) -> bool {
+        self.is_stopped() && !matches!(self, VcpuRunState::Done | VcpuRunState::Failed)
     }
 }
 
@@ -129,16 +135,34 @@ struct Pacing {
 /// otherwise a paced dirtier would defeat auto-converge's throttling by catching up.
 const PACING_BURST: f64 = 0.01;
 
-#[derive(Debug)]
+/// A closure to run on a parked vCPU's thread ([`Runner::with_paused_vcpu`]).
+type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct State {
-    vcpus: Vec<VcpuState>,
+    vcpus: Vec<VcpuRunState>,
     errors: Vec<Option<Error>>,
     release_gen: u64,
     ring_gen: u64,
+    /// Bumped by every [`Runner::resume`] (wakes halted vCPUs).
+    resume_gen: u64,
     quit: bool,
     pacing: Pacing,
     /// Per vCPU, the registers at its last ring-full exit.
     ring_full_regs: Vec<Option<kvm_regs>>,
+    /// Per vCPU, a closure its parked thread is to run.
+    jobs: Vec<Option<Job>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("vcpus", &self.vcpus)
+            .field("release_gen", &self.release_gen)
+            .field("ring_gen", &self.ring_gen)
+            .field("resume_gen", &self.resume_gen)
+            .field("quit", &self.quit)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -156,45 +180,34 @@ struct Shared {
     watchdog_rt: AtomicBool,
     /// Per vCPU: inside `KVM_RUN` (or about to enter it).
     in_run: Vec<AtomicBool>,
+    /// Per vCPU: the host asks it to park ([`Runner::pause`]). Set before the kick.
+    pause_req: Vec<AtomicBool>,
     /// Device port handlers ([`Runner::set_port_handler`]).
     ports: devices::Ports,
-    /// Duplicates of the vCPU fds ([`Runner::vcpu_fd`]).
-    state_fds: Vec<std::fs::File>,
     /// vCPU throttling ([`Runner::set_throttle`]).
     throttle: throttle::Throttle,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        match self.st.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        dirtylog::sync::lock(&self.st)
     }
 
     fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        match self.cv.wait(g) {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        dirtylog::sync::wait(&self.cv, g)
     }
 
     fn wait_timeout<'a>(&self, g: MutexGuard<'a, State>, d: Duration) -> MutexGuard<'a, State> {
-        match self.cv.wait_timeout(g, d) {
-            Ok((g, _)) => g,
-            Err(p) => p.into_inner().0,
-        }
+        dirtylog::sync::wait_timeout(&self.cv, g, d)
     }
 
-    /// Send the kick signal to vCPU thread `i`.
+    /// Send the kick signal to vCPU thread `i` (see [`kick`]).
     fn kick(&self, i: usize) {
-        let t = match self.pthreads.lock() {
-            Ok(g) => g.get(i).copied(),
-            Err(p) => p.into_inner().get(i).copied(),
-        };
+        let t = dirtylog::sync::lock(&self.pthreads).get(i).copied();
         if let Some(t) = t {
             // SAFETY: `t` is a thread of this runner that has not been joined (threads are
-            // joined only after kicking stops), and the signal has a no-op handler.
+            // joined only after kicking stops), and the signal's handler only sets the
+            // thread's registered `immediate_exit` byte.
             unsafe { libc::pthread_kill(t, kick_signal()) };
             self.kicks.fetch_add(1, Ordering::Relaxed);
         }
@@ -205,35 +218,76 @@ impl Shared {
             .read_u64(layout::CONTROL + control::vcpu(i as u32) + field)
     }
 
-    /// Park at a sync exit until released. False if the runner is shutting down.
-    fn park_sync(&self, i: usize) -> bool {
-        self.sync_exits[i].fetch_add(1, Ordering::Relaxed);
+    fn pause_requested(&self, i: usize) -> bool {
+        self.pause_req[i].load(Ordering::SeqCst)
+    }
+
+    /// Park vCPU `i`'s thread in `state` until `done(state)` holds, running the closures the
+    /// host hands it meanwhile ([`Runner::with_paused_vcpu`]). False if the runner is shutting
+    /// down.
+    fn park(
+        &self,
+        i: usize,
+        vcpu: &mut KvmVcpu,
+        state: VcpuRunState,
+        done: impl Fn(&Self, &State) -> bool,
+    ) -> bool {
         let mut st = self.lock();
-        let gen = st.release_gen;
-        st.vcpus[i] = VcpuState::Synced;
+        st.vcpus[i] = state;
         self.cv.notify_all();
-        while st.release_gen == gen && !st.quit {
+        loop {
+            if st.quit {
+                st.jobs[i] = None;
+                return false;
+            }
+            if let Some(job) = st.jobs[i].take() {
+                drop(st);
+                // A panicking closure drops its result channel: the caller gets an error, and
+                // this thread lives on.
+                let fd = vcpu.fd_mut();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || job(fd)));
+                st = self.lock();
+                continue;
+            }
+            if done(self, &st) {
+                break;
+            }
             st = self.wait(st);
         }
-        st.vcpus[i] = VcpuState::Running;
-        !st.quit
+        st.vcpus[i] = VcpuRunState::Running;
+        true
+    }
+
+    /// Park at a sync exit until released.
+    fn park_sync(&self, i: usize, vcpu: &mut KvmVcpu) -> bool {
+        self.sync_exits[i].fetch_add(1, Ordering::Relaxed);
+        let gen = self.lock().release_gen;
+        self.park(i, vcpu, VcpuRunState::Synced, |_, st| st.release_gen != gen)
     }
 
     /// Park after a ring-full exit until a harvest that started after `gen` finished.
-    fn park_ring_full(&self, i: usize, gen: u64, regs: Option<kvm_regs>) -> bool {
+    fn park_ring_full(&self, i: usize, vcpu: &mut KvmVcpu, gen: u64) -> bool {
         self.ring_full[i].fetch_add(1, Ordering::Relaxed);
-        let mut st = self.lock();
-        st.ring_full_regs[i] = regs;
-        st.vcpus[i] = VcpuState::RingFull;
-        self.cv.notify_all();
-        while st.ring_gen == gen && !st.quit {
-            st = self.wait(st);
-        }
-        st.vcpus[i] = VcpuState::Running;
-        !st.quit
+        let regs = vcpu.fd().get_regs().ok();
+        self.lock().ring_full_regs[i] = regs;
+        self.park(i, vcpu, VcpuRunState::RingFull, |_, st| st.ring_gen != gen)
     }
 
-    /// Grant the dirtier more budget, sleeping until its rate allows at least one write.
+    /// Park after `HLT` until the host resumes (or the thread has a closure to run).
+    fn park_halted(&self, i: usize, vcpu: &mut KvmVcpu) -> bool {
+        let gen = self.lock().resume_gen;
+        self.park(i, vcpu, VcpuRunState::Halted, |_, st| st.resume_gen != gen)
+    }
+
+    /// Park at the host's request until it resumes.
+    fn park_paused(&self, i: usize, vcpu: &mut KvmVcpu) -> bool {
+        self.park(i, vcpu, VcpuRunState::Paused, |sh, _| {
+            !sh.pause_requested(i)
+        })
+    }
+
+    /// Grant the dirtier more budget, sleeping until its rate allows at least one write. Gives
+    /// up (granting nothing) when the host pauses the vCPU.
     fn pace(&self, i: usize) -> bool {
         let budget_off = layout::CONTROL + control::vcpu(i as u32) + control::BUDGET;
         let mut st = self.lock();
@@ -241,7 +295,7 @@ impl Shared {
             if st.quit {
                 return false;
             }
-            if self.sys.read_u64(layout::CONTROL + control::STOP) != 0 {
+            if self.pause_requested(i) {
                 break;
             }
             let Some(rate) = st.pacing.rate else {
@@ -265,11 +319,11 @@ impl Shared {
             }
             let need = writes as f64 + quantum - st.pacing.base[i];
             let wake = Duration::from_secs_f64((need / rate.max(1e-9) - el).clamp(1e-4, 0.05));
-            st.vcpus[i] = VcpuState::Paced;
+            st.vcpus[i] = VcpuRunState::Paced;
             st = self.wait_timeout(st, wake);
-            st.vcpus[i] = VcpuState::Running;
+            st.vcpus[i] = VcpuRunState::Running;
         }
-        st.vcpus[i] = VcpuState::Running;
+        st.vcpus[i] = VcpuRunState::Running;
         true
     }
 }
@@ -278,6 +332,7 @@ impl Shared {
 enum Exit {
     Out(u16),
     RingFull,
+    Hlt,
     Retry,
     Fatal(String),
 }
@@ -295,12 +350,14 @@ fn internal_error(vcpu: &mut KvmVcpu) -> String {
     )
 }
 
+/// One `KVM_RUN`, then clear `immediate_exit` (a kick that lands after this point is seen by
+/// the caller's next check of the host's requests, which were recorded before the kick).
 fn run_once(vcpu: &mut KvmVcpu) -> Exit {
     let r = match vcpu.fd_mut().run() {
         Ok(VcpuExit::IoOut(port, _)) => Exit::Out(port),
         Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => Exit::RingFull,
         Ok(VcpuExit::Intr) => Exit::Retry,
-        Ok(VcpuExit::Hlt) => Exit::Fatal("unexpected HLT".into()),
+        Ok(VcpuExit::Hlt) => Exit::Hlt,
         Ok(VcpuExit::Shutdown) => {
             Exit::Fatal("shutdown (triple fault: the guest took an exception)".into())
         }
@@ -316,13 +373,43 @@ fn run_once(vcpu: &mut KvmVcpu) -> Exit {
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Retry,
         Err(e) => Exit::Fatal(Error::from_sys(Op::Run, e).to_string()),
     };
+    vcpu.fd_mut().set_kvm_immediate_exit(0);
     match r {
         Exit::Fatal(s) if s.is_empty() => Exit::Fatal(internal_error(vcpu)),
         r => r,
     }
 }
 
+/// Complete the instruction of the last I/O exit without entering the guest: `KVM_RUN` with
+/// `immediate_exit = 1` runs KVM's pending completion (an `out` moves `rip` past itself) and
+/// returns `EINTR`. Afterwards the vCPU's state is that of a finished instruction, so it can be
+/// saved and restored elsewhere, where it simply runs on.
+fn complete_pending_io(i: usize, vcpu: &mut KvmVcpu, pending: &mut bool) -> Result<()> {
+    if !std::mem::take(pending) {
+        return Ok(());
+    }
+    vcpu.fd_mut().set_kvm_immediate_exit(1);
+    let r = vcpu.fd_mut().run().map(|e| format!("{e:?}"));
+    vcpu.fd_mut().set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(Error::from_sys(Op::Run, e)),
+        Ok(exit) => Err(Error::Guest {
+            vcpu: i as u32,
+            what: format!(
+                "KVM_RUN with immediate_exit set entered the guest (exit {exit}); {}",
+                describe_state(vcpu.fd())
+            ),
+        }),
+    }
+}
+
 fn vcpu_loop(i: usize, vcpu: &mut KvmVcpu, sh: &Shared) -> Result<()> {
+    // SAFETY: `_kick` is dropped at the end of this function, on this thread, while `vcpu`
+    // (borrowed for the whole call) is still alive and in place.
+    let _kick = unsafe { kick::KickTarget::register(vcpu) };
+    // The last exit was an I/O exit whose instruction KVM completes at the next KVM_RUN.
+    let mut io_pending = false;
     loop {
         let ring_gen = {
             let st = sh.lock();
@@ -331,14 +418,29 @@ fn vcpu_loop(i: usize, vcpu: &mut KvmVcpu, sh: &Shared) -> Result<()> {
             }
             st.ring_gen
         };
-        sh.throttle.hold(i, &sh.watch_quit);
-        sh.in_run[i].store(true, Ordering::Release);
+        if sh.pause_requested(i) {
+            complete_pending_io(i, vcpu, &mut io_pending)?;
+            if !sh.park_paused(i, vcpu) {
+                return Ok(());
+            }
+            continue;
+        }
+        sh.throttle.hold(i, || {
+            sh.watch_quit.load(Ordering::Acquire) || sh.pause_requested(i)
+        });
+        sh.in_run[i].store(true, Ordering::SeqCst);
         let exit = run_once(vcpu);
-        sh.in_run[i].store(false, Ordering::Release);
+        sh.in_run[i].store(false, Ordering::SeqCst);
+        // Any KVM_RUN, even one that returned EINTR at once, completed the previous exit.
+        io_pending = matches!(exit, Exit::Out(_));
         let go_on = match exit {
-            Exit::Out(ports::SYNC) => sh.park_sync(i),
+            Exit::Out(ports::SYNC) => {
+                complete_pending_io(i, vcpu, &mut io_pending)?;
+                sh.park_sync(i, vcpu)
+            }
             Exit::Out(ports::BUDGET) => sh.pace(i),
-            Exit::RingFull => sh.park_ring_full(i, ring_gen, vcpu.fd().get_regs().ok()),
+            Exit::RingFull => sh.park_ring_full(i, vcpu, ring_gen),
+            Exit::Hlt => sh.park_halted(i, vcpu),
             Exit::Retry => true,
             // A device port: the handler ran (on this thread); re-enter.
             Exit::Out(port) if sh.ports.call(port, i) => true,
@@ -376,14 +478,26 @@ impl Runner {
     /// Start one thread per vCPU (already set up to run), in `KVM_RUN` at once. `sys` is the
     /// system memory holding the control region.
     pub fn start(vcpus: Vec<KvmVcpu>, sys: Arc<GuestMemory>) -> Result<Self> {
-        install_kick_handler()?;
+        Self::spawn(vcpus, sys, false)
+    }
+
+    /// Start one thread per vCPU, paused: each parks ([`VcpuRunState::Paused`]) before its
+    /// first `KVM_RUN`, until [`resume`](Self::resume). Lets the VMM register its devices and
+    /// pacing before any guest instruction runs.
+    pub fn start_paused(vcpus: Vec<KvmVcpu>, sys: Arc<GuestMemory>) -> Result<Self> {
+        Self::spawn(vcpus, sys, true)
+    }
+
+    fn spawn(vcpus: Vec<KvmVcpu>, sys: Arc<GuestMemory>, paused: bool) -> Result<Self> {
+        kick::install_kick_handler()?;
         let n = vcpus.len();
         let sh = Arc::new(Shared {
             st: Mutex::new(State {
-                vcpus: vec![VcpuState::Running; n],
+                vcpus: vec![VcpuRunState::Running; n],
                 errors: (0..n).map(|_| None).collect(),
                 release_gen: 0,
                 ring_gen: 0,
+                resume_gen: 0,
                 quit: false,
                 pacing: Pacing {
                     rate: None,
@@ -391,6 +505,7 @@ impl Runner {
                     base: vec![0.0; n],
                 },
                 ring_full_regs: vec![None; n],
+                jobs: (0..n).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
             sys,
@@ -401,8 +516,8 @@ impl Runner {
             watch_quit: AtomicBool::new(false),
             watchdog_rt: AtomicBool::new(false),
             in_run: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            pause_req: (0..n).map(|_| AtomicBool::new(paused)).collect(),
             ports: devices::Ports::default(),
-            state_fds: devices::dup_fds(&vcpus)?,
             throttle: throttle::Throttle::new(n),
         });
         let mut r = Runner {
@@ -418,10 +533,11 @@ impl Runner {
                     let sh = tsh;
                     let res = vcpu_loop(i, &mut v, &sh);
                     let mut st = sh.lock();
+                    st.jobs[i] = None;
                     match res {
-                        Ok(()) => st.vcpus[i] = VcpuState::Done,
+                        Ok(()) => st.vcpus[i] = VcpuRunState::Done,
                         Err(e) => {
-                            st.vcpus[i] = VcpuState::Failed;
+                            st.vcpus[i] = VcpuRunState::Failed;
                             st.errors[i] = Some(e);
                         }
                     }
@@ -433,10 +549,7 @@ impl Runner {
                 })?;
             {
                 use std::os::unix::thread::JoinHandleExt;
-                let mut p = match sh.pthreads.lock() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
+                let mut p = dirtylog::sync::lock(&sh.pthreads);
                 p.push(h.as_pthread_t() as libc::pthread_t);
             }
             r.threads.push(h);
@@ -451,26 +564,47 @@ impl Runner {
     /// vCPU over the threshold, or are harmless duplicates. The watchdog runs `SCHED_FIFO` when
     /// the process may ([`Runner::watchdog_realtime`]), so busy vCPU threads cannot starve it.
     pub fn watch_rings(&mut self, rings: Vec<RingWatch>, threshold: u32) -> Result<()> {
-        if self.watchdog.is_some() || rings.len() != self.len() {
+        if rings.len() != self.len() {
             return Err(Error::Config("one ring per vCPU, watched once".into()));
         }
+        // Poll fast only while some ring is within 64 entries of the threshold.
+        let near = threshold.saturating_sub(64).max(1);
+        let rings = Arc::new(rings);
+        let r = rings.clone();
+        self.watch_ring_fill(
+            move || r.iter().any(|w| w.holds_at_least(near)),
+            move |i| rings.get(i).is_some_and(|w| w.holds_at_least(threshold)),
+        )
+    }
+
+    /// [`watch_rings`](Self::watch_rings) over rings someone else harvests (such as a
+    /// `dirtylog_kvm::KvmDirtyTracker`'s): `full(i)` says whether vCPU `i`'s ring reached the
+    /// kick threshold (`KvmDirtyTracker::ring_soft_full`), `near()` whether some ring is close
+    /// to it (the watchdog then polls every [`RING_WATCH_PERIOD_NEAR`]).
+    pub fn watch_ring_fill(
+        &mut self,
+        near: impl Fn() -> bool + Send + 'static,
+        full: impl Fn(usize) -> bool + Send + 'static,
+    ) -> Result<()> {
+        if self.watchdog.is_some() {
+            return Err(Error::Config("one ring per vCPU, watched once".into()));
+        }
+        let n = self.len();
         let sh = self.sh.clone();
         let h = std::thread::Builder::new()
             .name("ring-watchdog".into())
             .spawn(move || {
                 sh.watchdog_rt.store(make_realtime(), Ordering::Relaxed);
-                // Poll fast only while some ring is within 64 entries of the threshold.
-                let near = threshold.saturating_sub(64).max(1);
                 let mut period = RING_WATCH_PERIOD;
                 while !sh.watch_quit.load(Ordering::Acquire) {
                     std::thread::sleep(period);
-                    period = RING_WATCH_PERIOD;
-                    for (i, w) in rings.iter().enumerate() {
-                        if !w.holds_at_least(near) {
-                            continue;
-                        }
-                        period = RING_WATCH_PERIOD_NEAR;
-                        if w.holds_at_least(threshold) && sh.in_run[i].load(Ordering::Acquire) {
+                    if !near() {
+                        period = RING_WATCH_PERIOD;
+                        continue;
+                    }
+                    period = RING_WATCH_PERIOD_NEAR;
+                    for i in 0..n {
+                        if full(i) && sh.in_run[i].load(Ordering::Acquire) {
                             sh.kick(i);
                         }
                     }
@@ -489,7 +623,7 @@ impl Runner {
         self.sh.watchdog_rt.load(Ordering::Relaxed)
     }
 
-    /// Kicks sent so far (watchdog and shutdown).
+    /// Kicks sent so far (pause, throttle, watchdog and shutdown).
     pub fn kicks(&self) -> u64 {
         self.sh.kicks.load(Ordering::Relaxed)
     }
@@ -510,7 +644,7 @@ impl Runner {
     }
 
     /// Every vCPU's state.
-    pub fn states(&self) -> Vec<VcpuState> {
+    pub fn states(&self) -> Vec<VcpuRunState> {
         self.sh.lock().vcpus.clone()
     }
 
@@ -545,7 +679,7 @@ impl Runner {
         &self,
         what: &str,
         timeout: Duration,
-        ok: impl Fn(VcpuState) -> bool,
+        ok: impl Fn(VcpuRunState) -> bool,
     ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut st = self.sh.lock();
@@ -553,7 +687,7 @@ impl Runner {
             if let Some(i) = st
                 .vcpus
                 .iter()
-                .position(|s| *s == VcpuState::Failed && !ok(VcpuState::Failed))
+                .position(|s| *s == VcpuRunState::Failed && !ok(VcpuRunState::Failed))
             {
                 return Err(st.errors[i].take().unwrap_or(Error::Guest {
                     vcpu: i as u32,
@@ -577,7 +711,7 @@ impl Runner {
     /// The error of a failed vCPU, if any (taken: reported once).
     pub fn check(&self) -> Result<()> {
         let mut st = self.sh.lock();
-        if let Some(i) = st.vcpus.iter().position(|s| *s == VcpuState::Failed) {
+        if let Some(i) = st.vcpus.iter().position(|s| *s == VcpuRunState::Failed) {
             if let Some(e) = st.errors[i].take() {
                 return Err(e);
             }
@@ -601,7 +735,7 @@ impl Runner {
         // and its park sees the new generation under the lock and does not wait. Waking the
         // others (parked at a sync exit) would only cost the harvest a round of context
         // switches.
-        if st.vcpus.contains(&VcpuState::RingFull) {
+        if st.vcpus.contains(&VcpuRunState::RingFull) {
             self.sh.cv.notify_all();
         }
     }
@@ -621,14 +755,9 @@ impl Runner {
         self.sh.cv.notify_all();
     }
 
-    /// Wake paced vCPUs to re-check the `STOP` word and their budget.
-    pub fn poke(&self) {
-        let _st = self.sh.lock();
-        self.sh.cv.notify_all();
-    }
-
-    /// Stop every thread: set `STOP`, release all parks, and join the threads (waiting up to
-    /// `timeout`; a thread stuck in the guest is left detached, still holding its memory).
+    /// Stop every thread: release all parks, kick every thread out of the guest, and join the
+    /// threads (waiting up to `timeout`; a thread stuck in the guest is left detached, still
+    /// holding its memory).
     /// Returns the first vCPU error, if any.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
         self.sh.watch_quit.store(true, Ordering::Release);
@@ -636,7 +765,6 @@ impl Runner {
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
-        self.sh.sys.write_u64(layout::CONTROL + control::STOP, 1);
         {
             let mut st = self.sh.lock();
             st.quit = true;
@@ -644,7 +772,8 @@ impl Runner {
         }
         let deadline = Instant::now() + timeout;
         while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            // Kick again and again: a kick that lands just before KVM_RUN is lost.
+            // Kick again and again: a kick that lands before a thread registered its
+            // `immediate_exit` is lost.
             for (i, t) in self.threads.iter().enumerate() {
                 if !t.is_finished() {
                     self.sh.kick(i);

@@ -1,20 +1,39 @@
 //! The kernel's `dirty_log_test` on `/dev/kvm`: a [`SelftestBackend`] over a [`Machine`]
 //! running the stamping guest, for [`dirtylog::selftest::run`].
 //!
-//! | mode | setup | collect |
+//! | tracker | setup | collect |
 //! |---|---|---|
 //! | dirty-log | test slot with `KVM_MEM_LOG_DIRTY_PAGES` | `KVM_GET_DIRTY_LOG` |
 //! | clear-log | + `MANUAL_PROTECT_ENABLE \| INITIALLY_SET` | GET, then `KVM_CLEAR_DIRTY_LOG` of the whole slot in one call (the `64·n + 3` tail is legal because the range ends at the slot end) |
-//! | dirty-ring | + a ring of `ring_entries` per vCPU (ACQ_REL preferred) | harvest every ring, commit, `KVM_RESET_DIRTY_RINGS`, then release vCPUs blocked on a full ring |
+//! | ring | + a ring of `entries` per vCPU (ACQ_REL preferred) | harvest every ring, commit, `KVM_RESET_DIRTY_RINGS`, then release vCPUs blocked on a full ring |
+//!
+//! # Stopping the vCPUs
+//!
+//! `stop` pauses the vCPUs wherever they are ([`Runner::pause`](crate::Runner::pause)); a
+//! vCPU blocked on a full ring counts as stopped. A vCPU can be paused with its store faulted
+//! in — the page already logged (bitmap) or pushed (ring) — but not retired: KVM handles the
+//! write fault and then returns to userspace for the kick before re-entering the guest. On
+//! some hosts (PVM) a vCPU blocked on a full ring even stopped before its store was logged.
+//! Left alone, that store would land after the final collection, in the next iteration. So
+//! `stop` then completes it as KVM would: the stamping guest's only store is one `movsq` at
+//! a known address ([`Program::store_ip`]); for every vCPU paused there, the VMM copies
+//! `ITERATION` to the page, advances `rsi`, `rdi` and `rip` past the instruction (on the
+//! vCPU's own thread, [`Runner::with_paused_vcpu`](crate::Runner::with_paused_vcpu)), and
+//! reports the page dirty itself in the next collection — the VMM's own write to guest memory.
 
 use std::time::Duration;
 
-use dirtylog::selftest::{BackendError, Collected, LogMode, SelftestBackend, SelftestConfig};
+use kvm_ioctls::VcpuFd;
+
+use dirtylog::selftest::{BackendError, Collected, SelftestBackend, SelftestConfig};
+use dirtylog::TrackerKind;
 
 use crate::error::{Error, Result};
 use crate::guest::Program;
-use crate::machine::{Machine, MachineConfig, Tracking};
+use crate::machine::{Machine, MachineConfig};
 use crate::memory::MemoryOptions;
+use crate::runner::VcpuRunState;
+use crate::x86::layout;
 
 /// The test slot (the first and only test memslot).
 const TEST_SLOT: u32 = 1;
@@ -23,37 +42,29 @@ const TEST_SLOT: u32 = 1;
 #[derive(Debug)]
 pub struct KvmSelftest {
     m: Machine,
-    mode: LogMode,
+    tracker: TrackerKind,
     buf: Vec<u64>,
     timeout: Duration,
-    /// Ring mode: pages harvested by `stop` (to drain vCPUs blocked on a full ring), handed
-    /// over by the next `collect`.
-    pending: Vec<u64>,
-    pending_last: Vec<Option<u64>>,
-    pending_count: u64,
+    /// Pages the VMM wrote completing stores of paused vCPUs (see the [module docs](self)),
+    /// reported by the next `collect`.
+    vmm_dirty: Vec<u64>,
+    /// Guest address of the stamping guest's store.
+    store_ip: u64,
     /// The most entries one harvest took from one ring.
     max_ring_fill: u32,
 }
 
 impl KvmSelftest {
     /// Build the machine for `cfg`: `cfg.vcpus` stamping vCPUs over one test slot of
-    /// `cfg.pages` pages, tracked in `cfg.mode`.
+    /// `cfg.pages` pages, tracked by `cfg.tracker`.
     pub fn new(cfg: &SelftestConfig) -> Result<Self> {
-        let tracking = match cfg.mode {
-            LogMode::DirtyLog => Tracking::Bitmap,
-            LogMode::ClearLog => Tracking::Manual {
-                initially_set: true,
-            },
-            LogMode::DirtyRing => Tracking::Ring {
-                entries: cfg.ring_entries,
-            },
-        };
         let m = Machine::new(MachineConfig {
             vcpus: cfg.vcpus,
             program: Program::Stamp,
             slot_pages: vec![cfg.pages],
             log_dirty_pages: true,
-            tracking,
+            tracker: cfg.tracker,
+            initially_set: true,
             memory: MemoryOptions {
                 no_huge_pages: true,
                 populate: false,
@@ -63,12 +74,13 @@ impl KvmSelftest {
         let words = crate::sys::bitmap_words(cfg.pages);
         Ok(KvmSelftest {
             m,
-            mode: cfg.mode,
+            tracker: cfg.tracker,
             buf: vec![0; words],
             timeout: cfg.iteration_timeout.max(Duration::from_secs(10)),
-            pending: vec![0; words],
-            pending_last: vec![None; cfg.vcpus as usize],
-            pending_count: 0,
+            vmm_dirty: Vec::new(),
+            store_ip: Program::Stamp.store_ip(layout::CODE)?.ok_or_else(|| {
+                Error::Assemble("the stamping program has no designated store".into())
+            })?,
             max_ring_fill: 0,
         })
     }
@@ -92,7 +104,7 @@ impl KvmSelftest {
     fn collect_bitmap(&mut self, bitmap: &mut [u64]) -> Result<Collected> {
         let vm = self.m.vm();
         vm.get_dirty_log(TEST_SLOT, &mut self.buf)?;
-        if self.mode == LogMode::ClearLog {
+        if self.tracker == TrackerKind::ClearLog {
             let npages = self.m.test_pages();
             let num = u32::try_from(npages).map_err(|_| {
                 Error::Config(format!(
@@ -101,7 +113,7 @@ impl KvmSelftest {
             })?;
             vm.clear_dirty_log(TEST_SLOT, 0, num, &self.buf)?;
         }
-        let mut count = 0u64;
+        let mut count = self.take_vmm_dirty(bitmap);
         for (o, w) in bitmap.iter_mut().zip(&self.buf) {
             *o |= *w;
             count += w.count_ones() as u64;
@@ -141,14 +153,8 @@ impl KvmSelftest {
     }
 
     fn collect_ring(&mut self, bitmap: &mut [u64]) -> Result<Collected> {
-        let mut last = std::mem::replace(
-            &mut self.pending_last,
-            vec![None; self.m.config().vcpus as usize],
-        );
-        let mut count = std::mem::take(&mut self.pending_count);
-        for (o, p) in bitmap.iter_mut().zip(self.pending.iter_mut()) {
-            *o |= std::mem::take(p);
-        }
+        let mut last = vec![None; self.m.config().vcpus as usize];
+        let mut count = self.take_vmm_dirty(bitmap);
         count += self.harvest_into(bitmap, &mut last)?;
         Ok(Collected {
             last_ring_pages: last,
@@ -156,45 +162,62 @@ impl KvmSelftest {
         })
     }
 
-    /// Ring mode: a vCPU blocked on a full ring may hold a write that has not retired, and on
-    /// some hosts (PVM) that write was not even pushed yet: the ring-full exit is taken before
-    /// the faulting write is handled. Releasing it after the final collection would let the
-    /// write land unreported in this iteration and be reported, with this iteration's value,
-    /// in the next. So stop drains: while a vCPU is blocked on a full ring, harvest (keeping
-    /// the pages for the next `collect`) and let it run on to its sync exit.
-    fn drain_ring_full(&mut self) -> Result<()> {
-        let deadline = std::time::Instant::now() + self.timeout;
-        loop {
-            self.m.runner().wait_all(
-                "the vCPUs to stop",
-                self.timeout,
-                crate::runner::VcpuState::is_stopped,
-            )?;
-            if !self
-                .m
-                .runner()
-                .states()
-                .contains(&crate::runner::VcpuState::RingFull)
-            {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(Error::Timeout {
-                    what: "vCPUs blocked on a full ring to reach their sync exit".into(),
-                    ms: self.timeout.as_millis() as u64,
-                });
-            }
-            let mut pending = std::mem::take(&mut self.pending);
-            let mut last = std::mem::take(&mut self.pending_last);
-            let r = self.harvest_into(&mut pending, &mut last);
-            self.pending = pending;
-            self.pending_last = last;
-            let n = r?;
-            self.pending_count += n;
-            if n == 0 {
-                std::thread::sleep(Duration::from_micros(100));
+    /// OR the pages the VMM wrote into `bitmap`; how many.
+    fn take_vmm_dirty(&mut self, bitmap: &mut [u64]) -> u64 {
+        let n = self.vmm_dirty.len() as u64;
+        for p in self.vmm_dirty.drain(..) {
+            if let Some(w) = bitmap.get_mut((p / 64) as usize) {
+                *w |= 1 << (p % 64);
             }
         }
+        n
+    }
+
+    /// Complete the store of every vCPU paused at it (see the [module docs](self)).
+    fn retire_stores(&mut self) -> Result<()> {
+        let store_ip = self.store_ip;
+        for i in 0..self.m.config().vcpus as usize {
+            let regs = self
+                .m
+                .runner()
+                .with_paused_vcpu(i, |fd: &mut VcpuFd| fd.get_regs())?
+                .map_err(|e| Error::from_sys(crate::error::Op::VcpuState, e))?;
+            if regs.rip != store_ip {
+                continue;
+            }
+            // movsq: [rdi] = [rsi]; rsi += 8; rdi += 8 (DF is clear).
+            let value = self.m.iteration();
+            let src = layout::CONTROL + crate::guest::control::ITERATION;
+            let page_size = crate::sys::host_page_size();
+            let first = layout::TEST_BASE;
+            let page = regs
+                .rdi
+                .checked_sub(first)
+                .map(|off| off / page_size)
+                .filter(|&p| regs.rsi == src && regs.rdi % 8 == 0 && p < self.m.test_pages())
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "vCPU {i} paused at the stamping store with rsi {:#x}, rdi {:#x}: not a                          store of ITERATION into the test pages",
+                        regs.rsi, regs.rdi
+                    ))
+                })?;
+            let (r, off) = self
+                .m
+                .locate(page)
+                .ok_or_else(|| Error::Config(format!("page {page} is in no test slot")))?;
+            r.mem
+                .write_u64(off * page_size + regs.rdi % page_size, value);
+            let mut next = regs;
+            next.rsi += 8;
+            next.rdi += 8;
+            next.rip += 2;
+            self.m
+                .runner()
+                .with_paused_vcpu(i, move |fd: &mut VcpuFd| fd.set_regs(&next))?
+                .map_err(|e| Error::from_sys(crate::error::Op::VcpuState, e))?;
+            self.vmm_dirty.push(page);
+        }
+        Ok(())
     }
 }
 
@@ -206,7 +229,7 @@ impl SelftestBackend for KvmSelftest {
         };
         format!(
             "kvm {}, {} vCPUs, {} pages{ring}",
-            self.mode.name(),
+            self.tracker.name(),
             self.m.config().vcpus,
             self.m.test_pages()
         )
@@ -218,12 +241,12 @@ impl SelftestBackend for KvmSelftest {
 
     fn resume(&mut self, iteration: u64) -> Result<(), BackendError> {
         self.m.runner().check()?;
-        // Parked vCPUs are not in the guest: set the value first, then release.
-        self.m
-            .runner()
-            .wait_all("every vCPU to park before resuming", self.timeout, |s| {
-                s == crate::runner::VcpuState::Synced
-            })?;
+        // Paused vCPUs are not in the guest: set the value first, then resume.
+        self.m.runner().wait_all(
+            "every vCPU to be stopped before resuming",
+            self.timeout,
+            VcpuRunState::is_stopped,
+        )?;
         self.m.set_iteration(iteration);
         self.m.resume(true, self.timeout)?;
         Ok(())
@@ -239,16 +262,14 @@ impl SelftestBackend for KvmSelftest {
 
     fn stop(&mut self) -> Result<(), BackendError> {
         self.m.stop(self.timeout)?;
-        if self.mode == LogMode::DirtyRing {
-            self.drain_ring_full()?;
-        }
+        self.retire_stores()?;
         Ok(())
     }
 
     fn collect(&mut self, bitmap: &mut [u64]) -> Result<Collected, BackendError> {
-        let c = match self.mode {
-            LogMode::DirtyLog | LogMode::ClearLog => self.collect_bitmap(bitmap)?,
-            LogMode::DirtyRing => self.collect_ring(bitmap)?,
+        let c = match self.tracker {
+            TrackerKind::DirtyLog | TrackerKind::ClearLog => self.collect_bitmap(bitmap)?,
+            TrackerKind::Ring { .. } => self.collect_ring(bitmap)?,
         };
         Ok(c)
     }

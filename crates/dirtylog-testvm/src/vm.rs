@@ -56,10 +56,7 @@ impl Slot {
 type Pins = Arc<Mutex<BTreeMap<u32, Arc<GuestMemory>>>>;
 
 fn pin(p: &Pins) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<GuestMemory>>> {
-    match p.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
+    dirtylog::sync::lock(p)
 }
 
 /// The dirty ring as enabled on a VM.
@@ -75,7 +72,7 @@ pub struct RingSetup {
 #[derive(Debug)]
 pub struct KvmVm {
     // Field order is drop order: the VM fd closes before memory is unmapped.
-    fd: VmFd,
+    fd: Arc<VmFd>,
     kvm: Kvm,
     slots: BTreeMap<u32, Slot>,
     pins: Pins,
@@ -121,7 +118,7 @@ impl KvmVm {
             .create_vm()
             .map_err(|e| Error::from_sys(Op::CreateVm, e))?;
         Ok(KvmVm {
-            fd,
+            fd: Arc::new(fd),
             kvm,
             slots: BTreeMap::new(),
             pins: Arc::new(Mutex::new(BTreeMap::new())),
@@ -136,6 +133,14 @@ impl KvmVm {
         &self.fd
     }
 
+    /// The VM fd, shared: for a component that holds its own handle on the VM, such as a
+    /// `dirtylog_kvm::KvmDirtyTracker<Arc<VmFd>>`. The VM lives until every holder is dropped;
+    /// memslots stay as this `KvmVm` made them (changing them through the fd is `unsafe` in
+    /// `kvm-ioctls`, and its caller's responsibility).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
+    }
+
     /// The system fd.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
@@ -143,7 +148,7 @@ impl KvmVm {
 
     /// `KVM_CHECK_EXTENSION` on this VM.
     pub fn check_extension(&self, cap: u32) -> Result<i64> {
-        sys::check_extension(&self.fd, cap)
+        sys::check_extension(&*self.fd, cap)
     }
 
     /// The manual-protect mode last enabled (`args[0]`), 0 if off.

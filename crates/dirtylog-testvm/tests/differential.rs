@@ -1,12 +1,12 @@
 //! Differential test: one deterministic write script, run on /dev/kvm (the script guest), on
 //! the reference arch (`dirtylog::softmmu`, each vCPU's writes in turn through `write_u64`),
-//! and on a plain model of KVM's semantics. At every reap point the three must agree, in each
-//! mode:
+//! and on a plain model of KVM's semantics. At every reap point the three must agree, with
+//! each tracker:
 //!
 //! - dirty-log: the bitmaps `KVM_GET_DIRTY_LOG` returns, slot by slot;
 //! - clear-log (manual protect + `INITIALLY_SET`): the bitmaps GET returns (then CLEAR gives
 //!   back exactly those); the first reports every page;
-//! - dirty-ring: the set of harvested pages; and each vCPU's entry sequence.
+//! - ring: the set of harvested pages; and each vCPU's entry sequence.
 //!
 //! Ring entries depend on how the host runs guest writes. With writes executed by the CPU,
 //! only a write-protection fault logs: a page written twice between resets gets one entry,
@@ -38,8 +38,9 @@ use dirtylog::vm::{
     VmConfig, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_MANUAL_CAPS,
 };
+use dirtylog::TrackerKind;
 use dirtylog_testvm::x86::layout::TEST_BASE;
-use dirtylog_testvm::{Machine, MachineConfig, MemoryOptions, Program, Tracking};
+use dirtylog_testvm::{Machine, MachineConfig, MemoryOptions, Program};
 
 /// Two test slots of `64·n + 3` pages, contiguous from `TEST_BASE`.
 const SLOTS: [u64; 2] = [64 * 6 + 3, 64 * 3 + 3];
@@ -50,12 +51,8 @@ const RING: u32 = 4096;
 const PAGE: u64 = 4096;
 const T: Duration = Duration::from_secs(20);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    DirtyLog,
-    ClearLog,
-    DirtyRing,
-}
+/// The ring tracker, at [`RING`] entries.
+const RING_TRACKER: TrackerKind = TrackerKind::Ring { entries: RING };
 
 /// One step of the script.
 #[derive(Debug, Clone)]
@@ -226,7 +223,7 @@ trait Target {
 /// KVM's semantics written out: which pages are dirty, which are write-protected, what each
 /// ring holds. vCPUs write in turn.
 struct Model {
-    mode: Mode,
+    tracker: TrackerKind,
     /// Every write to a logged page is logged (an emulating host), not only faults.
     every_write: bool,
     logging: bool,
@@ -237,9 +234,9 @@ struct Model {
 }
 
 impl Model {
-    fn new(mode: Mode, every_write: bool) -> Self {
+    fn new(tracker: TrackerKind, every_write: bool) -> Self {
         let mut m = Model {
-            mode,
+            tracker,
             every_write,
             logging: false,
             dirty: BTreeSet::new(),
@@ -260,8 +257,8 @@ impl Target for Model {
                 // A write to a write-protected page faults: logged, then writable.
                 let fault = self.writable.insert(p);
                 if self.logging && (fault || self.every_write) {
-                    match self.mode {
-                        Mode::DirtyRing => self.rings[v].push(locate(p)),
+                    match self.tracker {
+                        TrackerKind::Ring { .. } => self.rings[v].push(locate(p)),
                         _ => {
                             self.dirty.insert(p);
                         }
@@ -276,7 +273,7 @@ impl Target for Model {
         // slot write-protected, or, with INITIALLY_SET, full and nothing protected.
         self.dirty.clear();
         if on && !self.logging {
-            if self.mode == Mode::ClearLog {
+            if self.tracker == TrackerKind::ClearLog {
                 self.dirty = (0..NPAGES).collect();
             } else {
                 self.writable.clear();
@@ -286,8 +283,8 @@ impl Target for Model {
     }
 
     fn reap(&mut self) -> Reaped {
-        match self.mode {
-            Mode::DirtyRing => {
+        match self.tracker {
+            TrackerKind::Ring { .. } => {
                 let rings = std::mem::replace(&mut self.rings, vec![Vec::new(); VCPUS]);
                 for &(s, o) in rings.iter().flatten() {
                     self.writable.remove(&page_of(s, o));
@@ -318,7 +315,7 @@ impl Target for Model {
 
 /// The reference arch, vCPUs writing in turn on this thread.
 struct Soft {
-    mode: Mode,
+    tracker: TrackerKind,
     m: Arc<SoftMachine>,
     vcpus: Vec<SoftVcpu>,
     harvesters: Vec<RingHarvester>,
@@ -329,11 +326,11 @@ fn slot_gpa(slot: u32) -> u64 {
 }
 
 impl Soft {
-    fn new(mode: Mode) -> Self {
+    fn new(tracker: TrackerKind) -> Self {
         let m = SoftMachine::new(FlushKind::Ranged, VmConfig::default());
-        match mode {
-            Mode::DirtyLog => {}
-            Mode::ClearLog => m
+        match tracker {
+            TrackerKind::DirtyLog => {}
+            TrackerKind::ClearLog => m
                 .vm()
                 .enable_cap(
                     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -341,13 +338,13 @@ impl Soft {
                     KVM_DIRTY_LOG_MANUAL_CAPS,
                 )
                 .unwrap(),
-            Mode::DirtyRing => m
+            TrackerKind::Ring { entries } => m
                 .vm()
-                .enable_cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 0, RING as u64 * 16)
+                .enable_cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 0, entries as u64 * 16)
                 .unwrap(),
         }
         let mut s = Soft {
-            mode,
+            tracker,
             vcpus: (0..VCPUS).map(|_| m.create_vcpu()).collect(),
             m,
             harvesters: vec![RingHarvester::new(); VCPUS],
@@ -385,8 +382,8 @@ impl Target for Soft {
     }
 
     fn reap(&mut self) -> Reaped {
-        match self.mode {
-            Mode::DirtyRing => {
+        match self.tracker {
+            TrackerKind::Ring { .. } => {
                 let mut rings = vec![Vec::new(); VCPUS];
                 let mut out = Vec::new();
                 for (i, v) in self.vcpus.iter().enumerate() {
@@ -409,7 +406,7 @@ impl Target for Soft {
                     let slot = i as u32 + 1;
                     let mut b = vec![0u64; n.div_ceil(64) as usize];
                     self.m.vm().get_dirty_log(slot, &mut b).unwrap();
-                    if self.mode == Mode::ClearLog {
+                    if self.tracker == TrackerKind::ClearLog {
                         self.m.vm().clear_dirty_log(slot, 0, n as u32, &b).unwrap();
                     }
                     maps.push(b);
@@ -426,26 +423,20 @@ impl Target for Soft {
 
 /// `/dev/kvm`: the script guest on every vCPU, released together for each phase.
 struct Kvm {
-    mode: Mode,
+    tracker: TrackerKind,
     m: Machine,
 }
 
 impl Kvm {
-    fn new(mode: Mode) -> Self {
+    fn new(tracker: TrackerKind) -> Self {
         common::check_kvm();
-        let tracking = match mode {
-            Mode::DirtyLog => Tracking::Bitmap,
-            Mode::ClearLog => Tracking::Manual {
-                initially_set: true,
-            },
-            Mode::DirtyRing => Tracking::Ring { entries: RING },
-        };
         let m = Machine::new(MachineConfig {
             vcpus: VCPUS as u32,
             program: Program::Script,
             slot_pages: SLOTS.to_vec(),
             log_dirty_pages: true,
-            tracking,
+            tracker,
+            initially_set: true,
             memory: MemoryOptions {
                 no_huge_pages: true,
                 populate: false,
@@ -453,7 +444,7 @@ impl Kvm {
             seed: 1,
         })
         .unwrap();
-        Kvm { mode, m }
+        Kvm { tracker, m }
     }
 }
 
@@ -474,8 +465,8 @@ impl Target for Kvm {
     }
 
     fn reap(&mut self) -> Reaped {
-        match self.mode {
-            Mode::DirtyRing => {
+        match self.tracker {
+            TrackerKind::Ring { .. } => {
                 let mut rings = vec![Vec::new(); VCPUS];
                 let st = self
                     .m
@@ -490,7 +481,7 @@ impl Target for Kvm {
                     let slot = i as u32 + 1;
                     let mut b = vec![0u64; n.div_ceil(64) as usize];
                     self.m.vm().get_dirty_log(slot, &mut b).unwrap();
-                    if self.mode == Mode::ClearLog {
+                    if self.tracker == TrackerKind::ClearLog {
                         self.m.vm().clear_dirty_log(slot, 0, n as u32, &b).unwrap();
                     }
                     maps.push(b);
@@ -547,11 +538,11 @@ fn sequences(r: &Reaped, contested: &BTreeSet<u64>) -> Vec<Vec<u64>> {
 /// Does this host's KVM log every guest write to a logged page in the dirty ring, even to a
 /// page already writable (guest writes emulated), rather than only write-protection faults?
 fn kvm_logs_every_write() -> bool {
-    let mut k = Kvm::new(Mode::DirtyRing);
+    let mut k = Kvm::new(RING_TRACKER);
     k.m.set_script(0, &[0, 0, 0]).unwrap();
     k.m.script_pass(1, T).unwrap();
     let Reaped::Ring(r) = k.reap() else {
-        unreachable!("ring mode")
+        unreachable!("a ring tracker")
     };
     k.m.shutdown().unwrap();
     match r[0].len() {
@@ -561,10 +552,10 @@ fn kvm_logs_every_write() -> bool {
     }
 }
 
-fn differential(mode: Mode) {
+fn differential(tracker: TrackerKind) {
     let _kvm = common::require_kvm();
-    let every_write = mode == Mode::DirtyRing && kvm_logs_every_write();
-    if mode == Mode::DirtyRing {
+    let every_write = matches!(tracker, TrackerKind::Ring { .. }) && kvm_logs_every_write();
+    if matches!(tracker, TrackerKind::Ring { .. }) {
         eprintln!(
             "this host logs {} in the dirty ring",
             if every_write {
@@ -574,11 +565,11 @@ fn differential(mode: Mode) {
             }
         );
     }
-    let mut kvm = Kvm::new(mode);
-    let mut soft = Soft::new(mode);
+    let mut kvm = Kvm::new(tracker);
+    let mut soft = Soft::new(tracker);
     // The reference arch, like hardware, logs faults; KVM is held to its host's kind.
-    let mut model = Model::new(mode, false);
-    let mut host_model = Model::new(mode, every_write);
+    let mut model = Model::new(tracker, false);
+    let mut host_model = Model::new(tracker, every_write);
     // Pages written by more than one vCPU in some phase since the last reap, and who wrote
     // what since the last reap.
     let mut contested = BTreeSet::new();
@@ -608,7 +599,7 @@ fn differential(mode: Mode) {
             }
             Step::Reap(what) => {
                 reaps += 1;
-                let at = format!("{mode:?}, reap {reaps} ({what})");
+                let at = format!("{tracker}, reap {reaps} ({what})");
                 let (k, s, m, hm) = (kvm.reap(), soft.reap(), model.reap(), host_model.reap());
                 assert_eq!(s, m, "{at}: reference arch vs model");
                 let (kp, sp) = (pages_of(&k), pages_of(&s));
@@ -654,31 +645,35 @@ fn differential(mode: Mode) {
         }
     }
     for p in 0..NPAGES {
-        assert_eq!(kvm.read(p), soft.read(p), "{mode:?}: contents of page {p}");
-        assert_eq!(kvm.read(p), model.read(p), "{mode:?}: contents of page {p}");
+        assert_eq!(kvm.read(p), soft.read(p), "{tracker}: contents of page {p}");
+        assert_eq!(
+            kvm.read(p),
+            model.read(p),
+            "{tracker}: contents of page {p}"
+        );
     }
     kvm.m.shutdown().unwrap();
 }
 
 #[test]
 fn dirty_log() {
-    differential(Mode::DirtyLog);
+    differential(TrackerKind::DirtyLog);
 }
 
 #[test]
 fn clear_log() {
-    differential(Mode::ClearLog);
+    differential(TrackerKind::ClearLog);
 }
 
 #[test]
 fn dirty_ring() {
-    differential(Mode::DirtyRing);
+    differential(RING_TRACKER);
 }
 
 #[test]
 fn script_guest_writes_its_list_in_order() {
     let _kvm = common::require_kvm();
-    let mut k = Kvm::new(Mode::DirtyLog);
+    let mut k = Kvm::new(TrackerKind::DirtyLog);
     k.m.set_script(0, &[5, 7, 5]).unwrap();
     k.m.set_script(2, &[NPAGES - 1]).unwrap();
     k.m.script_pass(42, T).unwrap();

@@ -7,18 +7,29 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use dirtylog_testvm::{Error, Machine, MachineConfig, MemoryOptions, Program, Tracking, VcpuState};
+use dirtylog::TrackerKind;
+use dirtylog_testvm::{Error, Machine, MachineConfig, MemoryOptions, Program, VcpuRunState};
 
 const T: Duration = Duration::from_secs(30);
 
-fn memstress(vcpus: u32, slot_pages: Vec<u64>, tracking: Tracking) -> Machine {
+fn memstress(vcpus: u32, slot_pages: Vec<u64>, tracker: TrackerKind) -> Machine {
+    memstress_with(vcpus, slot_pages, tracker, true)
+}
+
+fn memstress_with(
+    vcpus: u32,
+    slot_pages: Vec<u64>,
+    tracker: TrackerKind,
+    initially_set: bool,
+) -> Machine {
     common::check_kvm();
     Machine::new(MachineConfig {
         vcpus,
         program: Program::Memstress,
         slot_pages,
         log_dirty_pages: true,
-        tracking,
+        tracker,
+        initially_set,
         memory: MemoryOptions {
             no_huge_pages: true,
             populate: false,
@@ -44,7 +55,7 @@ fn full(pages: u64) -> Vec<u64> {
 #[test]
 fn get_dirty_log_reports_each_pass_once() {
     let _kvm = common::require_kvm();
-    let mut m = memstress(2, vec![64 * 8 + 3, 100], Tracking::Bitmap);
+    let mut m = memstress(2, vec![64 * 8 + 3, 100], TrackerKind::DirtyLog);
     let mut buf = [vec![0u64; 9], vec![0u64; 2]];
     for (i, b) in buf.iter_mut().enumerate() {
         m.vm().get_dirty_log(1 + i as u32, b).unwrap();
@@ -86,7 +97,7 @@ fn get_dirty_log_reports_each_pass_once() {
 #[test]
 fn logging_toggles_at_run_time() {
     let _kvm = common::require_kvm();
-    let mut m = memstress(1, vec![256], Tracking::Bitmap);
+    let mut m = memstress(1, vec![256], TrackerKind::DirtyLog);
     let mut buf = vec![0u64; 4];
     m.vm_mut().set_logging(1, false).unwrap();
     let e = m.vm().get_dirty_log(1, &mut buf).unwrap_err();
@@ -112,13 +123,7 @@ fn logging_toggles_at_run_time() {
 #[test]
 fn manual_protect_get_is_a_snapshot_and_clear_rearms() {
     let _kvm = common::require_kvm();
-    let mut m = memstress(
-        1,
-        vec![64 * 3 + 3],
-        Tracking::Manual {
-            initially_set: false,
-        },
-    );
+    let mut m = memstress_with(1, vec![64 * 3 + 3], TrackerKind::ClearLog, false);
     let n = 64 * 3 + 3;
     let mut buf = vec![0u64; 4];
     m.memstress_pass(0, T).unwrap();
@@ -147,9 +152,8 @@ fn initially_set_reports_never_written_pages() {
     let _kvm = common::require_kvm();
     // A stamping guest that never runs: nothing is written, yet every page is reported.
     let m = Machine::new(MachineConfig {
-        tracking: Tracking::Manual {
-            initially_set: true,
-        },
+        tracker: TrackerKind::ClearLog,
+        initially_set: true,
         slot_pages: vec![131],
         ..Default::default()
     })
@@ -168,7 +172,7 @@ fn ring_harvest_returns_every_page_once_per_pass() {
     let _kvm = common::require_kvm();
     let slots = vec![1000 + 3, 517];
     let total: u64 = slots.iter().sum();
-    let mut m = memstress(2, slots.clone(), Tracking::Ring { entries: 4096 });
+    let mut m = memstress(2, slots.clone(), TrackerKind::Ring { entries: 4096 });
     let r = m.ring().unwrap();
     assert_eq!(r.entries, 4096);
     for it in 0..3 {
@@ -225,7 +229,7 @@ fn small_ring_fills_and_the_vcpu_waits_for_the_harvest() {
     let mut m = Machine::new(MachineConfig {
         program: Program::Dirtier,
         slot_pages: vec![pages],
-        tracking: Tracking::Ring { entries: 256 },
+        tracker: TrackerKind::Ring { entries: 256 },
         ..Default::default()
     })
     .unwrap();
@@ -243,7 +247,7 @@ fn small_ring_fills_and_the_vcpu_waits_for_the_harvest() {
         );
         m.runner().check().unwrap();
         // Harvest only when the vCPU is blocked on the full ring.
-        if m.runner().states().contains(&VcpuState::RingFull) {
+        if m.runner().states().contains(&VcpuRunState::RingFull) {
             let st = m
                 .harvest_rings(|_, e| {
                     seen.insert(e.offset);

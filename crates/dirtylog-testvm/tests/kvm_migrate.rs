@@ -12,10 +12,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{proxy, recv_config, Fault};
+use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{
-    receive, send, MigrateError, MigrationSource, Phase, ReceiveReport, SendConfig, SendReport,
+    receive, send, MigrateError, MigrationMemory, Phase, ReceiveReport, SendConfig, SendReport,
+    Vcpus,
 };
-use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, KvmTracker, TargetOptions};
+use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, TargetOptions};
 
 /// One KVM test at a time: guests of concurrent tests would share the 2 cores.
 fn kvm() -> MutexGuard<'static, ()> {
@@ -27,7 +29,7 @@ fn kvm() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn guest(tracker: KvmTracker, rate: Option<u64>) -> GuestConfig {
+fn guest(tracker: TrackerKind, rate: Option<u64>) -> GuestConfig {
     GuestConfig {
         mem_bytes: 64 << 20,
         vcpus: 2,
@@ -38,6 +40,7 @@ fn guest(tracker: KvmTracker, rate: Option<u64>) -> GuestConfig {
         tracker,
         seed: 7,
         huge_pages: true,
+        program: dirtylog_testvm::Program::DeviceDirtier,
     }
 }
 
@@ -104,7 +107,7 @@ fn migrate_ok(src: &KvmSource, config: &SendConfig) -> (SendReport, KvmTarget, R
     (report, target, rreport)
 }
 
-fn busy_migration(tracker: KvmTracker) {
+fn busy_migration(tracker: TrackerKind) {
     let _g = kvm();
     let src = boot(&guest(tracker, Some(20_000)));
     let served_before = src.mailbox_served();
@@ -152,23 +155,23 @@ fn busy_migration(tracker: KvmTracker) {
 
 #[test]
 fn busy_guest_dirty_log() {
-    busy_migration(KvmTracker::DirtyLog);
+    busy_migration(TrackerKind::DirtyLog);
 }
 
 #[test]
 fn busy_guest_clear_log() {
-    busy_migration(KvmTracker::ClearLog);
+    busy_migration(TrackerKind::ClearLog);
 }
 
 #[test]
 fn busy_guest_dirty_ring() {
-    busy_migration(KvmTracker::Ring { entries: 4096 });
+    busy_migration(TrackerKind::Ring { entries: 4096 });
 }
 
 #[test]
 fn idle_guest_arrives_exactly() {
     let _g = kvm();
-    let src = boot(&guest(KvmTracker::ClearLog, Some(0)));
+    let src = boot(&guest(TrackerKind::ClearLog, Some(0)));
     let (report, target, _) = migrate_ok(&src, &send_config());
     // Nothing dirtied: the bulk pass and a final round of the system slot.
     assert_eq!(report.rounds.len(), 2, "{:?}", report.rounds);
@@ -182,7 +185,7 @@ fn idle_guest_arrives_exactly() {
 #[test]
 fn several_rounds_and_auto_converge() {
     let _g = kvm();
-    let src = boot(&guest(KvmTracker::DirtyLog, None));
+    let src = boot(&guest(TrackerKind::DirtyLog, None));
     let config = SendConfig {
         // Unreachable: rounds go on until the limit, with the throttle climbing.
         downtime_limit: Duration::from_micros(1),
@@ -216,7 +219,7 @@ fn several_rounds_and_auto_converge() {
 #[test]
 fn throttle_holds_vcpus_out_of_the_guest() {
     let _g = kvm();
-    let src = boot(&guest(KvmTracker::DirtyLog, None));
+    let src = boot(&guest(TrackerKind::DirtyLog, None));
     let rate = |src: &KvmSource| {
         let (w0, t0) = (src.guest_writes(), Instant::now());
         std::thread::sleep(Duration::from_millis(300));
@@ -246,7 +249,7 @@ fn faulty(
     arm: impl Fn(&dirtylog_migrate::Progress) -> bool,
 ) -> MigrateError {
     let _g = kvm();
-    let src = boot(&guest(KvmTracker::ClearLog, Some(rate)));
+    let src = boot(&guest(TrackerKind::ClearLog, Some(rate)));
     let (addr, rx, resumed) = receiver();
     let p = proxy(addr, fault);
     let config = SendConfig {
@@ -301,7 +304,7 @@ fn cut_during_switchover_resumes_the_source() {
 #[test]
 fn untracked_vmm_writes_fail_the_hash_check() {
     let _g = kvm();
-    let src = boot(&guest(KvmTracker::ClearLog, Some(20_000)));
+    let src = boot(&guest(TrackerKind::ClearLog, Some(20_000)));
     src.set_vmm_tracking(false);
     let (addr, rx, resumed) = receiver();
     let config = SendConfig {
@@ -328,8 +331,8 @@ fn untracked_vmm_writes_fail_the_hash_check() {
 #[test]
 fn source_layout_is_system_memory_and_device_slots() {
     let _g = kvm();
-    let src = KvmSource::boot(&guest(KvmTracker::DirtyLog, Some(0))).unwrap();
-    let regions = MigrationSource::regions(&src);
+    let src = KvmSource::boot(&guest(TrackerKind::DirtyLog, Some(0))).unwrap();
+    let regions = MigrationMemory::regions(&src);
     assert_eq!(regions.len(), 3);
     assert_eq!((regions[0].slot, regions[0].gpa), (0, 0));
     assert_eq!(regions[1].size, 64 << 20);

@@ -4,18 +4,20 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use dirtylog_testvm::{Machine, MachineConfig, MemoryOptions, Program, Tracking};
+use dirtylog::TrackerKind;
+use dirtylog_testvm::{Machine, MachineConfig, MemoryOptions, Program};
 
 const T: Duration = Duration::from_secs(20);
 
-fn machine(vcpus: u32, program: Program, pages: u64, log: bool, tracking: Tracking) -> Machine {
+fn machine(vcpus: u32, program: Program, pages: u64, log: bool, tracker: TrackerKind) -> Machine {
     common::check_kvm();
     Machine::new(MachineConfig {
         vcpus,
         program,
         slot_pages: vec![pages],
         log_dirty_pages: log,
-        tracking,
+        tracker,
+        initially_set: true,
         memory: MemoryOptions {
             no_huge_pages: true,
             populate: true,
@@ -28,7 +30,7 @@ fn machine(vcpus: u32, program: Program, pages: u64, log: bool, tracking: Tracki
 #[test]
 fn stamp_guest_boots_and_writes() {
     let _kvm = common::require_kvm();
-    let m = machine(2, Program::Stamp, 1000, true, Tracking::Bitmap);
+    let m = machine(2, Program::Stamp, 1000, true, TrackerKind::DirtyLog);
     assert_eq!(m.total_writes(), 0, "stopped guests must not write");
     m.set_iteration(7);
     m.resume(true, T).unwrap();
@@ -53,7 +55,7 @@ fn stamp_guest_boots_and_writes() {
 #[test]
 fn memstress_writes_each_partition_once_per_pass() {
     let _kvm = common::require_kvm();
-    let mut m = machine(2, Program::Memstress, 301, false, Tracking::Bitmap);
+    let mut m = machine(2, Program::Memstress, 301, false, TrackerKind::DirtyLog);
     for it in 1..=3 {
         m.memstress_pass(it, T).unwrap();
         assert!((0..301).all(|p| m.read_page_u64(p) == it), "pass {it}");
@@ -66,7 +68,7 @@ fn memstress_writes_each_partition_once_per_pass() {
 #[test]
 fn dirtier_follows_working_set_pattern_and_rate() {
     let _kvm = common::require_kvm();
-    let m = machine(1, Program::Dirtier, 2048, false, Tracking::Bitmap);
+    let m = machine(1, Program::Dirtier, 2048, false, TrackerKind::DirtyLog);
     m.set_working_set(0, 0, 512, false).unwrap();
     let rate = 10_000.0;
     m.set_rate(Some(rate));
@@ -132,7 +134,7 @@ fn guest_write_rate() {
     let _kvm = common::require_kvm();
     let pages = 4096u64;
     let run = |log: bool, collect: bool| -> f64 {
-        let m = machine(1, Program::Stamp, pages, log, Tracking::Bitmap);
+        let m = machine(1, Program::Stamp, pages, log, TrackerKind::DirtyLog);
         let mut buf = vec![0u64; (pages / 64) as usize];
         // Warm up: map every page (first touches fault with or without logging).
         m.set_iteration(1);
@@ -159,7 +161,7 @@ fn guest_write_rate() {
     let on_idle = run(true, false);
     let on = run(true, true);
     let pass = |log: bool| -> f64 {
-        let mut m = machine(1, Program::Memstress, pages, log, Tracking::Bitmap);
+        let mut m = machine(1, Program::Memstress, pages, log, TrackerKind::DirtyLog);
         let mut buf = vec![0u64; (pages / 64) as usize];
         m.memstress_pass(0, T).unwrap();
         let t = Instant::now();

@@ -4,19 +4,20 @@
 
 mod common;
 
-use dirtylog::perf::{run, Layer, PerfConfig, PerfMode};
+use dirtylog::perf::{run, Layer, PerfConfig};
+use dirtylog::TrackerKind;
 use dirtylog_testvm::KvmPerf;
 
 const MIB: u64 = 1 << 20;
 
-fn check(mode: PerfMode, vcpus: u32, slots: u32) {
+fn check(tracker: TrackerKind, vcpus: u32, slots: u32) {
     let _kvm = common::require_kvm();
     let cfg = PerfConfig {
         vcpus,
         mem_per_vcpu: 16 * MIB,
         iterations: 4,
         slots,
-        mode,
+        tracker,
     };
     let mut b = KvmPerf::new(&cfg).expect("machine");
     let mut lines = Vec::new();
@@ -28,15 +29,15 @@ fn check(mode: PerfMode, vcpus: u32, slots: u32) {
         [Layer::Ours, Layer::Bare, Layer::Ours, Layer::Bare],
         "iterations alternate between our API and the bare ioctls"
     );
-    match mode {
-        PerfMode::Ring(_) => {
+    match tracker {
+        TrackerKind::Ring { .. } => {
             // GET takes what the pass left: normally some entries, but none if a vCPU blocked
             // on a full ring right at the end of its pass (this host takes the exit late) and
             // that harvest took everything.
             for it in &r.iterations {
                 assert!(
                     it.pages <= pages,
-                    "{mode:?} iteration {}: {} entries",
+                    "{tracker} iteration {}: {} entries",
                     it.iteration,
                     it.pages
                 );
@@ -59,7 +60,7 @@ fn check(mode: PerfMode, vcpus: u32, slots: u32) {
             for it in &r.iterations {
                 assert_eq!(
                     it.pages, pages,
-                    "{mode:?} iteration {} ({:?}): every written page is dirty",
+                    "{tracker} iteration {} ({:?}): every written page is dirty",
                     it.iteration, it.layer
                 );
             }
@@ -70,7 +71,7 @@ fn check(mode: PerfMode, vcpus: u32, slots: u32) {
         r.bare_clear_avg_s.expect("bare CLEAR average"),
     );
     assert!(g > 0.0, "bare GET took time");
-    if mode == PerfMode::Get {
+    if tracker == TrackerKind::DirtyLog {
         assert_eq!(c, 0.0, "no CLEAR without manual protect");
     } else {
         assert!(c > 0.0, "bare CLEAR took time");
@@ -79,24 +80,24 @@ fn check(mode: PerfMode, vcpus: u32, slots: u32) {
     assert!(ratio.is_finite() && ratio > 0.0, "{ratio}");
     assert!(lines.iter().any(|l| l.contains("(bare)")), "{lines:#?}");
     assert!(lines.iter().any(|l| l.starts_with("Bare interface")));
-    eprintln!("{mode:?}: {}", lines.join("\n  "));
+    eprintln!("{tracker}: {}", lines.join("\n  "));
     b.shutdown().expect("vCPU threads");
 }
 
 #[test]
-fn get_mode() {
-    check(PerfMode::Get, 2, 1);
+fn dirty_log() {
+    check(TrackerKind::DirtyLog, 2, 1);
 }
 
 #[test]
-fn get_clear_mode_with_two_slots() {
-    check(PerfMode::GetClear, 2, 2);
+fn clear_log_with_two_slots() {
+    check(TrackerKind::ClearLog, 2, 2);
 }
 
 #[test]
-fn ring_mode_that_fills_during_passes() {
+fn ring_that_fills_during_passes() {
     // 4096 writes per vCPU and pass: at least one harvest during each pass.
-    check(PerfMode::Ring(4096), 2, 1);
+    check(TrackerKind::Ring { entries: 4096 }, 2, 1);
 }
 
 #[test]
@@ -107,7 +108,7 @@ fn bad_configs_are_refused() {
         mem_per_vcpu,
         iterations: 2,
         slots,
-        mode: PerfMode::Get,
+        tracker: TrackerKind::DirtyLog,
     };
     for c in [
         cfg(0, MIB, 1),

@@ -1,39 +1,33 @@
-//! The kernel's dirty_log_test protocol (`dirtylog::selftest::run`) on /dev/kvm, in each mode.
+//! The kernel's dirty_log_test protocol (`dirtylog::selftest::run`) on /dev/kvm, with each tracker.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use dirtylog::selftest::{run, LogMode, SelftestConfig};
+use dirtylog::selftest::{run, SelftestConfig};
+use dirtylog::TrackerKind;
 use dirtylog_testvm::KvmSelftest;
 
-fn run_mode(mode: LogMode, vcpus: u32, ring_entries: u32) -> dirtylog::selftest::Summary {
+fn run_with(tracker: TrackerKind, vcpus: u32) -> dirtylog::selftest::Summary {
     let _kvm = common::require_kvm();
     let cfg = SelftestConfig {
-        mode,
+        tracker,
         vcpus,
         pages: 64 * 64 + 3,
         iterations: 32,
         interval: Duration::from_millis(10),
-        ring_entries,
         seed: 0x5eed + vcpus as u64,
         ..Default::default()
     };
-    let mut b = KvmSelftest::new(&cfg).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    let mut b = KvmSelftest::new(&cfg).unwrap_or_else(|e| panic!("{tracker}: {e}"));
     let t = Instant::now();
     let sum = run(&mut b, &cfg, |r| {
         eprintln!(
             "{} it {:2}: dirty {:5} clean {:5} writes {:6} collections {:3} ring-full {}",
-            mode.name(),
-            r.iteration,
-            r.dirty,
-            r.clean,
-            r.writes,
-            r.collections,
-            r.ring_full_exits
+            tracker, r.iteration, r.dirty, r.clean, r.writes, r.collections, r.ring_full_exits
         )
     })
-    .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    .unwrap_or_else(|e| panic!("{tracker}: {e}"));
     eprintln!(
         "{}: {:.2}s, {} writes, {} ring-full exits, fullest ring harvest {} entries",
         sum.backend,
@@ -52,45 +46,45 @@ fn run_mode(mode: LogMode, vcpus: u32, ring_entries: u32) -> dirtylog::selftest:
 
 #[test]
 fn dirty_log_1vcpu() {
-    run_mode(LogMode::DirtyLog, 1, 0);
+    run_with(TrackerKind::DirtyLog, 1);
 }
 
 #[test]
 fn dirty_log_2vcpu() {
-    run_mode(LogMode::DirtyLog, 2, 0);
+    run_with(TrackerKind::DirtyLog, 2);
 }
 
 #[test]
 fn clear_log_1vcpu() {
-    run_mode(LogMode::ClearLog, 1, 0);
+    run_with(TrackerKind::ClearLog, 1);
 }
 
 #[test]
 fn clear_log_2vcpu() {
-    run_mode(LogMode::ClearLog, 2, 0);
+    run_with(TrackerKind::ClearLog, 2);
 }
 
 #[test]
 fn dirty_ring_1vcpu() {
     // 65536 entries: larger than the writes of an iteration, so it never fills.
-    let s = run_mode(LogMode::DirtyRing, 1, 65536);
+    let s = run_with(TrackerKind::Ring { entries: 65536 }, 1);
     assert_eq!(s.ring_full_exits, 0);
 }
 
 #[test]
 fn dirty_ring_2vcpu() {
-    run_mode(LogMode::DirtyRing, 2, 4096);
+    run_with(TrackerKind::Ring { entries: 4096 }, 2);
 }
 
 #[test]
 fn dirty_ring_full_1vcpu() {
     // 256 entries (one page, the minimum): soft-full after 192, far below an iteration's writes.
-    let s = run_mode(LogMode::DirtyRing, 1, 256);
+    let s = run_with(TrackerKind::Ring { entries: 256 }, 1);
     assert!(s.ring_full_exits > 0, "the ring never filled");
 }
 
 #[test]
 fn dirty_ring_full_2vcpu() {
-    let s = run_mode(LogMode::DirtyRing, 2, 256);
+    let s = run_with(TrackerKind::Ring { entries: 256 }, 2);
     assert!(s.ring_full_exits > 0, "the ring never filled");
 }

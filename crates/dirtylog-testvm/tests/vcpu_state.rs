@@ -1,14 +1,16 @@
-//! Saving and restoring vCPU state on /dev/kvm: a parked guest's state survives a round trip
-//! through the blob into the same vCPU and into a fresh one, and a restored guest runs on.
+//! Saving and restoring vCPU state on /dev/kvm: a paused guest's state, taken on the vCPU's own
+//! thread, survives a round trip through the blob into the same vCPU and into a fresh one, and
+//! a restored guest runs on.
 
 mod common;
 
 use std::time::Duration;
 
-use dirtylog_testvm::guest::{control, ports};
+use dirtylog::TrackerKind;
+use dirtylog_testvm::guest::control;
 use dirtylog_testvm::vcpu_state::{FpuState, StateSpec, VcpuSnapshot};
 use dirtylog_testvm::x86::{self, layout};
-use dirtylog_testvm::{KvmVm, Machine, MachineConfig, MemoryOptions, Program, Tracking};
+use dirtylog_testvm::{KvmVm, Machine, MachineConfig, MemoryOptions, Program};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -18,7 +20,8 @@ fn machine(vcpus: u32) -> Machine {
         program: Program::DeviceDirtier,
         slot_pages: vec![512],
         log_dirty_pages: false,
-        tracking: Tracking::Bitmap,
+        tracker: TrackerKind::DirtyLog,
+        initially_set: true,
         memory: MemoryOptions::default(),
         seed: 3,
     })
@@ -37,9 +40,13 @@ fn parked_state_round_trips_through_the_blob() {
     m.stop(T).unwrap();
     assert!(m.total_writes() > 0);
     for i in 0..2u32 {
-        let fd = m.runner().vcpu_fd(i as usize).unwrap();
-        let s = VcpuSnapshot::save(fd, i, &spec).unwrap();
-        // Parked at the `out SYNC` of the program, in long mode.
+        let sp = spec.clone();
+        let s = m
+            .runner()
+            .with_paused_vcpu(i as usize, move |fd| VcpuSnapshot::save(fd, i, &sp))
+            .unwrap()
+            .unwrap();
+        // Paused inside the program, in long mode.
         assert!(s.regs.rip >= layout::CODE && s.regs.rip < layout::CODE + layout::CODE_SIZE);
         assert_eq!(s.sregs.efer & 0x500, 0x500, "LME|LMA");
         assert_eq!(s.sregs.cr3, layout::PAGE_TABLES);
@@ -48,9 +55,16 @@ fn parked_state_round_trips_through_the_blob() {
         let blob = s.encode();
         let d = VcpuSnapshot::decode(&blob).unwrap();
         assert_eq!(d, s);
-        // Into the same (parked) vCPU, and back: unchanged.
-        d.restore(fd).unwrap();
-        let again = VcpuSnapshot::save(fd, i, &spec).unwrap();
+        // Into the same (paused) vCPU, and back: unchanged.
+        let sp = spec.clone();
+        let again = m
+            .runner()
+            .with_paused_vcpu(i as usize, move |fd| {
+                d.restore(fd)?;
+                VcpuSnapshot::save(fd, i, &sp)
+            })
+            .unwrap()
+            .unwrap();
         assert_eq!(again.regs, s.regs);
         assert_eq!(again.sregs, s.sregs);
         assert_eq!(again.msrs.len(), s.msrs.len());
@@ -79,7 +93,12 @@ fn state_loads_into_a_fresh_vcpu() {
     m.resume(false, T).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     m.stop(T).unwrap();
-    let s = VcpuSnapshot::save(m.runner().vcpu_fd(0).unwrap(), 0, &spec).unwrap();
+    let sp = spec.clone();
+    let s = m
+        .runner()
+        .with_paused_vcpu(0, move |fd| VcpuSnapshot::save(fd, 0, &sp))
+        .unwrap()
+        .unwrap();
 
     let mut vm = KvmVm::new().unwrap();
     let v = vm.create_vcpu().unwrap();
@@ -99,6 +118,37 @@ fn state_loads_into_a_fresh_vcpu() {
             assert_eq!(a, b, "MSR {:#x}", a.0);
         }
     }
-    let _ = ports::SYNC;
+    m.shutdown().unwrap();
+}
+
+#[test]
+fn with_paused_vcpu_needs_a_pause() {
+    let _kvm = common::require_kvm();
+    let m = machine(1);
+    m.set_rate(Some(5_000.0));
+    m.resume(false, T).unwrap();
+    let e = m
+        .runner()
+        .with_paused_vcpu(0, |fd| fd.get_regs())
+        .unwrap_err();
+    assert!(e.to_string().contains("pause the runner first"), "{e}");
+    m.stop(T).unwrap();
+    assert!(m
+        .runner()
+        .with_paused_vcpu(0, |fd| fd.get_regs())
+        .unwrap()
+        .is_ok());
+    assert!(m.runner().with_paused_vcpu(1, |fd| fd.get_regs()).is_err());
+    // A panicking closure is an error, and the vCPU thread lives on.
+    let e = m
+        .runner()
+        .with_paused_vcpu(0, |_| -> u32 { panic!("boom") })
+        .unwrap_err();
+    assert!(e.to_string().contains("panicked"), "{e}");
+    let before = m.total_writes();
+    m.resume(false, T).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    m.stop(T).unwrap();
+    assert!(m.total_writes() > before);
     m.shutdown().unwrap();
 }

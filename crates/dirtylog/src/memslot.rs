@@ -23,19 +23,26 @@ pub const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
 pub struct MemoryRegion {
     /// `as_id << 16 | id`.
     pub slot: u32,
+    /// [`KVM_MEM_LOG_DIRTY_PAGES`] and/or [`KVM_MEM_READONLY`].
     pub flags: u32,
+    /// Guest-physical address of the first byte, page aligned.
     pub guest_phys_addr: u64,
-    /// 0 deletes the slot.
+    /// Bytes, a multiple of the page size; 0 deletes the slot.
     pub memory_size: u64,
+    /// Host virtual address of the first byte, page aligned.
     pub userspace_addr: u64,
 }
 
 /// What a `set_user_memory_region` call does (`enum kvm_mr_change`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MrChange {
+    /// `KVM_MR_CREATE`: a new slot.
     Create,
+    /// `KVM_MR_DELETE`: `memory_size` 0 on an existing slot.
     Delete,
+    /// `KVM_MR_MOVE`: an existing slot at a new guest address.
     Move,
+    /// `KVM_MR_FLAGS_ONLY`: an existing slot with new flags (e.g. logging on or off).
     FlagsOnly,
 }
 
@@ -43,11 +50,17 @@ pub enum MrChange {
 /// bitmap when logging stays on), as KVM swaps memslot arrays under SRCU.
 #[derive(Debug)]
 pub struct Memslot {
+    /// The address space (`slot >> 16`).
     pub as_id: u16,
+    /// The slot id within it (`slot & 0xffff`).
     pub id: u16,
+    /// The first guest frame number.
     pub base_gfn: u64,
+    /// Pages in the slot.
     pub npages: u64,
+    /// Host virtual address of the first page.
     pub userspace_addr: u64,
+    /// `KVM_MEM_*` flags.
     pub flags: u32,
     pub(crate) dirty_bitmap: Option<Arc<DirtyBitmap>>,
     /// The arch's per-slot data (KVM's `slot->arch`): created on first use, shared with the

@@ -14,27 +14,24 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::selftest::BackendError;
-
-/// How a perf run collects dirty pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PerfMode {
-    /// `KVM_GET_DIRTY_LOG` that clears and re-protects (`-g` in the kernel test).
-    Get,
-    /// Manual protect with `INITIALLY_SET`: GET, then CLEAR of each whole slot (the default).
-    GetClear,
-    /// Dirty rings of this many entries per vCPU.
-    Ring(u32),
-}
+use crate::TrackerKind;
 
 /// Parameters of one run (the kernel test's `-v`, `-b`, `-i`, `-x`, `-g`).
 #[derive(Debug, Clone, Serialize)]
 pub struct PerfConfig {
+    /// vCPUs, each writing its own partition of guest memory (`-v`).
     pub vcpus: u32,
+    /// Bytes of guest memory per vCPU (`-b`).
     pub mem_per_vcpu: u64,
+    /// Iterations after populating (`-i`).
     pub iterations: u32,
+    /// Memslots the memory is split into (`-x`).
     pub slots: u32,
-    pub mode: PerfMode,
+    /// How dirty pages are collected: [`TrackerKind::DirtyLog`] is GET that clears and
+    /// re-protects (`-g`); [`TrackerKind::ClearLog`], manual protect with `INITIALLY_SET`,
+    /// GET then CLEAR of each whole slot (the default); [`TrackerKind::Ring`], dirty rings of
+    /// that many entries per vCPU, harvested then reset.
+    pub tracker: TrackerKind,
 }
 
 impl Default for PerfConfig {
@@ -44,7 +41,7 @@ impl Default for PerfConfig {
             mem_per_vcpu: 1 << 30,
             iterations: 2,
             slots: 1,
-            mode: PerfMode::GetClear,
+            tracker: TrackerKind::ClearLog,
         }
     }
 }
@@ -61,6 +58,7 @@ pub enum Layer {
 
 /// A backend the perf protocol drives.
 pub trait PerfBackend {
+    /// A one-line description of the backend and its setup.
     fn describe(&self) -> String;
     /// Whether [`Layer::Bare`] is available.
     fn has_bare(&self) -> bool {
@@ -70,9 +68,9 @@ pub trait PerfBackend {
     fn dirty_pass(&mut self, iteration: u64) -> Result<(), BackendError>;
     /// Turn `KVM_MEM_LOG_DIRTY_PAGES` on or off on every test slot.
     fn set_logging(&mut self, on: bool) -> Result<(), BackendError>;
-    /// GET over every slot (ring mode: harvest every ring). Returns pages (or entries) seen.
+    /// GET over every slot (with rings: harvest every ring). Returns pages (or entries) seen.
     fn get(&mut self, layer: Layer) -> Result<u64, BackendError>;
-    /// CLEAR of every whole slot (ring mode: commit and reset). Returns pages (or entries)
+    /// CLEAR of every whole slot (with rings: commit and reset). Returns pages (or entries)
     /// given back.
     fn clear(&mut self, layer: Layer) -> Result<u64, BackendError>;
 }
@@ -80,27 +78,42 @@ pub trait PerfBackend {
 /// Times of one iteration.
 #[derive(Debug, Clone, Serialize)]
 pub struct PerfIteration {
+    /// The iteration number, from 1.
     pub iteration: u32,
+    /// Which implementation collected.
     pub layer: Layer,
+    /// Seconds for every vCPU to write its partition once.
     pub dirty_memory_s: f64,
+    /// Seconds of the GET step (ring: harvest).
     pub get_s: f64,
+    /// Seconds of the CLEAR step (ring: commit and reset; 0 for dirty-log).
     pub clear_s: f64,
+    /// Pages (or ring entries) the GET step returned.
     pub pages: u64,
 }
 
 /// The report, with the kernel test's metric names.
 #[derive(Debug, Clone, Serialize)]
 pub struct PerfReport {
+    /// The backend's [`describe`](PerfBackend::describe).
     pub backend: String,
+    /// The parameters of the run.
     pub config: PerfConfig,
+    /// "Populate memory time": seconds of iteration 0 (every page written once).
     pub populate_s: f64,
+    /// "Enabling dirty logging time", in seconds.
     pub enable_logging_s: f64,
+    /// Every iteration after populating.
     pub iterations: Vec<PerfIteration>,
+    /// "Disabling dirty logging time", in seconds.
     pub disable_logging_s: f64,
+    /// Average GET seconds of our iterations ([`Layer::Ours`]).
     pub get_avg_s: f64,
+    /// Average CLEAR seconds of our iterations.
     pub clear_avg_s: f64,
-    /// Averages of the bare interface, when the backend has one.
+    /// Average GET seconds of the bare interface, when the backend has one.
     pub bare_get_avg_s: Option<f64>,
+    /// Average CLEAR seconds of the bare interface, when the backend has one.
     pub bare_clear_avg_s: Option<f64>,
     /// (ours GET + CLEAR) ÷ (bare GET + CLEAR).
     pub overhead_ratio: Option<f64>,
@@ -142,7 +155,7 @@ pub fn run<B: PerfBackend + ?Sized>(
         };
         let ((), dirty_memory_s) = timed(|| b.dirty_pass(i as u64))?;
         let (pages, get_s) = timed(|| b.get(layer))?;
-        let (_, clear_s) = if cfg.mode == PerfMode::Get {
+        let (_, clear_s) = if cfg.tracker == TrackerKind::DirtyLog {
             (0, 0.0)
         } else {
             timed(|| b.clear(layer))?
@@ -154,7 +167,7 @@ pub fn run<B: PerfBackend + ?Sized>(
         on_line(&format!(
             "Iteration {i} get dirty log time{tag}: {get_s:.6}s ({pages} pages)"
         ));
-        if cfg.mode != PerfMode::Get {
+        if cfg.tracker != TrackerKind::DirtyLog {
             on_line(&format!(
                 "Iteration {i} clear dirty log time{tag}: {clear_s:.6}s"
             ));
@@ -191,7 +204,7 @@ pub fn run<B: PerfBackend + ?Sized>(
         "Get dirty log over {n} iterations took {:.6}s. (Avg {get_avg_s:.6}s/iteration)",
         get_avg_s * n as f64
     ));
-    if cfg.mode != PerfMode::Get {
+    if cfg.tracker != TrackerKind::DirtyLog {
         on_line(&format!(
             "Clear dirty log over {n} iterations took {:.6}s. (Avg {clear_avg_s:.6}s/iteration)",
             clear_avg_s * n as f64

@@ -26,6 +26,8 @@ pub const DIRTY_GFN_BYTES: u32 = 16;
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct DirtyGfn {
+    /// `KVM_DIRTY_GFN_F_DIRTY` (published by the vCPU) / `KVM_DIRTY_GFN_F_RESET` (collected
+    /// by userspace).
     pub flags: AtomicU32,
     /// `as_id << 16 | slot_id`.
     pub slot: AtomicU32,
@@ -217,6 +219,7 @@ pub struct RingHarvester {
 }
 
 impl RingHarvester {
+    /// A harvester at the ring's start, as for a new vCPU (`fetch_index` 0).
     pub fn new() -> Self {
         Self::default()
     }

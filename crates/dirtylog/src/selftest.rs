@@ -1,11 +1,12 @@
 //! The kernel's `dirty_log_test` protocol, written once and run on every backend.
 //!
 //! vCPUs stamp the current iteration number into random pages of a test slot. The host
-//! collects once at a random point while they run (and keeps collecting in ring mode after a
+//! collects once at a random point while they run (and keeps collecting with a ring after a
 //! ring-full exit), stops them, does a final collection into a second bitmap, and checks every
 //! page: a dirty page must hold the current iteration, a clean page an older one. Collection
-//! is mode-specific: GET (dirty-log), GET then CLEAR of the whole slot (clear-log, with manual
-//! protect and `INITIALLY_SET`), or ring collect + commit + reset (dirty-ring).
+//! depends on the [`TrackerKind`]: GET (dirty-log), GET then CLEAR of the whole slot
+//! (clear-log, with manual protect and `INITIALLY_SET`), or ring collect + commit + reset
+//! (ring).
 
 use std::time::{Duration, Instant};
 
@@ -13,42 +14,23 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-/// How the backend collects dirty pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogMode {
-    /// `KVM_GET_DIRTY_LOG`, which clears and re-protects.
-    DirtyLog,
-    /// Manual protect with `INITIALLY_SET`: GET (a snapshot), then CLEAR of the whole slot.
-    ClearLog,
-    /// Per-vCPU dirty rings: collect, commit RESET flags, `KVM_RESET_DIRTY_RINGS`.
-    DirtyRing,
-}
-
-impl LogMode {
-    pub const ALL: [LogMode; 3] = [LogMode::DirtyLog, LogMode::ClearLog, LogMode::DirtyRing];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            LogMode::DirtyLog => "dirty-log",
-            LogMode::ClearLog => "clear-log",
-            LogMode::DirtyRing => "dirty-ring",
-        }
-    }
-}
+use crate::TrackerKind;
 
 /// Parameters of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct SelftestConfig {
-    pub mode: LogMode,
+    /// The tracker under test. `Ring { entries }` gives the entries per vCPU ring: a ring
+    /// smaller than the writes of an iteration fills, and exercises ring-full exits.
+    pub tracker: TrackerKind,
+    /// vCPU threads stamping pages.
     pub vcpus: u32,
     /// Pages in the test slot; the default is 64·n + 3, so the slot's tail is not 64-aligned.
     pub pages: u64,
+    /// Iterations (the kernel test's `-i`); each stamps its number, from 1.
     pub iterations: u64,
     /// How long vCPUs run per iteration at least.
     pub interval: Duration,
-    /// Ring entries per vCPU (ring mode); small enough to fill if below the writes per iteration.
-    pub ring_entries: u32,
+    /// Seed of the host's collection points and the vCPUs' page choice.
     pub seed: u64,
     /// A floor on writes per iteration (`TEST_MIN_WRITES_PER_ITERATION`).
     pub min_writes: u64,
@@ -56,15 +38,20 @@ pub struct SelftestConfig {
     pub iteration_timeout: Duration,
 }
 
+impl SelftestConfig {
+    /// Ring entries per vCPU when the self-test's ring size is not given: 1024, small enough
+    /// that the stamping vCPUs fill their rings and take ring-full exits.
+    pub const DEFAULT_RING_ENTRIES: u32 = 1024;
+}
+
 impl Default for SelftestConfig {
     fn default() -> Self {
         SelftestConfig {
-            mode: LogMode::DirtyLog,
+            tracker: TrackerKind::DirtyLog,
             vcpus: 1,
             pages: 64 * 64 + 3,
             iterations: 32,
             interval: Duration::from_millis(10),
-            ring_entries: 1024,
             seed: 1,
             min_writes: 0x100,
             iteration_timeout: Duration::from_secs(60),
@@ -75,9 +62,9 @@ impl Default for SelftestConfig {
 /// What one collection saw.
 #[derive(Debug, Clone, Default)]
 pub struct Collected {
-    /// Ring mode: per vCPU, the page of the last entry harvested, if any.
+    /// With a ring: per vCPU, the page of the last entry harvested, if any.
     pub last_ring_pages: Vec<Option<u64>>,
-    /// Ring entries harvested (ring mode) or dirty pages reported (bitmap modes).
+    /// Ring entries harvested (ring) or dirty pages reported (bitmap trackers).
     pub count: u64,
 }
 
@@ -95,13 +82,13 @@ pub trait SelftestBackend {
     fn resume(&mut self, iteration: u64) -> Result<(), BackendError>;
     /// Writes done by all vCPUs since the last `resume`.
     fn writes(&self) -> u64;
-    /// Ring-full exits so far (0 outside ring mode).
+    /// Ring-full exits so far (0 without a ring).
     fn ring_full_exits(&self) -> u64;
     /// Stop every vCPU and wait until none can write (a vCPU blocked on a full ring counts
     /// as stopped).
     fn stop(&mut self) -> Result<(), BackendError>;
-    /// Collect dirty pages of the test slot into `bitmap` (OR), in the mode's way. In ring
-    /// mode this also lets vCPUs blocked on a full ring continue (after the reset).
+    /// Collect dirty pages of the test slot into `bitmap` (OR), in the tracker's way. With a
+    /// ring this also lets vCPUs blocked on a full ring continue (after the reset).
     fn collect(&mut self, bitmap: &mut [u64]) -> Result<Collected, BackendError>;
     /// The 8-byte value at the start of test page `page`, as the host sees it.
     fn read_page(&self, page: u64) -> u64;
@@ -116,22 +103,32 @@ pub trait SelftestBackend {
 /// One iteration's line.
 #[derive(Debug, Clone, Serialize)]
 pub struct IterationReport {
+    /// The iteration number, from 1: the value stamped into pages.
     pub iteration: u64,
+    /// Pages reported dirty by either collection.
     pub dirty: u64,
+    /// Pages reported by neither.
     pub clean: u64,
+    /// Writes the vCPUs made while running.
     pub writes: u64,
+    /// Collections, the final one included.
     pub collections: u64,
+    /// Ring-full exits taken during the iteration.
     pub ring_full_exits: u64,
 }
 
 /// A page that broke the protocol's invariant.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Violation {
+    /// The iteration it was found in.
     pub iteration: u64,
+    /// The page, from the test slot's start.
     pub page: u64,
+    /// The value the page held (the iteration that last wrote it).
     pub value: u64,
-    /// Reported dirty by the collection while vCPUs ran / by the final one.
+    /// Reported dirty by a collection while vCPUs ran.
     pub dirty_while_running: bool,
+    /// Reported dirty by the final collection, after the vCPUs stopped.
     pub dirty_final: bool,
 }
 
@@ -156,17 +153,26 @@ impl std::fmt::Display for Violation {
 /// Totals of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    pub mode: LogMode,
+    /// The tracker under test.
+    pub tracker: TrackerKind,
+    /// The backend's [`describe`](SelftestBackend::describe).
     pub backend: String,
+    /// Iterations run.
     pub iterations: u64,
+    /// Pages reported dirty, over all iterations.
     pub dirty: u64,
+    /// Pages reported clean, over all iterations.
     pub clean: u64,
+    /// Writes by the vCPUs, over all iterations.
     pub writes: u64,
+    /// Ring-full exits, over all iterations.
     pub ring_full_exits: u64,
+    /// Every page that broke the invariant; empty when the run passed.
     pub violations: Vec<Violation>,
 }
 
 impl Summary {
+    /// No violations?
     pub fn passed(&self) -> bool {
         self.violations.is_empty()
     }
@@ -175,13 +181,20 @@ impl Summary {
 /// Errors that stop a run (violations do not: they are collected in the summary).
 #[derive(Debug, thiserror::Error)]
 pub enum SelftestError {
+    /// A backend call failed.
     #[error("backend failed: {0}")]
     Backend(#[from] BackendError),
+    /// The vCPUs did not reach [`SelftestConfig::min_writes`] within
+    /// [`SelftestConfig::iteration_timeout`].
     #[error("iteration {iteration}: the vCPUs made only {writes} writes in {secs} s (at least {min} needed); are they running?")]
     TooFewWrites {
+        /// The iteration that stalled.
         iteration: u64,
+        /// Writes made by then.
         writes: u64,
+        /// Writes needed (`min_writes`).
         min: u64,
+        /// The timeout, in seconds.
         secs: u64,
     },
 }
@@ -200,11 +213,11 @@ pub fn run<B: SelftestBackend + ?Sized>(
     let words = npages.div_ceil(64) as usize;
     let mut bmap = [vec![0u64; words], vec![0u64; words]];
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
-    let ring = cfg.mode == LogMode::DirtyRing;
+    let ring = matches!(cfg.tracker, TrackerKind::Ring { .. });
     let relaxed_ring = ring && b.ring_full_before_retire();
     let mut prev_last: Vec<u64> = Vec::new();
     let mut sum = Summary {
-        mode: cfg.mode,
+        tracker: cfg.tracker,
         backend: b.describe(),
         iterations: cfg.iterations,
         dirty: 0,
@@ -272,7 +285,11 @@ pub fn run<B: SelftestBackend + ?Sized>(
                 value == iteration
                     || (relaxed_ring && prev_last.contains(&page) && value + 1 == iteration)
                     || (relaxed_ring && cur_last.contains(&page) && value < iteration)
-                    || (cfg.mode == LogMode::ClearLog && iteration == 1 && value == 0 && d0 && !d1)
+                    || (cfg.tracker == TrackerKind::ClearLog
+                        && iteration == 1
+                        && value == 0
+                        && d0
+                        && !d1)
             } else {
                 clean += 1;
                 value < iteration

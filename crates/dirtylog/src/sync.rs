@@ -2,8 +2,9 @@
 //!
 //! Everything in the core that is shared between vCPU threads and the host goes through this
 //! module, so that the same code can be model-checked: built with `RUSTFLAGS="--cfg loom"`,
-//! these names resolve to [loom]'s instrumented types and `tests/model.rs` explores every
-//! interleaving of the lock/flush protocol. In a normal build they are `std`'s.
+//! these names resolve to [loom](https://docs.rs/loom)'s instrumented types and the model
+//! tests (`src/model_tests.rs`) explore every interleaving of the lock/flush protocol. In a
+//! normal build they are `std`'s.
 
 #[cfg(not(loom))]
 pub use std::sync::atomic::{

@@ -49,6 +49,15 @@ impl TrackerKind {
         },
     ];
 
+    /// The three trackers, as [`ALL`](Self::ALL) but with rings of `entries` entries per vCPU.
+    pub const fn all_with_ring(entries: u32) -> [TrackerKind; 3] {
+        [
+            TrackerKind::DirtyLog,
+            TrackerKind::ClearLog,
+            TrackerKind::Ring { entries },
+        ]
+    }
+
     /// The short name, as on the command line: `dirty-log`, `clear-log` or `ring`.
     pub fn name(self) -> &'static str {
         match self {
@@ -170,6 +179,14 @@ mod tests {
         {
             assert_eq!(t.to_string().parse::<TrackerKind>(), Ok(t));
         }
+        assert_eq!(
+            TrackerKind::all_with_ring(TrackerKind::DEFAULT_RING_ENTRIES),
+            TrackerKind::ALL
+        );
+        assert_eq!(
+            TrackerKind::all_with_ring(256).map(TrackerKind::ring_entries),
+            [None, None, Some(256)]
+        );
         for bad in [
             "", "ring:", "ring:0", "ring:63", "ring:100", "ring:x", "log",
         ] {

@@ -22,6 +22,7 @@ const IN_GUEST_MODE: u8 = 1;
 /// The generic vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
+    /// The vCPU index (`vcpu->vcpu_idx`): 0, 1, ... in creation order.
     pub id: u32,
     mode: AtomicU8,
     requests: AtomicU64,

@@ -41,6 +41,7 @@ pub const KVM_DIRTY_LOG_MANUAL_CAPS: u64 =
 /// Static properties of a VM; the defaults are those of x86-64 KVM on our hosts.
 #[derive(Debug, Clone, Copy)]
 pub struct VmConfig {
+    /// Bytes per page, the logging granularity (4096).
     pub page_size: u64,
     /// Address spaces (2 on x86 with SMM).
     pub nr_as: u16,
@@ -64,8 +65,12 @@ impl Default for VmConfig {
 /// KVM's `remote_tlb_flush_requests` / `remote_tlb_flush` statistics, plus ranged flushes.
 #[derive(Debug, Default)]
 pub struct VmStats {
+    /// `remote_tlb_flush_requests`: calls of [`flush_remote_tlbs`](Vm::flush_remote_tlbs).
     pub remote_tlb_flush_requests: AtomicU64,
+    /// `remote_tlb_flush`: full remote TLB flushes done (by the arch hook or by a
+    /// `KVM_REQ_TLB_FLUSH` broadcast).
     pub remote_tlb_flush: AtomicU64,
+    /// Ranged remote TLB flushes done through the arch's ranged hook.
     pub remote_tlb_flush_range: AtomicU64,
     /// Pages write-protected through `enable_log_dirty_pt_masked` (bits passed in masks).
     pub pages_protected: AtomicU64,
@@ -78,6 +83,7 @@ pub struct VmStats {
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mutant {
+    /// The correct protocol.
     #[default]
     None,
     /// GET/CLEAR/enable-logging do not take the slots lock.
@@ -102,6 +108,7 @@ pub struct Vm<A: ArchMmu> {
     /// `kvm->lock` + `kvm->vcpu_array`, published as an immutable snapshot so that flushes
     /// and ring resets iterate without allocating.
     vcpus: Mutex<HostArc<[Arc<Vcpu>]>>,
+    /// Flush and logging statistics.
     pub stats: VmStats,
     #[cfg(test)]
     pub(crate) mutant: Mutant,
@@ -125,10 +132,12 @@ impl<A: ArchMmu> Vm<A> {
         }
     }
 
+    /// The arch's part of the VM (`kvm->arch`).
     pub fn arch(&self) -> &A {
         &self.arch
     }
 
+    /// The static properties the VM was created with.
     pub fn config(&self) -> &VmConfig {
         &self.cfg
     }

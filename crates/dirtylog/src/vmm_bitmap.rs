@@ -29,7 +29,7 @@
 //! assert_eq!(bits.take_word(0), 0b110);
 //! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 
@@ -53,16 +53,34 @@ pub struct VmmBitmapSlice<'a> {
     base: usize,
 }
 
-/// The host's page size, the granularity KVM logs at (`sysconf(_SC_PAGESIZE)`), as vm-memory's
-/// `AtomicBitmap` uses; 4096 if it cannot be read.
+/// The host's page size, the granularity KVM logs at (`sysconf(_SC_PAGESIZE)`, as vm-memory's
+/// `AtomicBitmap` uses), read once from the auxiliary vector's `AT_PAGESZ` entry in
+/// `/proc/self/auxv` (what `sysconf` returns, without `unsafe`); 4096 if it cannot be read.
 fn host_page_size() -> usize {
-    // SAFETY: `sysconf` reads a configuration value; it has no preconditions and touches no
-    // memory of ours.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    match usize::try_from(n) {
-        Ok(n) if n.is_power_of_two() => n,
-        _ => 4096,
+    static PAGE_SIZE: OnceLock<usize> = OnceLock::new();
+    *PAGE_SIZE.get_or_init(|| {
+        std::fs::read("/proc/self/auxv")
+            .ok()
+            .and_then(|auxv| auxv_page_size(&auxv))
+            .unwrap_or(4096)
+    })
+}
+
+/// `AT_PAGESZ` in an auxiliary vector (pairs of native-endian words: type, value), if present
+/// and a power of two.
+fn auxv_page_size(auxv: &[u8]) -> Option<usize> {
+    const AT_NULL: usize = 0;
+    const AT_PAGESZ: usize = 6;
+    const W: usize = std::mem::size_of::<usize>();
+    let word = |b: &[u8]| usize::from_ne_bytes(b.try_into().expect("chunks of one word"));
+    for pair in auxv.chunks_exact(2 * W) {
+        match word(&pair[..W]) {
+            AT_NULL => break,
+            AT_PAGESZ => return Some(word(&pair[W..])).filter(|n| n.is_power_of_two()),
+            _ => {}
+        }
     }
+    None
 }
 
 impl VmmBitmap {
@@ -227,6 +245,22 @@ mod tests {
         assert_eq!(b.npages(), 4);
         assert_eq!(VmmBitmap::default().npages(), 0);
         VmmBitmap::default().mark_dirty(0, 4096); // no pages: ignored, no panic
+    }
+
+    #[test]
+    fn page_size_comes_from_the_auxiliary_vector() {
+        let pair = |t: usize, v: usize| [t.to_ne_bytes(), v.to_ne_bytes()].concat();
+        let auxv = [pair(33, 1), pair(6, 16384), pair(0, 0)].concat();
+        assert_eq!(auxv_page_size(&auxv), Some(16384));
+        let after_null = [pair(0, 0), pair(6, 16384)].concat();
+        assert_eq!(auxv_page_size(&after_null), None);
+        assert_eq!(auxv_page_size(&[pair(6, 3000), pair(0, 0)].concat()), None);
+        assert_eq!(auxv_page_size(&[]), None);
+        // The real one: x86-64 Linux has 4 KiB base pages.
+        let real = std::fs::read("/proc/self/auxv").expect("/proc/self/auxv");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(auxv_page_size(&real), Some(4096));
+        assert_eq!(auxv_page_size(&real), Some(host_page_size()));
     }
 
     #[test]

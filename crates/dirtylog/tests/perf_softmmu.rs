@@ -1,32 +1,33 @@
 //! The dirty_log_perf_test protocol on the reference arch: every iteration must see every
-//! page of every vCPU's partition dirty, in each collection mode.
+//! page of every vCPU's partition dirty, with each tracker.
 
-use dirtylog::perf::{run, PerfConfig, PerfMode};
+use dirtylog::perf::{run, PerfConfig};
 use dirtylog::softmmu::SoftmmuPerf;
+use dirtylog::TrackerKind;
 
-fn check(mode: PerfMode, vcpus: u32, slots: u32) {
+fn check(tracker: TrackerKind, vcpus: u32, slots: u32) {
     let cfg = PerfConfig {
         vcpus,
         mem_per_vcpu: 4 << 20,
         iterations: 3,
         slots,
-        mode,
+        tracker,
     };
     let mut b = SoftmmuPerf::new(&cfg).expect("machine");
     let mut lines = Vec::new();
     let r = run(&mut b, &cfg, |l| lines.push(l.to_string())).expect("perf run");
     let pages = (4u64 << 20) / 4096 * vcpus as u64;
     for it in &r.iterations {
-        match mode {
+        match tracker {
             // Ring: entries harvested at ring-full exits during the pass are not in get().
-            PerfMode::Ring(_) => assert!(
+            TrackerKind::Ring { .. } => assert!(
                 it.pages <= pages && it.pages > 0,
-                "{mode:?}: {} entries",
+                "{tracker}: {} entries",
                 it.pages
             ),
             _ => assert_eq!(
                 it.pages, pages,
-                "{mode:?} iteration {}: every written page is dirty",
+                "{tracker} iteration {}: every written page is dirty",
                 it.iteration
             ),
         }
@@ -39,16 +40,16 @@ fn check(mode: PerfMode, vcpus: u32, slots: u32) {
 }
 
 #[test]
-fn get_mode() {
-    check(PerfMode::Get, 2, 1);
+fn dirty_log() {
+    check(TrackerKind::DirtyLog, 2, 1);
 }
 
 #[test]
-fn get_clear_mode_with_two_slots() {
-    check(PerfMode::GetClear, 2, 2);
+fn clear_log_with_two_slots() {
+    check(TrackerKind::ClearLog, 2, 2);
 }
 
 #[test]
-fn ring_mode_that_fills() {
-    check(PerfMode::Ring(256), 2, 1);
+fn ring_that_fills() {
+    check(TrackerKind::Ring { entries: 256 }, 2, 1);
 }

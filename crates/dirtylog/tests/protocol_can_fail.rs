@@ -15,9 +15,14 @@ use std::cell::Cell;
 use std::time::Duration;
 
 use dirtylog::selftest::{
-    run, BackendError, Collected, LogMode, SelftestBackend, SelftestConfig, Summary, Violation,
+    run, BackendError, Collected, SelftestBackend, SelftestConfig, Summary, Violation,
 };
 use dirtylog::softmmu::{FlushKind, SoftVcpu, SoftmmuSelftest};
+use dirtylog::TrackerKind;
+
+/// Every tracker, the ring large enough never to fill here, so that no ring exception blurs
+/// the expectations.
+const TRACKERS: [TrackerKind; 3] = TrackerKind::all_with_ring(65536);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -166,51 +171,49 @@ impl SelftestBackend for Faulty {
     }
 }
 
-fn config(mode: LogMode) -> SelftestConfig {
+fn config(tracker: TrackerKind) -> SelftestConfig {
     SelftestConfig {
-        mode,
+        tracker,
         vcpus: 2,
         // Large enough that a few milliseconds of writes leave most pages untouched.
         pages: 64 * 512 + 3,
         iterations: 3,
         interval: Duration::from_millis(1),
-        // Large enough never to fill here, so no ring exception blurs the expectations.
-        ring_entries: 65536,
         seed: 11,
         min_writes: 16,
         ..SelftestConfig::default()
     }
 }
 
-fn run_with(mode: LogMode, fault: Fault, target: u64) -> (Summary, Faulty) {
-    let cfg = config(mode);
+fn run_with(tracker: TrackerKind, fault: Fault, target: u64) -> (Summary, Faulty) {
+    let cfg = config(tracker);
     let mut b = Faulty::new(&cfg, fault, target);
     let s = run(&mut b, &cfg, |_| {}).expect("the protocol ran");
-    assert_eq!(s.ring_full_exits, 0, "{mode:?}: the ring filled");
+    assert_eq!(s.ring_full_exits, 0, "{tracker}: the ring filled");
     (s, b)
 }
 
 #[test]
 fn a_correct_backend_passes() {
-    for mode in LogMode::ALL {
-        let (s, _) = run_with(mode, Fault::None, 2);
+    for tracker in TRACKERS {
+        let (s, _) = run_with(tracker, Fault::None, 2);
         assert!(
             s.passed(),
-            "{mode:?}: {} violations, first: {}",
+            "{tracker}: {} violations, first: {}",
             s.violations.len(),
             s.violations[0]
         );
         assert!(
             s.dirty > 0 && s.writes >= 3 * 16,
-            "{mode:?}: degenerate run {s:?}"
+            "{tracker}: degenerate run {s:?}"
         );
     }
 }
 
 #[test]
 fn a_dropped_dirty_bit_is_reported_as_a_lost_write() {
-    for mode in LogMode::ALL {
-        let (s, b) = run_with(mode, Fault::DropBit, 2);
+    for tracker in TRACKERS {
+        let (s, b) = run_with(tracker, Fault::DropBit, 2);
         let page = b.victim.expect("iteration 2 reported at least one page");
         let expected = Violation {
             iteration: 2,
@@ -219,7 +222,7 @@ fn a_dropped_dirty_bit_is_reported_as_a_lost_write() {
             dirty_while_running: false,
             dirty_final: false,
         };
-        assert_eq!(s.violations, vec![expected.clone()], "{mode:?}");
+        assert_eq!(s.violations, vec![expected.clone()], "{tracker}");
         assert!(!s.passed());
         assert_eq!(
             expected.to_string(),
@@ -233,8 +236,8 @@ fn a_dropped_dirty_bit_is_reported_as_a_lost_write() {
 
 #[test]
 fn an_extra_dirty_bit_is_reported_as_a_false_dirty_page() {
-    for mode in LogMode::ALL {
-        let (s, b) = run_with(mode, Fault::AddBit, 2);
+    for tracker in TRACKERS {
+        let (s, b) = run_with(tracker, Fault::AddBit, 2);
         let (page, value) = b.injected.expect("a bit was added");
         assert_ne!(value, 2);
         let expected = Violation {
@@ -244,7 +247,7 @@ fn an_extra_dirty_bit_is_reported_as_a_false_dirty_page() {
             dirty_while_running: false,
             dirty_final: true,
         };
-        assert_eq!(s.violations, vec![expected.clone()], "{mode:?}");
+        assert_eq!(s.violations, vec![expected.clone()], "{tracker}");
         assert_eq!(
             expected.to_string(),
             format!(
@@ -259,8 +262,8 @@ fn an_extra_dirty_bit_is_reported_as_a_false_dirty_page() {
 fn a_write_after_stop_returned_is_reported_as_a_lost_write() {
     // The last iteration, so the straggler's bit (fetched by no later collection) cannot
     // surface as a second, premature report.
-    for mode in LogMode::ALL {
-        let (s, b) = run_with(mode, Fault::StopReturnsEarly, 3);
+    for tracker in TRACKERS {
+        let (s, b) = run_with(tracker, Fault::StopReturnsEarly, 3);
         let (page, value) = b.injected.expect("a straggler write was armed");
         assert!(b.straggler_write.get().is_none(), "the straggler wrote");
         let expected = Violation {
@@ -271,7 +274,7 @@ fn a_write_after_stop_returned_is_reported_as_a_lost_write() {
             dirty_final: false,
         };
         assert_eq!(value, 3);
-        assert_eq!(s.violations, vec![expected], "{mode:?}");
+        assert_eq!(s.violations, vec![expected], "{tracker}");
         assert!(s.violations[0].to_string().ends_with("a lost write"));
     }
 }

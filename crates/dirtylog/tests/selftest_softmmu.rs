@@ -1,19 +1,19 @@
-//! The kernel's dirty_log_test protocol on the software-MMU reference arch: every mode, 1 and
+//! The kernel's dirty_log_test protocol on the software-MMU reference arch: every tracker, 1 and
 //! 2 vCPUs, a slot of n·64+3 pages, 32 iterations, every flush flavour.
 
 use std::time::Duration;
 
-use dirtylog::selftest::{run, LogMode, SelftestConfig, Summary};
+use dirtylog::selftest::{run, SelftestConfig, Summary};
 use dirtylog::softmmu::{FlushKind, SoftmmuSelftest};
+use dirtylog::TrackerKind;
 
-fn check(mode: LogMode, vcpus: u32, kind: FlushKind, ring_entries: u32) -> Summary {
+fn check(tracker: TrackerKind, vcpus: u32, kind: FlushKind) -> Summary {
     let cfg = SelftestConfig {
-        mode,
+        tracker,
         vcpus,
         pages: 64 * 40 + 3,
         iterations: 32,
         interval: Duration::from_millis(3),
-        ring_entries,
         seed: 7 + vcpus as u64,
         ..SelftestConfig::default()
     };
@@ -21,7 +21,7 @@ fn check(mode: LogMode, vcpus: u32, kind: FlushKind, ring_entries: u32) -> Summa
     let s = run(&mut b, &cfg, |_| {}).expect("protocol ran");
     assert!(
         s.passed(),
-        "{mode:?} {vcpus} vCPUs {kind:?}: {} violations, first: {}",
+        "{tracker} {vcpus} vCPUs {kind:?}: {} violations, first: {}",
         s.violations.len(),
         s.violations[0]
     );
@@ -37,23 +37,27 @@ fn dirty_log_1_and_2_vcpus() {
         FlushKind::FullOnly,
         FlushKind::RequestOnly,
     ] {
-        check(LogMode::DirtyLog, 1, kind, 0);
-        check(LogMode::DirtyLog, 2, kind, 0);
+        check(TrackerKind::DirtyLog, 1, kind);
+        check(TrackerKind::DirtyLog, 2, kind);
     }
 }
 
 #[test]
 fn clear_log_1_and_2_vcpus() {
     for kind in [FlushKind::Ranged, FlushKind::FullOnly] {
-        check(LogMode::ClearLog, 1, kind, 0);
-        check(LogMode::ClearLog, 2, kind, 0);
+        check(TrackerKind::ClearLog, 1, kind);
+        check(TrackerKind::ClearLog, 2, kind);
     }
 }
 
 #[test]
 fn dirty_ring_large() {
     for vcpus in [1, 2] {
-        let s = check(LogMode::DirtyRing, vcpus, FlushKind::Ranged, 65536);
+        let s = check(
+            TrackerKind::Ring { entries: 65536 },
+            vcpus,
+            FlushKind::Ranged,
+        );
         assert_eq!(
             s.ring_full_exits, 0,
             "a 64Ki-entry ring should not fill here"
@@ -64,7 +68,11 @@ fn dirty_ring_large() {
 #[test]
 fn dirty_ring_small_enough_to_fill() {
     for vcpus in [1, 2] {
-        let s = check(LogMode::DirtyRing, vcpus, FlushKind::FullOnly, 256);
+        let s = check(
+            TrackerKind::Ring { entries: 256 },
+            vcpus,
+            FlushKind::FullOnly,
+        );
         assert!(
             s.ring_full_exits > 0,
             "a 256-entry ring never filled: the full path went untested"

@@ -71,8 +71,8 @@ pub enum WireError {
         /// What the stream needs at this point.
         expected: &'static str,
     },
-    /// A frame sets flags; version 1 defines none.
-    #[error("{frame} has flags {flags:#04x}; version 1 defines none")]
+    /// A frame sets flags; this version defines none.
+    #[error("{frame} has flags {flags:#04x}; version {VERSION} defines none")]
     Flags {
         /// The frame.
         frame: &'static str,
@@ -188,6 +188,31 @@ pub enum WireError {
     /// An `Error` frame's message is not UTF-8.
     #[error("Error frame message is not valid UTF-8")]
     Utf8,
+    /// A `Device` frame's name is empty, too long, or has a character outside ASCII
+    /// letters, digits and `-_.:/`.
+    #[error("device name {name:?} {why}")]
+    DeviceName {
+        /// The name (lossily decoded, at most 64 bytes of it).
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A `Device` frame's name length is longer than the limit or than its data.
+    #[error("Device frame declares a name of {len} bytes; at most {max} fit")]
+    DeviceNameLength {
+        /// The name length declared.
+        len: usize,
+        /// The most it may be here.
+        max: usize,
+    },
+    /// A device's state is longer than [`MAX_DEVICE_STATE`](super::MAX_DEVICE_STATE).
+    #[error("device state of {len} bytes exceeds the limit of {max} bytes")]
+    DeviceStateTooLarge {
+        /// The state's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The receiver's memory for a region is missing or not the region's size.
     #[error("destination memory for slot {slot} is {have} bytes; the region is {size} bytes")]
     Destination {

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dirtylog_migrate::soft::{SoftConfig, SoftTracker, SoftVm, Workload};
+use dirtylog_migrate::soft::{SoftConfig, SoftVm, Workload};
 use dirtylog_migrate::wire::Region;
+use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{
-    receive, send, MigrateError, MigrationSource, MigrationTarget, ReceiveConfig, ReceiveReport,
-    SendConfig, SendReport,
+    receive, send, MigrateError, MigrationMemory, MigrationSource, MigrationTarget, ReceiveConfig,
+    ReceiveReport, SendConfig, SendReport,
 };
 
 pub const PAGE: u64 = 4096;
@@ -33,7 +34,7 @@ pub fn layout(mib0: u64, mib1: u64) -> Vec<Region> {
     ]
 }
 
-pub fn soft(regions: Vec<Region>, vcpus: u32, tracker: SoftTracker, workload: Workload) -> SoftVm {
+pub fn soft(regions: Vec<Region>, vcpus: u32, tracker: TrackerKind, workload: Workload) -> SoftVm {
     SoftVm::source(&SoftConfig {
         page_size: PAGE as u32,
         regions,
@@ -86,7 +87,7 @@ pub fn spawn_receiver(
     let flag = resumed.clone();
     let handle = std::thread::spawn(move || {
         let r = receive(&listener, &config, |h| {
-            let vm = SoftVm::target(h, SoftTracker::DirtyLog)?;
+            let vm = SoftVm::target(h, TrackerKind::DirtyLog)?;
             vm.keep_resume_image();
             Ok(vm)
         });
@@ -114,7 +115,7 @@ pub fn assert_same_memory(source: &SoftVm, target: &SoftVm) {
     let image = target
         .resume_image()
         .expect("the target kept its resume image");
-    assert_eq!(image.len(), MigrationSource::regions(source).len());
+    assert_eq!(image.len(), MigrationMemory::regions(source).len());
     for (i, b) in image.iter().enumerate() {
         let a = source.snapshot(i);
         assert_eq!(a.len(), b.len());

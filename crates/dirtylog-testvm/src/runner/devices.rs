@@ -1,15 +1,11 @@
-//! Device ports and vCPU state access for the VMM built on the [`Runner`]: handlers for `out`
-//! to ports other than the harness's own ([`Runner::set_port_handler`]), and duplicates of the
-//! vCPU fds for saving and restoring the state of parked vCPUs ([`Runner::vcpu_fd`]).
+//! Device ports of the VMM built on the [`Runner`]: handlers for `out` to ports other than the
+//! harness's own ([`Runner::set_port_handler`]).
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::Runner;
-use crate::error::{Error, Op, Result};
+use crate::error::{Error, Result};
 use crate::guest::ports;
-use crate::vm::KvmVcpu;
 
 /// A device behind an I/O port: called on the vCPU's thread, with the vCPU's index, each time
 /// the guest does an `out` to the port. The vCPU re-enters the guest when it returns.
@@ -28,10 +24,7 @@ impl std::fmt::Debug for Ports {
 
 impl Ports {
     fn lock(&self) -> MutexGuard<'_, Vec<(u16, PortHandler)>> {
-        match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        dirtylog::sync::lock(&self.0)
     }
 
     /// Call `port`'s handler for vCPU `vcpu` (outside the lock); false if it has none.
@@ -51,23 +44,6 @@ impl Ports {
     }
 }
 
-/// Duplicate every vCPU's fd (before the vCPUs move into their threads).
-pub(super) fn dup_fds(vcpus: &[KvmVcpu]) -> Result<Vec<File>> {
-    vcpus
-        .iter()
-        .map(|v| {
-            // SAFETY: the fd is open for as long as `v` lives, which outlasts this borrow.
-            let fd = unsafe { BorrowedFd::borrow_raw(v.fd().as_raw_fd()) };
-            fd.try_clone_to_owned()
-                .map(File::from)
-                .map_err(|e| Error::Kvm {
-                    op: Op::CreateVcpu,
-                    errno: e.raw_os_error().unwrap_or(libc::EBADF),
-                })
-        })
-        .collect()
-}
-
 impl Runner {
     /// Handle `out` to `port` with `handler` from now on (replacing any earlier handler).
     /// [`ports::SYNC`] and [`ports::BUDGET`] belong to the harness and are refused. Without a
@@ -82,13 +58,5 @@ impl Runner {
         ports.retain(|(p, _)| *p != port);
         ports.push((port, handler));
         Ok(())
-    }
-
-    /// A duplicate of vCPU `i`'s fd, for the vCPU ioctls of [`crate::vcpu_state`] from another
-    /// thread. Only while the vCPU is parked (its state [`super::VcpuState::is_stopped`], and
-    /// kept so): KVM serialises vCPU ioctls with `KVM_RUN`, so an ioctl on a vCPU inside the
-    /// guest blocks until it exits.
-    pub fn vcpu_fd(&self, i: usize) -> Option<&File> {
-        self.sh.state_fds.get(i)
     }
 }

@@ -2,7 +2,8 @@
 //! a share of every period, whatever its guest is doing.
 //!
 //! A ticker thread wakes every [`THROTTLE_PERIOD`], marks every vCPU as owing a hold and kicks
-//! the ones inside `KVM_RUN` out of it (the kick signal). A vCPU thread that owes a hold sleeps
+//! every vCPU thread (the kick signal, race-free through `immediate_exit`, as
+//! [`Runner::pause`] does: a thread about to enter `KVM_RUN` returns at once and takes its hold). A vCPU thread that owes a hold sleeps
 //! `percent`% of the period before its next `KVM_RUN`, then runs until the next tick: so it runs
 //! `100 - percent`% of the time. vCPUs parked elsewhere (sync, pacing, full ring) owe at most one
 //! hold, taken when they next enter the guest.
@@ -36,8 +37,8 @@ impl Throttle {
     }
 
     /// On vCPU `i`'s thread, before `KVM_RUN`: sleep the owed share of the period, if any;
-    /// return early when the runner shuts down.
-    pub(super) fn hold(&self, i: usize, quit: &AtomicBool) {
+    /// return early when `interrupted()` (shutdown, pause).
+    pub(super) fn hold(&self, i: usize, interrupted: impl Fn() -> bool) {
         if !self.owed[i].swap(false, Ordering::AcqRel) {
             return;
         }
@@ -48,7 +49,7 @@ impl Throttle {
         let until = Instant::now() + THROTTLE_PERIOD * u32::from(percent) / 100;
         loop {
             let now = Instant::now();
-            if now >= until || quit.load(Ordering::Acquire) {
+            if now >= until || interrupted() {
                 return;
             }
             std::thread::sleep((until - now).min(Duration::from_millis(2)));
@@ -57,10 +58,7 @@ impl Throttle {
 
     /// Join the ticker (the runner is shutting down: `watch_quit` is set).
     pub(super) fn stop(&self) {
-        let t = match self.ticker.lock() {
-            Ok(mut g) => g.take(),
-            Err(p) => p.into_inner().take(),
-        };
+        let t = dirtylog::sync::lock(&self.ticker).take();
         if let Some(t) = t {
             let _ = t.join();
         }
@@ -74,10 +72,9 @@ fn tick(sh: &Shared) {
             continue;
         }
         for (i, owed) in sh.throttle.owed.iter().enumerate() {
-            owed.store(true, Ordering::Release);
-            if sh.in_run[i].load(Ordering::Acquire) {
-                sh.kick(i);
-            }
+            // The request first, then the kick (see `super::kick`).
+            owed.store(true, Ordering::SeqCst);
+            sh.kick(i);
         }
     }
 }
@@ -96,10 +93,7 @@ impl Runner {
         if percent == 0 {
             return Ok(());
         }
-        let mut ticker = match th.ticker.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut ticker = dirtylog::sync::lock(&th.ticker);
         if ticker.is_none() {
             let sh: Arc<Shared> = self.sh.clone();
             let h = std::thread::Builder::new()

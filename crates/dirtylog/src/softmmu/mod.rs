@@ -51,7 +51,10 @@ pub enum Exit {
     /// `KVM_EXIT_DIRTY_RING_FULL`: harvest, reset, then retry the access.
     DirtyRingFull,
     /// A write to a guest-physical address with no writable memslot.
-    Mmio { gpa: u64 },
+    Mmio {
+        /// The guest-physical address written.
+        gpa: u64,
+    },
 }
 
 /// Writable bits of one memslot's shadow page table.

@@ -7,9 +7,10 @@ use std::thread::JoinHandle;
 
 use super::{Exit, FlushKind, Machine, SoftVcpu};
 use crate::memslot::{MemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
-use crate::perf::{Layer, PerfBackend, PerfConfig, PerfMode};
-use crate::ring::{RingEntry, RingHarvester};
+use crate::perf::{Layer, PerfBackend, PerfConfig};
+use crate::ring::{RingEntry, RingHarvester, DIRTY_GFN_BYTES};
 use crate::selftest::BackendError;
+use crate::tracker::TrackerKind;
 use crate::vcpu::Vcpu;
 use crate::vm::{
     VmConfig, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -51,17 +52,18 @@ impl SoftmmuPerf {
     pub fn new(cfg: &PerfConfig) -> Result<Self, BackendError> {
         let m = Machine::new(FlushKind::Ranged, VmConfig::default());
         let page = m.vm().config().page_size;
-        match cfg.mode {
-            PerfMode::Get => {}
-            PerfMode::GetClear => m.vm().enable_cap(
+        match cfg.tracker {
+            TrackerKind::DirtyLog => {}
+            TrackerKind::ClearLog => m.vm().enable_cap(
                 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                 0,
                 KVM_DIRTY_LOG_MANUAL_CAPS,
             )?,
-            PerfMode::Ring(n) => {
-                m.vm()
-                    .enable_cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 0, n as u64 * 16)?
-            }
+            TrackerKind::Ring { entries } => m.vm().enable_cap(
+                KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                0,
+                entries as u64 * DIRTY_GFN_BYTES as u64,
+            )?,
         }
         let per_vcpu = cfg.mem_per_vcpu / page;
         let total = per_vcpu * cfg.vcpus as u64;
@@ -184,7 +186,8 @@ fn vcpu_thread(v: SoftVcpu, sh: Arc<Shared>, first: u64, pages: u64, page: u64) 
 impl PerfBackend for SoftmmuPerf {
     fn describe(&self) -> String {
         format!(
-            "softmmu (Ranged flush), {} vCPUs × {} MiB, {} slots",
+            "softmmu (Ranged flush) {}, {} vCPUs × {} MiB, {} slots",
+            self.cfg.tracker,
             self.cfg.vcpus,
             self.cfg.mem_per_vcpu >> 20,
             self.cfg.slots
@@ -235,7 +238,7 @@ impl PerfBackend for SoftmmuPerf {
     }
 
     fn get(&mut self, _layer: Layer) -> Result<u64, BackendError> {
-        if let PerfMode::Ring(_) = self.cfg.mode {
+        if let TrackerKind::Ring { .. } = self.cfg.tracker {
             return Ok(self.harvest());
         }
         let mut n = 0;
@@ -247,7 +250,7 @@ impl PerfBackend for SoftmmuPerf {
     }
 
     fn clear(&mut self, _layer: Layer) -> Result<u64, BackendError> {
-        if let PerfMode::Ring(_) = self.cfg.mode {
+        if let TrackerKind::Ring { .. } = self.cfg.tracker {
             return self.reset();
         }
         let mut n = 0;

@@ -9,8 +9,9 @@ use rand::{Rng, SeedableRng};
 
 use super::{Exit, FlushKind, Machine, SoftVcpu};
 use crate::memslot::{MemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
-use crate::ring::{RingEntry, RingHarvester};
-use crate::selftest::{BackendError, Collected, LogMode, SelftestBackend, SelftestConfig};
+use crate::ring::{RingEntry, RingHarvester, DIRTY_GFN_BYTES};
+use crate::selftest::{BackendError, Collected, SelftestBackend, SelftestConfig};
+use crate::tracker::TrackerKind;
 use crate::vcpu::Vcpu;
 use crate::vm::{
     VmConfig, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -43,7 +44,7 @@ type Shared = super::shared::Shared<State, Counters>;
 /// A softmmu machine with one test slot and vCPU threads stamping iteration numbers.
 pub struct SoftmmuSelftest {
     m: Arc<Machine>,
-    mode: LogMode,
+    tracker: TrackerKind,
     kind: FlushKind,
     npages: u64,
     shared: Arc<Shared>,
@@ -58,17 +59,17 @@ impl SoftmmuSelftest {
     /// Build the machine for `cfg` and start its vCPU threads (parked until `resume`).
     pub fn new(cfg: &SelftestConfig, kind: FlushKind) -> Result<Self, BackendError> {
         let m = Machine::new(kind, VmConfig::default());
-        match cfg.mode {
-            LogMode::DirtyLog => {}
-            LogMode::ClearLog => m.vm().enable_cap(
+        match cfg.tracker {
+            TrackerKind::DirtyLog => {}
+            TrackerKind::ClearLog => m.vm().enable_cap(
                 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                 0,
                 KVM_DIRTY_LOG_MANUAL_CAPS,
             )?,
-            LogMode::DirtyRing => m.vm().enable_cap(
+            TrackerKind::Ring { entries } => m.vm().enable_cap(
                 KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
                 0,
-                cfg.ring_entries as u64 * 16,
+                entries as u64 * DIRTY_GFN_BYTES as u64,
             )?,
         }
         let page = m.vm().config().page_size;
@@ -93,7 +94,7 @@ impl SoftmmuSelftest {
         }
         let mut me = SoftmmuSelftest {
             m,
-            mode: cfg.mode,
+            tracker: cfg.tracker,
             kind,
             npages: cfg.pages,
             shared,
@@ -127,7 +128,7 @@ impl SoftmmuSelftest {
         };
         let mut committed = 0u32;
         for (i, v) in self.vcpus.iter().enumerate() {
-            let ring = v.ring().ok_or("ring mode without a ring")?;
+            let ring = v.ring().ok_or("a ring tracker without a ring")?;
             self.entries.clear();
             self.harvesters[i].collect(ring.entries(), &mut self.entries);
             for e in &self.entries {
@@ -255,10 +256,10 @@ impl SelftestBackend for SoftmmuSelftest {
     fn collect(&mut self, bitmap: &mut [u64]) -> Result<Collected, BackendError> {
         let vm = self.m.vm();
         let mut c = Collected::default();
-        match self.mode {
-            LogMode::DirtyRing => return self.collect_ring(bitmap),
-            LogMode::DirtyLog => vm.get_dirty_log(TEST_SLOT, &mut self.buf)?,
-            LogMode::ClearLog => {
+        match self.tracker {
+            TrackerKind::Ring { .. } => return self.collect_ring(bitmap),
+            TrackerKind::DirtyLog => vm.get_dirty_log(TEST_SLOT, &mut self.buf)?,
+            TrackerKind::ClearLog => {
                 vm.get_dirty_log(TEST_SLOT, &mut self.buf)?;
                 vm.clear_dirty_log(TEST_SLOT, 0, self.npages as u32, &self.buf)?;
             }

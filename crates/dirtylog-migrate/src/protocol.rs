@@ -1,0 +1,57 @@
+//! The migration protocol: who sends what, and when. The bytes of each frame are in
+//! [`wire`](crate::wire); the engines are [`send`](mod@crate::send) and [`recv`](crate::recv).
+//!
+//! A migration runs over `N` connections (`1..=`[`MAX_CONNECTIONS`](crate::wire::MAX_CONNECTIONS),
+//! TCP or Unix sockets). Each carries one stream from the source to the destination;
+//! connection 0 also carries the control frames of the switchover, and, in the other
+//! direction, the destination's single reply.
+//!
+//! ```text
+//!   source (sender)                                           destination (receiver)
+//!   ───────────────                                           ──────────────────────
+//! setup, on every connection i of N:
+//!   preamble  "DIRTYLG\0" version=2  ───────────────────────▶  refuse other magic/version
+//!   header    page size, vCPUs, memory map  ─────────────────▶  validate; connection 0's
+//!                                                              header builds the target
+//!   Hello     i, N, session  ────────────────────────────────▶  same header and session on
+//!                                                              all N, each i once
+//!   (start dirty tracking)
+//!
+//! bulk pass, round 0 (guest running), spread over all connections:
+//!   Pages     slot, first page, n, n × page bytes  ──────────▶  claim pages, write them
+//!   ZeroPages slot, first page, n  ──────────────────────────▶  (zero already)
+//!   RoundEnd  0  (on every connection)  ─────────────────────▶  fence: all N reach it before
+//!                                                              any frame of round 1 applies
+//! rounds 1, 2, … (guest running): harvest the dirty log (∪ the VMM's bitmap), then
+//!   Pages / ZeroPages of the dirty pages  ───────────────────▶  claim, overwrite / zero
+//!   RoundEnd  r  (on every connection)  ─────────────────────▶  fence
+//!   … until the expected downtime fits the limit (or the round limit or timeout says so)
+//!
+//! switchover (guest paused on the source):
+//!   Pages / ZeroPages of the last dirty pages; RoundEnd  ────▶  fence
+//!   on connection 0 only:
+//!   VcpuState  id, blob    (one per vCPU)  ──────────────────▶  restore_state(id, blob)
+//!   Device     name, version, bytes  (zero or more)  ────────▶  validate, no duplicates;
+//!                                                              restore_device(name, …)
+//!   MemHash    slot, XXH3 of the region  (one per region)  ──▶  remember
+//!   Done       (on every connection)  ───────────────────────▶  all N done after the same
+//!                                                              rounds; every vCPU, every
+//!                                                              hash present; hashes match
+//!                                                              → resume the target's vCPUs
+//!                                           ◀── Ack 0  (on connection 0's return direction)
+//!   the source stays paused: the guest runs at the destination
+//! ```
+//!
+//! **Failure**, at any point before the `Ack`: the side that gives up says why — the source
+//! with `Error` (or `Cancel` when pre-copy does not converge) on every connection, the
+//! destination with `Error` on connection 0's return direction — and closes its connections.
+//! The source then un-throttles and resumes its guest; the destination drops its target, which
+//! never ran. Among the causes: a malformed or out-of-range frame, a CRC or hash mismatch, a
+//! target that cannot restore a vCPU state or does not know a device section's name or
+//! version.
+//!
+//! **Ordering.** Within a round, frames on different connections are independent, and each
+//! page travels at most once per round (the receiver refuses overlaps). Between rounds the
+//! `RoundEnd` fence orders them: a page resent in round `r + 1` always lands after its round
+//! `r` copy. The switchover frames come after the final `RoundEnd` and before `Done`, in the
+//! order drawn: vCPU states, then device sections, then hashes.
