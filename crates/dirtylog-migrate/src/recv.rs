@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use dirtylog::sync::lock;
+use dirtylog::DirtyBitmap;
 use std::time::{Duration, Instant};
 
 use crate::error::{code, MigrateError, VmError};
@@ -486,16 +487,12 @@ fn target_memory<T: MigrationTarget>(
         .collect()
 }
 
-fn claim_bitmaps(header: &StreamHeader) -> Vec<Box<[AtomicU64]>> {
+fn claim_bitmaps(header: &StreamHeader) -> Vec<DirtyBitmap> {
     let page = u64::from(header.page_size());
     header
         .regions()
         .iter()
-        .map(|r| {
-            (0..(r.size / page).div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect()
-        })
+        .map(|r| DirtyBitmap::new(r.size / page))
         .collect()
 }
 
@@ -517,7 +514,7 @@ struct Shared<'a, T> {
     target: &'a T,
     mems: Vec<RegionMemory>,
     /// One bit per page: claimed in the current round.
-    claims: Vec<Box<[AtomicU64]>>,
+    claims: Vec<DirtyBitmap>,
     fence: Fence,
     killer: &'a Killer,
     failure: Mutex<Option<MigrateError>>,
@@ -756,10 +753,10 @@ impl<T: MigrationTarget> Shared<'_, T> {
 
     /// Called by the last thread to reach a round's fence, while all others wait at it.
     fn forget_claims(&self) {
-        for words in &self.claims {
-            for w in words.iter() {
-                if w.load(Ordering::Relaxed) != 0 {
-                    w.store(0, Ordering::Relaxed);
+        for claims in &self.claims {
+            for i in 0..claims.words() {
+                if claims.load_word(i) != 0 {
+                    claims.take_word(i);
                 }
             }
         }
@@ -808,7 +805,7 @@ impl<T: MigrationTarget> GuestMemoryMut for Claimed<'_, '_, T> {
 }
 
 /// Claim the pages of `range` for this round; fail if any was already claimed.
-fn claim(claims: &[AtomicU64], range: PageRange) -> Result<(), WireError> {
+fn claim(claims: &DirtyBitmap, range: PageRange) -> Result<(), WireError> {
     let end = range.first_page + range.npages;
     let mut page = range.first_page;
     while page < end {
@@ -816,8 +813,7 @@ fn claim(claims: &[AtomicU64], range: PageRange) -> Result<(), WireError> {
         let lo = page % 64;
         let hi = (end - word as u64 * 64).min(64);
         let mask = (u64::MAX >> (64 - (hi - lo))) << lo;
-        let before = claims[word].fetch_or(mask, Ordering::AcqRel);
-        if before & mask != 0 {
+        if claims.set_word_bits(word, mask) != 0 {
             return Err(WireError::Overlap {
                 slot: range.slot,
                 first_page: range.first_page,
@@ -944,7 +940,7 @@ mod tests {
 
     #[test]
     fn claims_refuse_overlap_within_a_round() {
-        let claims: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let claims = DirtyBitmap::new(192);
         let r = |first_page, npages| PageRange {
             slot: 7,
             first_page,

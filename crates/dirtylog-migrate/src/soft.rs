@@ -148,7 +148,7 @@ struct Inner {
     /// `DirtyLog`/`ClearLog`: the log. `Ring`: pages harvested from the rings, per region.
     logs: Vec<DirtyBitmap>,
     /// `Ring`: write-protection, one bit per page set while the page is writable.
-    writable: Vec<Box<[AtomicU64]>>,
+    writable: Vec<DirtyBitmap>,
     rings: Vec<Mutex<Ring>>,
     vmm: Vec<VmmDirtyBitmap>,
     /// Writes per vCPU, restored from the source on a target.
@@ -316,11 +316,7 @@ impl SoftVm {
             writable: match tracker {
                 TrackerKind::Ring { .. } => regions
                     .iter()
-                    .map(|r| {
-                        (0..npages(r).div_ceil(64))
-                            .map(|_| AtomicU64::new(0))
-                            .collect()
-                    })
+                    .map(|r| DirtyBitmap::new(npages(r)))
                     .collect(),
                 _ => Vec::new(),
             },
@@ -576,8 +572,7 @@ impl Inner {
                     std::thread::sleep(Duration::from_micros(200));
                 };
                 let bit = 1u64 << (page % 64);
-                let prev = self.writable[r][(page / 64) as usize].fetch_or(bit, Ordering::AcqRel);
-                if prev & bit == 0 {
+                if self.writable[r].set_word_bits((page / 64) as usize, bit) == 0 {
                     ring.entries.push(g);
                 }
                 target.store(value, Ordering::Relaxed);
@@ -811,7 +806,7 @@ impl DirtyTracker for SoftVm {
                         let (r, page) = inner.locate(g);
                         inner.logs[r].set(page);
                         let bit = 1u64 << (page % 64);
-                        inner.writable[r][(page / 64) as usize].fetch_and(!bit, Ordering::AcqRel);
+                        inner.writable[r].clear_word_bits((page / 64) as usize, bit);
                     }
                 }
                 for (i, o) in out.iter_mut().enumerate() {

@@ -117,6 +117,13 @@ impl DirtyBitmap {
         self.live[i].swap(0, Ordering::AcqRel)
     }
 
+    /// Atomically set `mask` in word `i` and return the bits of `mask` that were already set
+    /// (one `fetch_or`, acquire-release): how a caller claims pages exactly once.
+    #[inline]
+    pub fn set_word_bits(&self, i: usize, mask: u64) -> u64 {
+        mask & self.live[i].fetch_or(mask, Ordering::AcqRel)
+    }
+
     /// Atomically clear `mask` in word `i` and return the bits of `mask` that were set
     /// (KVM's `mask & atomic_long_fetch_andnot(mask, ...)`).
     /// A word with none of the requested bits set is left untouched: a bit set after the
