@@ -29,7 +29,7 @@
 //! assert_eq!(bits.take_word(0), 0b110);
 //! ```
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 
@@ -54,33 +54,10 @@ pub struct VmmBitmapSlice<'a> {
 }
 
 /// The host's page size, the granularity KVM logs at (`sysconf(_SC_PAGESIZE)`, as vm-memory's
-/// `AtomicBitmap` uses), read once from the auxiliary vector's `AT_PAGESZ` entry in
-/// `/proc/self/auxv` (what `sysconf` returns, without `unsafe`); 4096 if it cannot be read.
+/// `AtomicBitmap` uses; through the `page_size` crate, which keeps this crate free of
+/// `unsafe`).
 fn host_page_size() -> usize {
-    static PAGE_SIZE: OnceLock<usize> = OnceLock::new();
-    *PAGE_SIZE.get_or_init(|| {
-        std::fs::read("/proc/self/auxv")
-            .ok()
-            .and_then(|auxv| auxv_page_size(&auxv))
-            .unwrap_or(4096)
-    })
-}
-
-/// `AT_PAGESZ` in an auxiliary vector (pairs of native-endian words: type, value), if present
-/// and a power of two.
-fn auxv_page_size(auxv: &[u8]) -> Option<usize> {
-    const AT_NULL: usize = 0;
-    const AT_PAGESZ: usize = 6;
-    const W: usize = std::mem::size_of::<usize>();
-    let word = |b: &[u8]| usize::from_ne_bytes(b.try_into().expect("chunks of one word"));
-    for pair in auxv.chunks_exact(2 * W) {
-        match word(&pair[..W]) {
-            AT_NULL => break,
-            AT_PAGESZ => return Some(word(&pair[W..])).filter(|n| n.is_power_of_two()),
-            _ => {}
-        }
-    }
-    None
+    page_size::get()
 }
 
 impl VmmBitmap {
@@ -248,19 +225,11 @@ mod tests {
     }
 
     #[test]
-    fn page_size_comes_from_the_auxiliary_vector() {
-        let pair = |t: usize, v: usize| [t.to_ne_bytes(), v.to_ne_bytes()].concat();
-        let auxv = [pair(33, 1), pair(6, 16384), pair(0, 0)].concat();
-        assert_eq!(auxv_page_size(&auxv), Some(16384));
-        let after_null = [pair(0, 0), pair(6, 16384)].concat();
-        assert_eq!(auxv_page_size(&after_null), None);
-        assert_eq!(auxv_page_size(&[pair(6, 3000), pair(0, 0)].concat()), None);
-        assert_eq!(auxv_page_size(&[]), None);
-        // The real one: x86-64 Linux has 4 KiB base pages.
-        let real = std::fs::read("/proc/self/auxv").expect("/proc/self/auxv");
+    fn new_bitmaps_use_the_host_page_size() {
+        // x86-64 Linux has 4 KiB base pages.
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(auxv_page_size(&real), Some(4096));
-        assert_eq!(auxv_page_size(&real), Some(host_page_size()));
+        assert_eq!(host_page_size(), 4096);
+        assert_eq!(VmmBitmap::with_len(1).page_size(), host_page_size());
     }
 
     #[test]
