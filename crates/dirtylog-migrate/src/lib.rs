@@ -20,8 +20,9 @@
 //! - [`convergence`]: the downtime estimate, limits and QEMU's auto-converge policy.
 //! - [`wire`]: the versioned, framed, CRC-checked stream format between the source and the
 //!   destination, with a zero-copy encoder and a validating, allocation-free decoder.
-//! - [`vmmbitmap`]: a dirty bitmap for the VMM's own writes to guest memory, which KVM's
-//!   dirty log does not see.
+//! - The VMM's own writes to guest memory, which a hypervisor's dirty log does not see, are
+//!   a [`dirtylog::DirtyBitmap`] per region ([`MigrationMemory::vmm_bitmap`]); with guest
+//!   memory in a `GuestMemoryMmap<`[`VmmBitmap`]`>` vm-memory records them by itself.
 //! - [`stats`]: migration statistics under QEMU's names.
 //!
 //! # A minimal source
@@ -145,18 +146,17 @@ pub mod stats;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;
-pub mod vmmbitmap;
 pub mod wire;
 
 pub use convergence::{AutoConverge, SwitchoverReason, TimeoutPolicy};
 pub use device::{DeviceSection, DeviceState};
+pub use dirtylog::bitmap::VmmBitmap;
 pub use dirtylog::{DirtyTracker, TrackerError, TrackerKind};
 pub use error::{MigrateError, VmError};
-pub use memory::{MigrationMemory, RegionBitmap, RegionMemory, SlotTable, VmmBits};
+pub use memory::{MigrationMemory, RegionBitmap, RegionMemory, SlotTable};
 pub use recv::{receive, receive_on, ReceiveConfig};
 pub use send::{send, send_on, Phase, Progress, SendConfig};
 pub use stats::{MigrationStats, ReceiveReport, RoundReport, SendReport};
 pub use transport::{connect, listen, Address, Listener, Stream, Transport};
 pub use vcpu::{Unsupported, VcpuRestore, Vcpus};
 pub use vm::{MigrationSource, MigrationTarget};
-pub use vmmbitmap::VmmDirtyBitmap;

@@ -1,6 +1,6 @@
 //! Guest memory as the engines see it: a table of regions ([`Region`]: slot, guest physical
 //! address, size), the host mapping of each ([`RegionMemory`]), and optionally the VMM's own
-//! record of its writes to each ([`VmmDirtyBitmap`]).
+//! record of its writes to each (a [`DirtyBitmap`], e.g. a [`VmmBitmap`]'s).
 //!
 //! Implement [`MigrationMemory`] over your own mappings with [`RegionMemory::new`] (an
 //! `unsafe` promise about the mapping), or use guest memory from vm-memory as it is:
@@ -16,7 +16,6 @@ use dirtylog::DirtyBitmap;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
-use crate::vmmbitmap::VmmDirtyBitmap;
 use crate::wire::Region;
 
 /// The page size [`GuestMemoryMmap`]'s implementation of [`MigrationMemory`] reports: x86's
@@ -96,36 +95,9 @@ pub trait MigrationMemory: Sync {
     /// which a hypervisor's dirty log cannot see. On a source, the engine takes its bits at
     /// every harvest and merges them with the tracker's. `None` (the default) if the VMM
     /// does not write guest memory, or records its writes otherwise.
-    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
+    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         let _ = index;
         None
-    }
-}
-
-/// The VMM's record of its own writes to one region, one bit per page in KVM's order (page
-/// `n` is bit `n % 64` of word `n / 64`), as the engine takes it at each harvest.
-pub trait VmmBits: Sync {
-    /// Number of 64-bit words: the region's pages divided by 64, rounded up.
-    fn words(&self) -> usize;
-    /// OR the dirty bits into `out` (of [`words`](Self::words) words) and clear them.
-    fn take_into(&self, out: &mut [u64]);
-}
-
-impl VmmBits for VmmDirtyBitmap {
-    fn words(&self) -> usize {
-        VmmDirtyBitmap::words(self)
-    }
-    fn take_into(&self, out: &mut [u64]) {
-        VmmDirtyBitmap::take_into(self, out)
-    }
-}
-
-impl VmmBits for DirtyBitmap {
-    fn words(&self) -> usize {
-        DirtyBitmap::words(self)
-    }
-    fn take_into(&self, out: &mut [u64]) {
-        self.take_or_into(out)
     }
 }
 
@@ -134,7 +106,7 @@ impl VmmBits for DirtyBitmap {
 /// nothing.
 pub trait RegionBitmap {
     /// The VMM's record of its writes, if this bitmap keeps one the engine can take.
-    fn vmm_bits(&self) -> Option<&dyn VmmBits> {
+    fn vmm_bitmap(&self) -> Option<&DirtyBitmap> {
         None
     }
 }
@@ -142,8 +114,8 @@ pub trait RegionBitmap {
 impl RegionBitmap for () {}
 
 impl RegionBitmap for VmmBitmap {
-    fn vmm_bits(&self) -> Option<&dyn VmmBits> {
-        Some(&**self.bitmap())
+    fn vmm_bitmap(&self) -> Option<&DirtyBitmap> {
+        Some(self.bitmap())
     }
 }
 
@@ -157,7 +129,7 @@ impl<M: MigrationMemory + ?Sized> MigrationMemory for &M {
     fn region_memory(&self, index: usize) -> Option<RegionMemory> {
         (**self).region_memory(index)
     }
-    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
+    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         (**self).vmm_bitmap(index)
     }
 }
@@ -172,7 +144,7 @@ impl<M: MigrationMemory + ?Sized + Send> MigrationMemory for Arc<M> {
     fn region_memory(&self, index: usize) -> Option<RegionMemory> {
         (**self).region_memory(index)
     }
-    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
+    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         (**self).vmm_bitmap(index)
     }
 }
@@ -209,9 +181,9 @@ impl<B: Bitmap + RegionBitmap + Send + Sync> MigrationMemory for GuestMemoryMmap
         Some(unsafe { RegionMemory::new(r.as_ptr(), r.size()) })
     }
 
-    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
+    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         let mapping: &MmapRegion<B> = self.iter().nth(index)?;
-        mapping.bitmap().vmm_bits()
+        RegionBitmap::vmm_bitmap(mapping.bitmap())
     }
 }
 
@@ -280,7 +252,7 @@ impl<M: MigrationMemory> MigrationMemory for SlotTable<M> {
         self.memory.region_memory(index)
     }
 
-    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
+    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         self.memory.vmm_bitmap(index)
     }
 }
@@ -333,12 +305,12 @@ mod tests {
         let bits = mem.vmm_bitmap(1).unwrap();
         assert_eq!(bits.words(), 2);
         let mut out = [0u64; 2];
-        bits.take_into(&mut out);
+        bits.take_or_into(&mut out);
         assert_eq!(out, [0, 0b10]);
-        bits.take_into(&mut out);
+        bits.take_or_into(&mut out);
         assert_eq!(out, [0, 0b10], "taken once, ORed, not set again");
         let mut none = [0u64; 1];
-        mem.vmm_bitmap(0).unwrap().take_into(&mut none);
+        mem.vmm_bitmap(0).unwrap().take_or_into(&mut none);
         assert_eq!(none, [0]);
         assert!(SlotTable::new(&mem, vec![1]).is_none());
         let t = SlotTable::with_page_size(&mem, vec![5, 9], 8192).unwrap();

@@ -749,7 +749,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                         words.len()
                     )));
                 }
-                vmm.take_into(words);
+                vmm.take_or_into(words);
             }
             // Bits past the region's end would name pages that do not exist.
             let npages = self.sh.header.regions()[i].size / self.sh.page_size;

@@ -11,7 +11,7 @@
 //!   writes to write-protected pages, a full ring stalls the vCPU until harvest, harvest
 //!   resets).
 //! - **VMM writes**: an optional device thread writes pages behind the tracker's back and
-//!   records them only in the [`VmmDirtyBitmap`], as a VMM's device models do.
+//!   records them only in its VMM bitmap (a `DirtyBitmap`), as a VMM's device models do.
 //! - **vCPU state**: each thread's counter, random state, position and workload, so that the
 //!   target continues the same workload where the source stopped.
 //! - **Devices**: named, versioned byte strings ([`SoftVm::add_device`]) that a source sends
@@ -32,10 +32,9 @@ use dirtylog::{DirtyBitmap, DirtyTracker, TrackerError, TrackerKind};
 
 use crate::device::{DeviceSection, DeviceState};
 use crate::error::VmError;
-use crate::memory::{MigrationMemory, RegionMemory, VmmBits};
+use crate::memory::{MigrationMemory, RegionMemory};
 use crate::vcpu::{VcpuRestore, Vcpus};
 use crate::vm::{MigrationSource, MigrationTarget};
-use crate::vmmbitmap::VmmDirtyBitmap;
 use crate::wire::{Region, StreamHeader};
 
 /// What the vCPUs (and the device) do.
@@ -150,7 +149,7 @@ struct Inner {
     /// `Ring`: write-protection, one bit per page set while the page is writable.
     writable: Vec<DirtyBitmap>,
     rings: Vec<Mutex<Ring>>,
-    vmm: Vec<VmmDirtyBitmap>,
+    vmm: Vec<DirtyBitmap>,
     /// Writes per vCPU, restored from the source on a target.
     progress: Vec<AtomicU64>,
     /// Each running vCPU's state as of its last batch.
@@ -329,7 +328,7 @@ impl SoftVm {
                 .collect(),
             vmm: regions
                 .iter()
-                .map(|r| VmmDirtyBitmap::new(npages(r), page))
+                .map(|r| DirtyBitmap::new(npages(r)))
                 .collect(),
             progress: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             live: (0..vcpus).map(|_| Mutex::new(None)).collect(),
@@ -679,7 +678,7 @@ fn device_thread(inner: &Inner, rate: u64, ws: Workload) {
         let words_per_page = inner.page_size / 8;
         let word = (page * words_per_page + n % words_per_page) as usize;
         inner.memory[r].words()[word].store(value, Ordering::Relaxed);
-        inner.vmm[r].mark_range(page * inner.page_size, 8);
+        inner.vmm[r].set(page);
         n += 1;
         inner.vmm_writes.store(n, Ordering::Relaxed);
     }
@@ -755,8 +754,8 @@ impl MigrationMemory for SoftVm {
         self.inner.memory.get(index).map(Memory::region)
     }
 
-    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
-        self.inner.vmm.get(index).map(|b| b as &dyn VmmBits)
+    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
+        self.inner.vmm.get(index)
     }
 }
 

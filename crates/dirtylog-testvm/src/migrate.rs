@@ -10,7 +10,8 @@
 //! `mailbox_every` writes it asks the VMM, through an `out` to [`ports::MAILBOX`], to fill its
 //! mailbox: the VMM writes a record (sequence number, host time, the vCPU's write count) into a
 //! mailbox page of guest memory. That is the VMM's own write to guest memory, invisible to
-//! KVM's dirty log, so the mailbox device marks it in the region's [`VmmDirtyBitmap`], which the
+//! KVM's dirty log, so the mailbox device marks it in the region's VMM bitmap (a
+//! [`DirtyBitmap`]), which the
 //! engine merges with the KVM log at every harvest.
 //!
 //! # Memory layout (the stream's regions, in this order)
@@ -90,14 +91,14 @@ use crate::{
     VcpuRunState,
 };
 use dirtylog::sync::lock;
+use dirtylog::DirtyBitmap;
 use dirtylog_kvm::{KvmDirtyTracker, TrackerOptions};
 
 use dirtylog_migrate::wire::{Region, StreamHeader};
 use dirtylog_migrate::VmError;
-use dirtylog_migrate::VmmDirtyBitmap;
 use dirtylog_migrate::{
     DirtyTracker, MigrationMemory, MigrationSource, MigrationTarget, RegionMemory, TrackerKind,
-    VcpuRestore, Vcpus, VmmBits,
+    VcpuRestore, Vcpus,
 };
 
 /// Pages of the device slot; the mailbox is its first page.
@@ -189,7 +190,7 @@ struct Mailbox {
     /// The system memory, to read the asking vCPU's write count.
     sys: Arc<GuestMemory>,
     /// The VMM bitmap of the device region (the source's), if tracked.
-    bitmap: Option<Arc<VmmDirtyBitmap>>,
+    bitmap: Option<Arc<DirtyBitmap>>,
     /// Whether to mark the bitmap (tests turn it off to show it is needed).
     track: Arc<AtomicBool>,
     served: AtomicU64,
@@ -212,10 +213,10 @@ impl Mailbox {
         self.mem.write_u64(base + 8, now);
         self.mem.write_u64(base + 16, writes);
         self.mem.write_u64(base + 24, seq ^ MAILBOX_CHECK);
-        // Data first, then the mark (the VmmDirtyBitmap protocol).
+        // Data first, then the mark (the VMM bitmap's protocol).
         if let Some(b) = &self.bitmap {
             if self.track.load(Ordering::Relaxed) {
-                b.mark_range(base, MAILBOX_RECORD);
+                b.set_byte_range(base, MAILBOX_RECORD, PAGE.trailing_zeros());
             }
         }
         self.served.fetch_add(1, Ordering::Relaxed);
@@ -281,7 +282,7 @@ struct SourceInner {
     sys: Arc<GuestMemory>,
     vcpus: u32,
     spec: StateSpec,
-    vmm: Vec<Arc<VmmDirtyBitmap>>,
+    vmm: Vec<Arc<DirtyBitmap>>,
     /// The first error of the ring reaper.
     reaper_error: Mutex<Option<String>>,
     reaper_quit: AtomicBool,
@@ -406,9 +407,9 @@ impl KvmSource {
             .last()
             .ok_or_else(|| err("the machine has no device slot"))?
             .clone();
-        let vmm: Vec<Arc<VmmDirtyBitmap>> = regions
+        let vmm: Vec<Arc<DirtyBitmap>> = regions
             .iter()
-            .map(|r| Arc::new(VmmDirtyBitmap::new(r.size / PAGE, PAGE)))
+            .map(|r| Arc::new(DirtyBitmap::new(r.size / PAGE)))
             .collect();
         let track_vmm = Arc::new(AtomicBool::new(true));
         let mailbox = Arc::new(Mailbox {
@@ -640,8 +641,8 @@ impl MigrationMemory for KvmSource {
         self.inner.mems.get(index).map(|m| region_memory(m))
     }
 
-    fn vmm_bitmap(&self, index: usize) -> Option<&dyn VmmBits> {
-        self.inner.vmm.get(index).map(|b| &**b as &dyn VmmBits)
+    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
+        self.inner.vmm.get(index).map(|b| &**b)
     }
 }
 
@@ -730,8 +731,7 @@ impl Vcpus for KvmSource {
         }
         // Every writer is stopped: the system slot (control region, VMM-written words) goes
         // whole into the final round.
-        let sys = &inner.regions[0];
-        inner.vmm[0].mark_range(0, sys.size);
+        inner.vmm[0].set_all();
         inner.paused.store(true, Ordering::Release);
         Ok(())
     }

@@ -203,6 +203,144 @@ impl Bitmap for VmmBitmapSlice<'_> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Barrier;
+
+    const PAGE: usize = 4096;
+
+    fn take(b: &VmmBitmap) -> Vec<u64> {
+        let mut out = vec![0; b.bitmap().words()];
+        b.bitmap().take_or_into(&mut out);
+        out
+    }
+
+    fn pages_of(words: &[u64]) -> Vec<u64> {
+        (0..words.len() as u64 * 64)
+            .filter(|&n| words[(n / 64) as usize] & (1 << (n % 64)) != 0)
+            .collect()
+    }
+
+    #[test]
+    fn marks_every_page_touched() {
+        let b = VmmBitmap::new(200 * PAGE, PAGE);
+        b.mark_dirty(PAGE - 1, 2); // straddles pages 0 and 1
+        b.mark_dirty(10 * PAGE, PAGE); // exactly page 10
+        b.mark_dirty(60 * PAGE + 5, 70 * PAGE); // pages 60..=130, across three words
+        let mut want = vec![0, 1, 10];
+        want.extend(60..=130);
+        assert_eq!(pages_of(&take(&b)), want);
+    }
+
+    #[test]
+    fn take_clears_and_ors() {
+        let b = VmmBitmap::new(128 * PAGE, PAGE);
+        b.mark_dirty(0, PAGE);
+        let mut out = vec![1 << 5, 0];
+        b.bitmap().take_or_into(&mut out);
+        assert_eq!(out, [0b10_0001, 0]);
+        assert_eq!(take(&b), [0, 0]);
+    }
+
+    #[test]
+    fn ignores_bytes_past_the_end_and_empty_writes() {
+        let b = VmmBitmap::new(70 * PAGE, PAGE);
+        b.mark_dirty(68 * PAGE, usize::MAX);
+        b.mark_dirty(3 * PAGE, 0);
+        b.mark_dirty(usize::MAX, 1);
+        assert_eq!(pages_of(&take(&b)), [68, 69]);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Mark(usize, usize),
+        Take,
+    }
+
+    fn op(limit: usize) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..limit, 0..limit / 2).prop_map(|(o, l)| Op::Mark(o, l)),
+            1 => Just(Op::Take),
+        ]
+    }
+
+    /// The naive model: set each page's bit, one page at a time, if any byte of it is written.
+    fn model_mark(model: &mut [u64], npages: usize, page: usize, offset: usize, len: usize) {
+        for n in 0..npages {
+            if offset < (n + 1) * page && n * page < offset + len {
+                model[n / 64] |= 1 << (n % 64);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_naive_model(
+            npages in 1usize..300,
+            shift in 9u32..14,
+            ops in prop::collection::vec(op(320 << 13), 1..40),
+            seed in any::<u64>(),
+        ) {
+            let page = 1usize << shift;
+            let b = VmmBitmap::new(npages * page, page);
+            let mut model = vec![0u64; b.bitmap().words()];
+            for op in ops {
+                match op {
+                    Op::Mark(offset, len) => {
+                        b.mark_dirty(offset, len);
+                        model_mark(&mut model, npages, page, offset, len);
+                    }
+                    Op::Take => {
+                        // Start from arbitrary bits: the take ORs into them.
+                        let mut out: Vec<u64> = model.iter().map(|_| seed).collect();
+                        b.bitmap().take_or_into(&mut out);
+                        let want: Vec<u64> = model.iter().map(|m| m | seed).collect();
+                        prop_assert_eq!(out, want);
+                        model.fill(0);
+                    }
+                }
+            }
+            prop_assert_eq!(take(&b), model);
+        }
+    }
+
+    /// Markers mark each page exactly once, in disjoint interleaved sets, while a harvester
+    /// takes concurrently: the union of everything taken must be every page.
+    #[test]
+    fn no_mark_lost_between_concurrent_mark_and_take() {
+        const NPAGES: usize = 1 << 16;
+        const THREADS: usize = 3;
+        let b = VmmBitmap::new(NPAGES * PAGE, PAGE);
+        let start = Barrier::new(THREADS + 1);
+        let done = AtomicBool::new(false);
+        let mut taken = vec![0u64; b.bitmap().words()];
+        std::thread::scope(|s| {
+            let harvester = s.spawn(|| {
+                start.wait();
+                while !done.load(Ordering::Acquire) {
+                    b.bitmap().take_or_into(&mut taken);
+                }
+            });
+            let markers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (b, start) = (&b, &start);
+                    s.spawn(move || {
+                        start.wait();
+                        for page in (t..NPAGES).step_by(THREADS) {
+                            b.mark_dirty(page * PAGE + page % 7, 1 + page % 3);
+                        }
+                    })
+                })
+                .collect();
+            for m in markers {
+                m.join().unwrap();
+            }
+            done.store(true, Ordering::Release);
+            harvester.join().unwrap();
+        });
+        b.bitmap().take_or_into(&mut taken);
+        assert!(taken.iter().all(|&w| w == u64::MAX));
+    }
 
     #[test]
     fn slices_are_offset_views() {
