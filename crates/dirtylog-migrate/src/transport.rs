@@ -274,8 +274,17 @@ impl Listener for UnixListener {
 pub enum AnyListener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix.
-    Unix(UnixListener),
+    /// Unix, and the socket's path, which is removed when the listener is dropped (so the
+    /// next `listen` on the same path works).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Drop for AnyListener {
+    fn drop(&mut self) {
+        if let AnyListener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl AnyListener {
@@ -283,7 +292,7 @@ impl AnyListener {
     pub fn local_addr(&self) -> io::Result<Address> {
         match self {
             AnyListener::Tcp(l) => l.local_addr().map(Address::Tcp),
-            AnyListener::Unix(l) => l
+            AnyListener::Unix(l, _) => l
                 .local_addr()?
                 .as_pathname()
                 .map(|p| Address::Unix(p.to_path_buf()))
@@ -297,17 +306,17 @@ impl Listener for AnyListener {
     fn accept_before(&self, deadline: Instant) -> io::Result<Stream> {
         match self {
             AnyListener::Tcp(l) => l.accept_before(deadline).map(Stream::Tcp),
-            AnyListener::Unix(l) => l.accept_before(deadline).map(Stream::Unix),
+            AnyListener::Unix(l, _) => l.accept_before(deadline).map(Stream::Unix),
         }
     }
 }
 
 /// Listen on `addr`: bind a TCP socket, or create the Unix socket at the path (which must
-/// not exist yet).
+/// not exist yet; it is removed again when the listener is dropped).
 pub fn listen(addr: &Address) -> io::Result<AnyListener> {
     match addr {
         Address::Tcp(a) => TcpListener::bind(a).map(AnyListener::Tcp),
-        Address::Unix(p) => UnixListener::bind(p).map(AnyListener::Unix),
+        Address::Unix(p) => UnixListener::bind(p).map(|l| AnyListener::Unix(l, p.clone())),
     }
 }
 
@@ -401,7 +410,7 @@ impl Killer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn Shut>>> {
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+        dirtylog::sync::lock(&self.streams)
     }
 }
 
@@ -437,21 +446,23 @@ impl RateLimiter {
 
     /// Wait until `bytes` more may be sent.
     pub(crate) fn acquire(&self, bytes: usize) {
-        let Some(rate) = self.bytes_per_s else {
-            return;
-        };
-        let cost = Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
-        let start = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(start) = self.reserve(bytes, Instant::now()) {
             let now = Instant::now();
-            let start = next.map_or(now, |n| n.max(now));
-            *next = Some(start + cost);
-            start
-        };
-        let now = Instant::now();
-        if start > now {
-            std::thread::sleep(start - now);
+            if start > now {
+                std::thread::sleep(start - now);
+            }
         }
+    }
+
+    /// Reserve the next slot for `bytes` on the common schedule, as of `now`: when they may
+    /// start (`None` when unlimited).
+    fn reserve(&self, bytes: usize, now: Instant) -> Option<Instant> {
+        let rate = self.bytes_per_s?;
+        let cost = Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+        let mut next = dirtylog::sync::lock(&self.next);
+        let start = next.map_or(now, |n| n.max(now));
+        *next = Some(start + cost);
+        Some(start)
     }
 }
 
@@ -462,15 +473,18 @@ mod tests {
     #[test]
     fn rate_limiter_paces_frames() {
         let limiter = RateLimiter::new(Some(10_000_000));
-        let t = Instant::now();
-        for _ in 0..6 {
-            limiter.acquire(500_000); // 50 ms each; the first starts at once
-        }
-        // Pacing must hold the sender back by at least the frames' cost (an upper bound
-        // would be a timing assertion on a loaded machine).
-        let e = t.elapsed();
-        assert!(e >= Duration::from_millis(240), "{e:?}");
-        // Unlimited never sleeps: even usize::MAX bytes pass (a sleep would last for ever).
+        let t0 = Instant::now();
+        // 50 ms per frame: each starts where the previous one's time ends, the first at once.
+        let starts: Vec<Duration> = (0..6)
+            .map(|_| limiter.reserve(500_000, t0).unwrap() - t0)
+            .collect();
+        let want: Vec<Duration> = (0..6).map(|i| Duration::from_millis(50 * i)).collect();
+        assert_eq!(starts, want);
+        // A sender that comes back later than its slot starts at once, on a new schedule.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(limiter.reserve(1, later), Some(later));
+        // Unlimited never waits: even usize::MAX bytes pass (a sleep would last for ever).
+        assert_eq!(RateLimiter::new(None).reserve(usize::MAX, t0), None);
         RateLimiter::new(None).acquire(usize::MAX);
     }
 
@@ -509,6 +523,10 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(addr2, addr);
+        // Dropping the listener removes its socket, so the same path can be listened on again.
+        drop(l);
+        assert!(!dir.join("m.sock").exists());
+        drop(listen(&addr).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
         assert!("nonsense".parse::<Address>().is_err());
         assert_eq!(
