@@ -9,8 +9,6 @@
 //! `GuestMemoryMmap<dirtylog::bitmap::VmmBitmap>`, every VMM write through vm-memory is
 //! logged, and the engine takes those logs as the VMM bitmaps ([`RegionBitmap`]).
 
-use std::sync::Arc;
-
 use dirtylog::bitmap::VmmBitmap;
 use dirtylog::DirtyBitmap;
 use vm_memory::bitmap::Bitmap;
@@ -134,21 +132,6 @@ impl<M: MigrationMemory + ?Sized> MigrationMemory for &M {
     }
 }
 
-impl<M: MigrationMemory + ?Sized + Send> MigrationMemory for Arc<M> {
-    fn page_size(&self) -> u32 {
-        (**self).page_size()
-    }
-    fn regions(&self) -> Vec<Region> {
-        (**self).regions()
-    }
-    fn region_memory(&self, index: usize) -> Option<RegionMemory> {
-        (**self).region_memory(index)
-    }
-    fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
-        (**self).vmm_bitmap(index)
-    }
-}
-
 /// vm-memory's guest memory: its regions in address order, slot `i` for the `i`-th, pages of
 /// [`DEFAULT_PAGE_SIZE`], and, with `B` = [`VmmBitmap`], each region's log of VMM writes.
 /// Wrap it in a [`SlotTable`] for other slot ids or another page size.
@@ -226,11 +209,6 @@ impl<M: MigrationMemory> SlotTable<M> {
             slots,
             page_size,
         })
-    }
-
-    /// The memory wrapped.
-    pub fn inner(&self) -> &M {
-        &self.memory
     }
 }
 

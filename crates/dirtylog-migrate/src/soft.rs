@@ -378,7 +378,7 @@ impl SoftVm {
     }
 
     /// The devices, with the state restored into them on a target.
-    pub fn devices(&self) -> Vec<DeviceSection> {
+    pub fn device_sections(&self) -> Vec<DeviceSection> {
         lock(&self.devices).clone()
     }
 
@@ -784,13 +784,7 @@ impl DirtyTracker for SoftVm {
             );
         }
         match inner.tracker {
-            TrackerKind::DirtyLog => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    if log.load_word(i) != 0 {
-                        *o |= log.take_word(i);
-                    }
-                }
-            }
+            TrackerKind::DirtyLog => log.take_or_into(out),
             TrackerKind::ClearLog => {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o |= log.load_word(i);
@@ -808,18 +802,14 @@ impl DirtyTracker for SoftVm {
                         inner.writable[r].clear_word_bits((page / 64) as usize, bit);
                     }
                 }
-                for (i, o) in out.iter_mut().enumerate() {
-                    if log.load_word(i) != 0 {
-                        *o |= log.take_word(i);
-                    }
-                }
+                log.take_or_into(out);
             }
         }
         Ok(())
     }
 
     fn clear(&self, index: usize, first_page: u64, bits: &[u64]) -> Result<(), TrackerError> {
-        if self.inner.tracker != TrackerKind::ClearLog {
+        if !self.inner.tracker.manual_protect() {
             return Ok(());
         }
         if first_page % 64 != 0 {
@@ -920,7 +910,7 @@ impl VcpuRestore for SoftVm {
 
 impl DeviceState for SoftVm {
     fn save_devices(&self) -> Result<Vec<DeviceSection>, VmError> {
-        Ok(self.devices())
+        Ok(self.device_sections())
     }
 
     fn restore_device(&self, name: &str, version: u32, bytes: &[u8]) -> Result<(), VmError> {
