@@ -28,6 +28,8 @@
 //! The VMM's own writes to guest memory (device emulation) are merged in with
 //! [`set_vmm_bitmap`](KvmDirtyTracker::set_vmm_bitmap): the VMM marks pages in a
 //! [`DirtyBitmap`] and every harvest takes (swaps to 0) and ORs its words in.
+//! (`dirtylog-migrate` takes the VMM bitmaps of its guest memory itself: with it, give them
+//! to one or the other, not both.)
 
 use std::borrow::Borrow;
 use std::fmt;

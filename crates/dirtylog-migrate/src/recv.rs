@@ -4,8 +4,11 @@
 //!
 //! **Validation.** Every frame is CRC-checked and every range checked against the header's
 //! memory map by the [`wire`] decoder before a byte lands. Every allocation is bounded by the
-//! header: one claim bit per page (at most 32 MiB for the 1 TiB limit), one flag per declared
-//! vCPU, one hash per region, and the decoder's buffer for one frame.
+//! header or a constant: one claim bit per page (at most 32 MiB for the 1 TiB limit), one flag
+//! per declared vCPU, one hash per region, the names of at most
+//! [`MAX_DEVICE_SECTIONS`](crate::wire::MAX_DEVICE_SECTIONS) device sections, and the decoder's
+//! buffer for one frame (at most [`MAX_DEVICE_STATE`](crate::wire::MAX_DEVICE_STATE) for a
+//! device section).
 //!
 //! **Concurrency.** One thread per connection decodes into the shared target memory. A thread
 //! only ever holds a `&mut [u8]` for the pages of the frame it is decoding, after atomically

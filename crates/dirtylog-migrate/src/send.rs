@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirtylog::bitmap::runs;
-use dirtylog::DirtyTracker;
+use dirtylog::{DirtyBitmap, DirtyTracker};
 use serde::Serialize;
 
 use crate::convergence::TimeoutPolicy;
@@ -366,6 +366,8 @@ struct Shared<'a, S: MigrationSource> {
     config: &'a SendConfig,
     header: StreamHeader,
     mems: Vec<RegionMemory>,
+    /// The VMM's own-write bitmap of each region, if it keeps one (checked: one bit per page).
+    vmm: Vec<Option<&'a DirtyBitmap>>,
     page_size: u64,
     frame_pages: usize,
     chunk_words: usize,
@@ -401,12 +403,24 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
             })?;
         let page_size = u64::from(header.page_size());
         let mut mems = Vec::with_capacity(regions.len());
+        let mut vmm = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
             let mem = memory.region_memory(i).ok_or_else(|| {
                 MigrateError::Config(format!("slot {}: the VM has no memory for it", r.slot))
             })?;
             check_region_memory(mem, r, "the VM")?;
             mems.push(mem);
+            let bits = memory.vmm_bitmap(i);
+            if let Some(b) = bits.filter(|b| b.npages() != r.size / page_size) {
+                return Err(MigrateError::Config(format!(
+                    "slot {}: the VMM bitmap has {} pages, the region {} of {page_size} bytes \
+                     (a bitmap with another page size?)",
+                    r.slot,
+                    b.npages(),
+                    r.size / page_size
+                )));
+            }
+            vmm.push(bits);
         }
         let per_conn = (SEND_BUFFER_BUDGET / config.connections)
             .min(config.frame_bytes)
@@ -417,6 +431,7 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
             total_pages: regions.iter().map(|r| r.size / page_size).sum(),
             header,
             mems,
+            vmm,
             page_size,
             frame_pages: (per_conn / page_size as usize).max(1),
             chunk_words: (config.clear_chunk_bytes / page_size / 64) as usize,
@@ -741,22 +756,13 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 .tracker()
                 .harvest(i, words)
                 .map_err(MigrateError::vm("harvest"))?;
-            if let Some(vmm) = self.sh.source.memory().vmm_bitmap(i) {
-                if vmm.words() != words.len() {
-                    return Err(MigrateError::Config(format!(
-                        "the VMM bitmap of region {i} has {} words, the region needs {}",
-                        vmm.words(),
-                        words.len()
-                    )));
-                }
+            if let Some(vmm) = self.sh.vmm[i] {
                 vmm.take_or_into(words);
             }
             // Bits past the region's end would name pages that do not exist.
             let npages = self.sh.header.regions()[i].size / self.sh.page_size;
-            if npages % 64 != 0 {
-                if let Some(last) = words.last_mut() {
-                    *last &= (1u64 << (npages % 64)) - 1;
-                }
+            if let Some(last) = words.len().checked_sub(1) {
+                words[last] &= word_mask(npages, last);
             }
             pages += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
         }

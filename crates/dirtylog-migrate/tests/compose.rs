@@ -291,3 +291,46 @@ fn every_hello_is_on_the_wire_before_any_page() {
     });
     assert!(!src.vm.is_paused());
 }
+
+/// Guest memory whose VMM bitmaps count pages of another size than the migration's.
+struct MismatchedPages {
+    memory: dirtylog_migrate::SlotTable<vm_memory::GuestMemoryMmap<dirtylog_migrate::VmmBitmap>>,
+    vm: SoftVm,
+}
+
+impl MigrationSource for MismatchedPages {
+    type Memory =
+        dirtylog_migrate::SlotTable<vm_memory::GuestMemoryMmap<dirtylog_migrate::VmmBitmap>>;
+    type Tracker = SoftVm;
+    type Vcpus = SoftVm;
+    fn memory(&self) -> &Self::Memory {
+        &self.memory
+    }
+    fn tracker(&self) -> &SoftVm {
+        &self.vm
+    }
+    fn vcpus(&self) -> &SoftVm {
+        &self.vm
+    }
+}
+
+#[test]
+fn a_vmm_bitmap_of_another_page_size_is_refused() {
+    // vm-memory's bitmaps count host (4 KiB) pages; announcing 8 KiB pages would read them at
+    // the wrong granularity and miss VMM writes.
+    let mem = vm_memory::GuestMemoryMmap::<dirtylog_migrate::VmmBitmap>::from_ranges(&[(
+        vm_memory::GuestAddress(0),
+        1 << 20,
+    )])
+    .unwrap();
+    let src = MismatchedPages {
+        memory: dirtylog_migrate::SlotTable::with_page_size(mem, vec![0], 8192).unwrap(),
+        vm: moving_source(),
+    };
+    let (mine, _theirs) = UnixStream::pair().unwrap();
+    let err = send_on(&src, vec![mine], &send_config(1), &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Config(m) if m.contains("VMM bitmap has 256 pages")),
+        "{err}"
+    );
+}
