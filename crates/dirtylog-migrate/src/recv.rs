@@ -6,8 +6,8 @@
 //! memory map by the [`wire`] decoder before a byte lands. Every allocation is bounded by the
 //! header or a constant: one claim bit per page (at most 32 MiB for the 1 TiB limit), one flag
 //! per declared vCPU, one hash per region, the names of at most
-//! [`MAX_DEVICE_SECTIONS`](crate::wire::MAX_DEVICE_SECTIONS) device sections, and the decoder's
-//! buffer for one frame (at most [`MAX_DEVICE_STATE`](crate::wire::MAX_DEVICE_STATE) for a
+//! [`wire::MAX_DEVICE_SECTIONS`] device sections, and the decoder's
+//! buffer for one frame (at most [`wire::MAX_DEVICE_STATE`] for a
 //! device section).
 //!
 //! **Concurrency.** One thread per connection decodes into the shared target memory. A thread
