@@ -757,11 +757,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
     /// Called by the last thread to reach a round's fence, while all others wait at it.
     fn forget_claims(&self) {
         for claims in &self.claims {
-            for i in 0..claims.words() {
-                if claims.load_word(i) != 0 {
-                    claims.take_word(i);
-                }
-            }
+            claims.clear_all();
         }
     }
 }
@@ -809,21 +805,12 @@ impl<T: MigrationTarget> GuestMemoryMut for Claimed<'_, '_, T> {
 
 /// Claim the pages of `range` for this round; fail if any was already claimed.
 fn claim(claims: &DirtyBitmap, range: PageRange) -> Result<(), WireError> {
-    let end = range.first_page + range.npages;
-    let mut page = range.first_page;
-    while page < end {
-        let word = (page / 64) as usize;
-        let lo = page % 64;
-        let hi = (end - word as u64 * 64).min(64);
-        let mask = (u64::MAX >> (64 - (hi - lo))) << lo;
-        if claims.set_word_bits(word, mask) != 0 {
-            return Err(WireError::Overlap {
-                slot: range.slot,
-                first_page: range.first_page,
-                end,
-            });
-        }
-        page = word as u64 * 64 + hi;
+    if claims.set_range(range.first_page, range.npages) {
+        return Err(WireError::Overlap {
+            slot: range.slot,
+            first_page: range.first_page,
+            end: range.first_page + range.npages,
+        });
     }
     Ok(())
 }

@@ -57,26 +57,27 @@ impl DirtyBitmap {
         self.live[(rel_gfn / 64) as usize].fetch_or(1u64 << (rel_gfn % 64), Ordering::AcqRel);
     }
 
-    /// Set `n` bits from `first`, whole words at a time (one atomic OR per word touched).
+    /// Set `n` bits from `first`, whole words at a time (one atomic OR per word touched), and
+    /// say whether any of them was set already (how a caller claims pages exactly once).
     /// Bits past the end are ignored, as is any part of the range that overflows `u64`.
     #[inline]
-    pub fn set_range(&self, first: u64, n: u64) {
+    pub fn set_range(&self, first: u64, n: u64) -> bool {
         let end = first.saturating_add(n).min(self.npages);
         if first >= end {
-            return;
+            return false;
         }
         let (fw, lw) = ((first / 64) as usize, ((end - 1) / 64) as usize);
         let lo = !0u64 << (first % 64);
         let hi = !0u64 >> (63 - (end - 1) % 64);
+        let or = |w: usize, mask: u64| self.live[w].fetch_or(mask, Ordering::AcqRel) & mask;
         if fw == lw {
-            self.live[fw].fetch_or(lo & hi, Ordering::AcqRel);
-            return;
+            return or(fw, lo & hi) != 0;
         }
-        self.live[fw].fetch_or(lo, Ordering::AcqRel);
-        for w in &self.live[fw + 1..lw] {
-            w.fetch_or(!0, Ordering::AcqRel);
+        let mut before = or(fw, lo) | or(lw, hi);
+        for w in fw + 1..lw {
+            before |= or(w, !0);
         }
-        self.live[lw].fetch_or(hi, Ordering::AcqRel);
+        before != 0
     }
 
     /// Set the bit of every page touched by the `len` bytes at byte `offset`, with pages of
@@ -118,10 +119,20 @@ impl DirtyBitmap {
     }
 
     /// Atomically set `mask` in word `i` and return the bits of `mask` that were already set
-    /// (one `fetch_or`, acquire-release): how a caller claims pages exactly once.
+    /// (one `fetch_or`, acquire-release).
     #[inline]
     pub fn set_word_bits(&self, i: usize, mask: u64) -> u64 {
         mask & self.live[i].fetch_or(mask, Ordering::AcqRel)
+    }
+
+    /// Clear every bit (a plain store per non-zero word): for a caller that knows nobody sets
+    /// bits concurrently, such as a round's end at a fence.
+    pub fn clear_all(&self) {
+        for w in self.live.iter() {
+            if w.load(Ordering::Relaxed) != 0 {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Atomically clear `mask` in word `i` and return the bits of `mask` that were set
@@ -313,8 +324,16 @@ mod tests {
         b.set_range(68, u64::MAX);
         b.set_range(u64::MAX, 2);
         b.set_range(70, 1);
-        b.set_range(3, 0);
+        assert!(!b.set_range(3, 0));
         assert_eq!((b.load_word(0), b.load_word(1)), (0, 0b11 << 4));
+        // It says whether any bit of the range was set already, in any word it touches.
+        let c = DirtyBitmap::new(256);
+        assert!(!c.set_range(10, 100));
+        assert!(!c.set_range(110, 140));
+        assert!(c.set_range(0, 11));
+        assert!(c.set_range(200, 1));
+        c.clear_all();
+        assert_eq!(c.count(), 0);
     }
 
     #[test]
