@@ -39,7 +39,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_regs;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::error::{Error, Op, Result};
@@ -136,7 +135,7 @@ struct Pacing {
 const PACING_BURST: f64 = 0.01;
 
 /// A closure to run on a parked vCPU's thread ([`Runner::with_paused_vcpu`]).
-type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+type Job = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 struct State {
     vcpus: Vec<VcpuRunState>,
@@ -147,8 +146,6 @@ struct State {
     resume_gen: u64,
     quit: bool,
     pacing: Pacing,
-    /// Per vCPU, the registers at its last ring-full exit.
-    ring_full_regs: Vec<Option<kvm_regs>>,
     /// Per vCPU, a closure its parked thread is to run.
     jobs: Vec<Option<Job>>,
 }
@@ -177,7 +174,6 @@ struct Shared {
     pthreads: Mutex<Vec<libc::pthread_t>>,
     kicks: AtomicU64,
     watch_quit: AtomicBool,
-    watchdog_rt: AtomicBool,
     /// Per vCPU: inside `KVM_RUN` (or about to enter it).
     in_run: Vec<AtomicBool>,
     /// Per vCPU: the host asks it to park ([`Runner::pause`]). Set before the kick.
@@ -244,12 +240,21 @@ impl Shared {
                 drop(st);
                 // A panicking closure drops its result channel: the caller gets an error, and
                 // this thread lives on.
-                let fd = vcpu.fd_mut();
+                let fd = vcpu.fd();
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || job(fd)));
                 st = self.lock();
                 continue;
             }
-            if done(self, &st) {
+            let paused = st.vcpus[i] == VcpuRunState::Paused;
+            if paused && !self.pause_requested(i) || !paused && done(self, &st) {
+                if self.pause_requested(i) && !paused {
+                    // Released into a pause (a sync, a ring harvest or a resume of a halted
+                    // vCPU while the host pauses): stay parked, as paused, without passing
+                    // through Running. Nothing is pending after these parks.
+                    st.vcpus[i] = VcpuRunState::Paused;
+                    self.cv.notify_all();
+                    continue;
+                }
                 break;
             }
             st = self.wait(st);
@@ -268,8 +273,6 @@ impl Shared {
     /// Park after a ring-full exit until a harvest that started after `gen` finished.
     fn park_ring_full(&self, i: usize, vcpu: &mut KvmVcpu, gen: u64) -> bool {
         self.ring_full[i].fetch_add(1, Ordering::Relaxed);
-        let regs = vcpu.fd().get_regs().ok();
-        self.lock().ring_full_regs[i] = regs;
         self.park(i, vcpu, VcpuRunState::RingFull, |_, st| st.ring_gen != gen)
     }
 
@@ -504,7 +507,6 @@ impl Runner {
                     t0: Instant::now(),
                     base: vec![0.0; n],
                 },
-                ring_full_regs: vec![None; n],
                 jobs: (0..n).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
@@ -514,7 +516,6 @@ impl Runner {
             pthreads: Mutex::new(Vec::with_capacity(n)),
             kicks: AtomicU64::new(0),
             watch_quit: AtomicBool::new(false),
-            watchdog_rt: AtomicBool::new(false),
             in_run: (0..n).map(|_| AtomicBool::new(false)).collect(),
             pause_req: (0..n).map(|_| AtomicBool::new(paused)).collect(),
             ports: devices::Ports::default(),
@@ -531,7 +532,17 @@ impl Runner {
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
                     let sh = tsh;
-                    let res = vcpu_loop(i, &mut v, &sh);
+                    // A panic (a port handler's, say) ends the thread as Failed, so that
+                    // `pause` and `wait_all` report it instead of waiting for it.
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        vcpu_loop(i, &mut v, &sh)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Error::Guest {
+                            vcpu: i as u32,
+                            what: "the vCPU thread panicked (in a port handler?)".into(),
+                        })
+                    });
                     let mut st = sh.lock();
                     st.jobs[i] = None;
                     match res {
@@ -594,7 +605,8 @@ impl Runner {
         let h = std::thread::Builder::new()
             .name("ring-watchdog".into())
             .spawn(move || {
-                sh.watchdog_rt.store(make_realtime(), Ordering::Relaxed);
+                // Best effort: without the privilege it runs at normal priority.
+                make_realtime();
                 let mut period = RING_WATCH_PERIOD;
                 while !sh.watch_quit.load(Ordering::Acquire) {
                     std::thread::sleep(period);
@@ -618,19 +630,9 @@ impl Runner {
         Ok(())
     }
 
-    /// Did the ring watchdog get real-time priority (see [`Runner::watch_rings`])?
-    pub fn watchdog_realtime(&self) -> bool {
-        self.sh.watchdog_rt.load(Ordering::Relaxed)
-    }
-
     /// Kicks sent so far (pause, throttle, watchdog and shutdown).
     pub fn kicks(&self) -> u64 {
         self.sh.kicks.load(Ordering::Relaxed)
-    }
-
-    /// Force vCPU `i` out of `KVM_RUN` once (it re-enters unless shutting down).
-    pub fn kick(&self, i: usize) {
-        self.sh.kick(i)
     }
 
     /// Number of vCPUs.
@@ -651,12 +653,6 @@ impl Runner {
     /// Ring-full exits of vCPU `i`.
     pub fn ring_full_exits(&self, i: usize) -> u64 {
         self.sh.ring_full[i].load(Ordering::Relaxed)
-    }
-
-    /// The registers of vCPU `i` at its last ring-full exit (`KVM_GET_REGS`), which tell which
-    /// guest instruction was interrupted.
-    pub fn ring_full_regs(&self, i: usize) -> Option<kvm_regs> {
-        self.sh.lock().ring_full_regs[i]
     }
 
     /// Ring-full exits of all vCPUs.
@@ -781,6 +777,9 @@ impl Runner {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Joined (or detached) threads must not be signalled again: a `pthread_t` is only
+        // valid until its thread is joined.
+        dirtylog::sync::lock(&self.sh.pthreads).clear();
         let mut stuck = 0;
         for t in self.threads.drain(..) {
             if t.is_finished() {

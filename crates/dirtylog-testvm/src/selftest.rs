@@ -180,7 +180,7 @@ impl KvmSelftest {
             let regs = self
                 .m
                 .runner()
-                .with_paused_vcpu(i, |fd: &mut VcpuFd| fd.get_regs())?
+                .with_paused_vcpu(i, |fd: &VcpuFd| fd.get_regs())?
                 .map_err(|e| Error::from_sys(crate::error::Op::VcpuState, e))?;
             if regs.rip != store_ip {
                 continue;
@@ -213,7 +213,7 @@ impl KvmSelftest {
             next.rip += 2;
             self.m
                 .runner()
-                .with_paused_vcpu(i, move |fd: &mut VcpuFd| fd.set_regs(&next))?
+                .with_paused_vcpu(i, move |fd: &VcpuFd| fd.set_regs(&next))?
                 .map_err(|e| Error::from_sys(crate::error::Op::VcpuState, e))?;
             self.vmm_dirty.push(page);
         }

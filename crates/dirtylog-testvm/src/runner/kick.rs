@@ -47,7 +47,11 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
             // points into the `kvm_run` mapping of a vCPU this thread owns and clears the
             // pointer before the vCPU (and its mapping) can be dropped. The handler runs on
             // that same thread, so nothing else writes the byte concurrently but the kernel,
-            // for which `kvm_run` is shared memory by design (KVM only reads this byte).
+            // for which `kvm_run` is shared memory by design (KVM only reads this byte). The
+            // interrupted code may hold a `&mut kvm_run` from `get_kvm_run` (kvm-ioctls hands
+            // one out for the exit data); it never reads `immediate_exit` through it except in
+            // `set_kvm_immediate_exit`, a plain store the thread makes itself, so this store
+            // behaves as the kernel's own concurrent access to the shared page.
             unsafe { std::ptr::write_volatile(p, 1) };
         }
     });

@@ -94,7 +94,7 @@ impl Runner {
     pub fn with_paused_vcpu<R, F>(&self, i: usize, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&mut VcpuFd) -> R + Send + 'static,
+        F: FnOnce(&VcpuFd) -> R + Send + 'static,
     {
         let (tx, rx) = mpsc::sync_channel(1);
         {
@@ -118,7 +118,7 @@ impl Runner {
                     "vCPU {i} already has a closure to run"
                 )));
             }
-            st.jobs[i] = Some(Box::new(move |fd: &mut VcpuFd| {
+            st.jobs[i] = Some(Box::new(move |fd: &VcpuFd| {
                 let _ = tx.send(f(fd));
             }));
             self.sh.cv.notify_all();
