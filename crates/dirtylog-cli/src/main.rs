@@ -8,6 +8,7 @@ mod demo;
 mod migrate;
 mod perf;
 mod selftest;
+mod tracker;
 
 /// Dirty page tracking with KVM's semantics: conformance self-tests, capabilities,
 /// benchmarks and live migration of KVM guests.

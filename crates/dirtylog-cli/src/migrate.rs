@@ -176,13 +176,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode, String> {
 impl MigrationArgs {
     /// --tracker, with --ring-entries applied to a ring.
     pub fn tracker_kind(&self) -> Result<TrackerKind, String> {
-        match (self.tracker, self.ring_entries) {
-            (t, None) => Ok(t),
-            (TrackerKind::Ring { .. }, Some(entries)) => Ok(TrackerKind::Ring { entries }),
-            (t, Some(_)) => Err(format!(
-                "--ring-entries applies to --tracker ring, not to --tracker {t}"
-            )),
-        }
+        crate::tracker::with_ring_entries(self.tracker, self.ring_entries)
     }
 }
 

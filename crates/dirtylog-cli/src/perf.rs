@@ -84,13 +84,7 @@ fn tracker(a: &Args) -> Result<TrackerKind, String> {
         (None, true) => TrackerKind::DirtyLog,
         (None, false) => a.tracker,
     };
-    if let Some(n) = t.ring_entries() {
-        if !n.is_power_of_two() || !(256..=65536).contains(&n) {
-            return Err(format!(
-                "ring of {n} entries: the size must be a power of two from 256 to 65536"
-            ));
-        }
-    }
+    crate::tracker::check_ring(t, crate::tracker::RING_ENTRIES)?;
     Ok(t)
 }
 

@@ -117,14 +117,8 @@ fn trackers(t: Trackers, ring_entries: Option<u32>) -> Result<Vec<TrackerKind>, 
         } => vec![TrackerKind::Ring { entries }],
         Trackers::One { tracker, .. } => vec![tracker],
     };
-    for t in &list {
-        if let Some(n) = t.ring_entries() {
-            if !n.is_power_of_two() || !(256..=65536).contains(&n) {
-                return Err(format!(
-                    "ring of {n} entries: the size must be a power of two from 256 to 65536"
-                ));
-            }
-        }
+    for &t in &list {
+        crate::tracker::check_ring(t, crate::tracker::RING_ENTRIES)?;
     }
     Ok(list)
 }
