@@ -23,9 +23,11 @@
 //!   next exit to userspace or host interrupt, and the exit lands at an arbitrary guest
 //!   instruction, sometimes *before* the faulting write was logged. [`runner::Runner::watch_rings`]
 //!   kicks vCPUs whose ring reached the soft limit (without it a fast guest overflows the ring
-//!   and KVM overwrites unharvested entries); [`selftest::KvmSelftest`] drains vCPUs blocked on
-//!   a full ring before its final collection; [`machine::Machine::harvest_rings`] detects an
+//!   and KVM overwrites unharvested entries); [`machine::Machine::harvest_rings`] detects an
 //!   overflowed ring ([`Error::RingOverflow`]).
+//! - A vCPU kicked out of the guest (a pause) may have had its store logged without the store
+//!   having retired: migration does not care (the page is re-sent), but the self-test's check
+//!   would, so [`selftest::KvmSelftest`] completes such a stamping store itself.
 //! - Guest instructions are slow (about 1 µs each), so guest loops are kept short.
 
 pub use dirtylog_kvm::{error, ring, sys, vcpu_state};

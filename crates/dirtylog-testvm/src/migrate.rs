@@ -1,5 +1,5 @@
 //! Live migration of real KVM guests: [`KvmSource`] and [`KvmTarget`] implement the engine's
-//! traits on `dirtylog-kvm`'s harness.
+//! traits on this crate's test VMM, tracking with `dirtylog_kvm::KvmDirtyTracker`.
 //!
 //! # The guest
 //!
@@ -586,11 +586,11 @@ impl SourceInner {
     fn reaper(&self, threshold: u32) {
         while !self.reaper_quit.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(1));
-            let blocked = lock(&self.machine)
-                .runner()
-                .states()
-                .contains(&VcpuRunState::RingFull);
-            if blocked || self.tracker.rings_hold_at_least(threshold) {
+            // A vCPU parked on a full ring has at least the soft limit (entries - 64 > half)
+            // unharvested, so this also releases every vCPU blocked on its ring; a ring
+            // harvested while its vCPU was taking the exit has bumped the runner's ring
+            // generation, and that vCPU does not wait.
+            if self.tracker.rings_hold_at_least(threshold) {
                 if let Err(e) = self.harvest_rings() {
                     lock(&self.reaper_error).get_or_insert(e.to_string());
                     return;
