@@ -8,7 +8,7 @@
 //! version) fails the migration, and the source resumes its guest.
 
 use crate::error::VmError;
-use crate::wire::{check_device_name, WireError, MAX_DEVICE_STATE};
+use crate::wire::{check_device, WireError};
 
 /// One device's saved state: a name (1 to [`MAX_DEVICE_NAME`](crate::wire::MAX_DEVICE_NAME)
 /// bytes of ASCII letters, digits and `-_.:/`), a version the device defines, and up to
@@ -33,13 +33,7 @@ impl DeviceSection {
     /// ```
     pub fn new(name: impl Into<String>, version: u32, bytes: Vec<u8>) -> Result<Self, WireError> {
         let name = name.into();
-        check_device_name(name.as_bytes())?;
-        if bytes.len() > MAX_DEVICE_STATE {
-            return Err(WireError::DeviceStateTooLarge {
-                len: bytes.len(),
-                max: MAX_DEVICE_STATE,
-            });
-        }
+        check_device(name.as_bytes(), bytes.len())?;
         Ok(DeviceSection {
             name,
             version,

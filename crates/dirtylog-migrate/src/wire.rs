@@ -95,6 +95,7 @@ pub const MAX_VCPU_BLOB: usize = 1 << 20;
 pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// Longest device name in a `Device` frame, in bytes.
 pub const MAX_DEVICE_NAME: usize = 64;
+const _: () = assert!(MAX_DEVICE_NAME == 64, "check_device_name's message says 64");
 /// Largest device state in a `Device` frame: 8 MiB.
 pub const MAX_DEVICE_STATE: usize = 8 << 20;
 /// Most `Device` frames one migration may carry.
@@ -217,6 +218,19 @@ pub fn check_device_name(name: &[u8]) -> Result<(), WireError> {
         name: String::from_utf8_lossy(&name[..name.len().min(MAX_DEVICE_NAME)]).into_owned(),
         why,
     })
+}
+
+/// Check a device section: its name ([`check_device_name`]) and that its state is at most
+/// [`MAX_DEVICE_STATE`] bytes.
+pub fn check_device(name: &[u8], state_len: usize) -> Result<(), WireError> {
+    check_device_name(name)?;
+    if state_len > MAX_DEVICE_STATE {
+        return Err(WireError::DeviceStateTooLarge {
+            len: state_len,
+            max: MAX_DEVICE_STATE,
+        });
+    }
+    Ok(())
 }
 
 /// The frame types. `Header` only starts a stream; the others carry a [`Message`].
@@ -459,13 +473,9 @@ fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message
                 });
             }
             let (name, bytes) = data.split_at(name_len);
+            // The whole section is checked before it is returned (`StreamHeader::validate`);
+            // the name's characters are checked here already, so that it is a `&str`.
             check_device_name(name)?;
-            if bytes.len() > MAX_DEVICE_STATE {
-                return Err(WireError::DeviceStateTooLarge {
-                    len: bytes.len(),
-                    max: MAX_DEVICE_STATE,
-                });
-            }
             Message::Device {
                 // Checked to be ASCII just above.
                 name: std::str::from_utf8(name).map_err(|_| WireError::Utf8)?,
@@ -489,16 +499,7 @@ impl StreamHeader {
                 })
             }
             Message::MemHash { slot, .. } => self.region(slot).map(drop),
-            Message::Device { name, bytes, .. } => {
-                check_device_name(name.as_bytes())?;
-                if bytes.len() > MAX_DEVICE_STATE {
-                    return Err(WireError::DeviceStateTooLarge {
-                        len: bytes.len(),
-                        max: MAX_DEVICE_STATE,
-                    });
-                }
-                Ok(())
-            }
+            Message::Device { name, bytes, .. } => check_device(name.as_bytes(), bytes.len()),
             Message::Hello {
                 connection,
                 connections,
