@@ -44,7 +44,7 @@
 //!   snapshot; the engine's per-chunk `clear` is `KVM_CLEAR_DIRTY_LOG`, which re-protects.
 //! - `Ring`: per-vCPU dirty rings. A reaper thread calls
 //!   [`harvest_rings`](KvmDirtyTracker::harvest_rings) whenever a ring is half full (QEMU's
-//!   reaper) or a vCPU is parked on a full ring, then releases the parked vCPUs
+//!   reaper; a vCPU parked on a full ring is past that), then releases the parked vCPUs
 //!   ([`Runner::ring_reset_done`](crate::Runner::ring_reset_done)), so vCPUs rarely block
 //!   between the engine's harvests; the runner's watchdog kicks a vCPU whose ring reached the
 //!   soft limit ([`KvmDirtyTracker::ring_soft_full`]) so that this host's late ring-full exits
