@@ -11,6 +11,12 @@
 //! | `EINTR` / `EAGAIN` | checks the host's requests (pause, shutdown, throttle), re-enters |
 //! | shutdown, internal error, failed entry, anything else | stops with [`Error::Guest`] carrying the registers |
 //!
+//! A VMM of its own devices (the [`pc`](crate::pc)) starts the runner with an [`IoBus`]
+//! instead ([`Runner::start_with_bus`]): every `in`, `out` and MMIO access goes to the bus
+//! (the harness's ports mean nothing there), a bus write may end the VM ([`IoAction::Exit`]:
+//! the vCPU thread ends as [`VcpuRunState::Done`]), and a guest shutdown (triple fault,
+//! `KVM_EXIT_SYSTEM_EVENT`) is reported to the bus rather than as an error.
+//!
 //! # Pausing any guest
 //!
 //! The VMM pauses vCPUs whatever their guest does ([`Runner::pause`]): it sets each vCPU's
@@ -53,7 +59,7 @@ mod devices;
 pub mod kick;
 mod pause;
 mod throttle;
-pub use devices::PortHandler;
+pub use devices::{IoAction, IoBus, PortHandler};
 pub use kick::kick_signal;
 pub use pause::PAUSE_REKICK;
 pub use throttle::THROTTLE_PERIOD;
@@ -166,8 +172,9 @@ impl std::fmt::Debug for State {
 struct Shared {
     st: Mutex<State>,
     cv: Condvar,
-    /// The system memory holding the control region.
-    sys: Arc<GuestMemory>,
+    /// The system memory holding the control region (harness guests), or the VMM's device
+    /// bus.
+    guest: GuestIo,
     ring_full: Vec<AtomicU64>,
     sync_exits: Vec<AtomicU64>,
     /// The vCPU threads, for `pthread_kill` (valid until they are joined).
@@ -210,8 +217,19 @@ impl Shared {
     }
 
     fn vcpu_word(&self, i: usize, field: u64) -> u64 {
-        self.sys
-            .read_u64(layout::CONTROL + control::vcpu(i as u32) + field)
+        match &self.guest {
+            GuestIo::Harness(sys) => {
+                sys.read_u64(layout::CONTROL + control::vcpu(i as u32) + field)
+            }
+            GuestIo::Bus(_) => 0,
+        }
+    }
+
+    fn bus(&self) -> Option<&dyn IoBus> {
+        match &self.guest {
+            GuestIo::Harness(_) => None,
+            GuestIo::Bus(b) => Some(&**b),
+        }
     }
 
     fn pause_requested(&self, i: usize) -> bool {
@@ -263,6 +281,18 @@ impl Shared {
         true
     }
 
+    /// A harvest and `KVM_RESET_DIRTY_RINGS` completed: release the vCPUs parked on a full
+    /// ring. Only they wait for this; a vCPU between its ring-full exit and its park sees the
+    /// new generation under the lock and does not wait. Waking the others (parked at a sync
+    /// exit) would only cost the harvest a round of context switches.
+    fn ring_reset_done(&self) {
+        let mut st = self.lock();
+        st.ring_gen += 1;
+        if st.vcpus.contains(&VcpuRunState::RingFull) {
+            self.cv.notify_all();
+        }
+    }
+
     /// Park at a sync exit until released.
     fn park_sync(&self, i: usize, vcpu: &mut KvmVcpu) -> bool {
         self.sync_exits[i].fetch_add(1, Ordering::Relaxed);
@@ -292,6 +322,9 @@ impl Shared {
     /// Grant the dirtier more budget, sleeping until its rate allows at least one write. Gives
     /// up (granting nothing) when the host pauses the vCPU.
     fn pace(&self, i: usize) -> bool {
+        let GuestIo::Harness(sys) = &self.guest else {
+            return true;
+        };
         let budget_off = layout::CONTROL + control::vcpu(i as u32) + control::BUDGET;
         let mut st = self.lock();
         loop {
@@ -302,7 +335,7 @@ impl Shared {
                 break;
             }
             let Some(rate) = st.pacing.rate else {
-                self.sys.write_u64(budget_off, u64::MAX);
+                sys.write_u64(budget_off, u64::MAX);
                 break;
             };
             let writes = self.vcpu_word(i, control::WRITES);
@@ -317,7 +350,7 @@ impl Shared {
             }
             let allowed = st.pacing.base[i] + rate * el;
             if allowed >= writes as f64 + quantum {
-                self.sys.write_u64(budget_off, allowed as u64);
+                sys.write_u64(budget_off, allowed as u64);
                 break;
             }
             let need = writes as f64 + quantum - st.pacing.base[i];
@@ -331,9 +364,31 @@ impl Shared {
     }
 }
 
+/// What the vCPU threads talk to besides KVM.
+enum GuestIo {
+    /// The harness's guests: the system memory holding the control region; `out` to the
+    /// harness's ports ([`ports::SYNC`], [`ports::BUDGET`]) and to registered port handlers.
+    Harness(Arc<GuestMemory>),
+    /// A VMM's devices: every I/O and MMIO exit.
+    Bus(Arc<dyn IoBus>),
+}
+
+impl std::fmt::Debug for GuestIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuestIo::Harness(_) => "Harness",
+            GuestIo::Bus(_) => "Bus",
+        })
+    }
+}
+
 /// Owned exit reason (the `VcpuExit` borrows the vCPU).
 enum Exit {
     Out(u16),
+    /// An access the bus handled; its instruction completes at the next `KVM_RUN`.
+    Io(IoAction),
+    /// The guest shut the machine down (bus mode).
+    Shutdown(&'static str),
     RingFull,
     Hlt,
     Retry,
@@ -355,26 +410,49 @@ fn internal_error(vcpu: &mut KvmVcpu) -> String {
 
 /// One `KVM_RUN`, then clear `immediate_exit` (a kick that lands after this point is seen by
 /// the caller's next check of the host's requests, which were recorded before the kick).
-fn run_once(vcpu: &mut KvmVcpu) -> Exit {
-    let r = match vcpu.fd_mut().run() {
-        Ok(VcpuExit::IoOut(port, _)) => Exit::Out(port),
-        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => Exit::RingFull,
-        Ok(VcpuExit::Intr) => Exit::Retry,
-        Ok(VcpuExit::Hlt) => Exit::Hlt,
-        Ok(VcpuExit::Shutdown) => {
-            Exit::Fatal("shutdown (triple fault: the guest took an exception)".into())
+fn run_once(i: usize, vcpu: &mut KvmVcpu, bus: Option<&dyn IoBus>) -> Exit {
+    let r = match (vcpu.fd_mut().run(), bus) {
+        (Ok(VcpuExit::IoOut(port, data)), Some(b)) => Exit::Io(b.pio_write(i, port, data)),
+        (Ok(VcpuExit::IoIn(port, data)), Some(b)) => {
+            b.pio_read(i, port, data);
+            Exit::Io(IoAction::Continue)
         }
-        Ok(VcpuExit::InternalError) => Exit::Fatal(String::new()),
-        Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!(
-            "VM entry failed: hardware_entry_failure_reason {reason:#x} on cpu {cpu}"
-        )),
-        Ok(VcpuExit::IoIn(port, _)) => Exit::Fatal(format!("unexpected `in` from port {port:#x}")),
-        Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Fatal(format!(
-            "access to unmapped guest-physical address {addr:#x} (MMIO exit)"
-        )),
-        Ok(other) => Exit::Fatal(format!("unexpected exit {other:?}")),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Retry,
-        Err(e) => Exit::Fatal(Error::from_sys(Op::Run, e).to_string()),
+        (Ok(VcpuExit::MmioWrite(addr, data)), Some(b)) => Exit::Io(b.mmio_write(i, addr, data)),
+        (Ok(VcpuExit::MmioRead(addr, data)), Some(b)) => {
+            b.mmio_read(i, addr, data);
+            Exit::Io(IoAction::Continue)
+        }
+        (Ok(VcpuExit::Shutdown), Some(_)) => {
+            Exit::Shutdown("shutdown (a triple fault, or the guest reset the machine)")
+        }
+        (Ok(VcpuExit::SystemEvent(kind, _)), Some(_)) => Exit::Shutdown(match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => "system event: reset",
+            kvm_bindings::KVM_SYSTEM_EVENT_CRASH => "system event: crash",
+            _ => "system event: shutdown",
+        }),
+        (Ok(VcpuExit::IoapicEoi(_)), Some(_)) => Exit::Retry,
+        (r, _) => match r {
+            Ok(VcpuExit::IoOut(port, _)) => Exit::Out(port),
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => Exit::RingFull,
+            Ok(VcpuExit::Intr) => Exit::Retry,
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Shutdown) => {
+                Exit::Fatal("shutdown (triple fault: the guest took an exception)".into())
+            }
+            Ok(VcpuExit::InternalError) => Exit::Fatal(String::new()),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!(
+                "VM entry failed: hardware_entry_failure_reason {reason:#x} on cpu {cpu}"
+            )),
+            Ok(VcpuExit::IoIn(port, _)) => {
+                Exit::Fatal(format!("unexpected `in` from port {port:#x}"))
+            }
+            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Fatal(
+                format!("access to unmapped guest-physical address {addr:#x} (MMIO exit)"),
+            ),
+            Ok(other) => Exit::Fatal(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Retry,
+            Err(e) => Exit::Fatal(Error::from_sys(Op::Run, e).to_string()),
+        },
     };
     vcpu.fd_mut().set_kvm_immediate_exit(0);
     match r {
@@ -432,11 +510,19 @@ fn vcpu_loop(i: usize, vcpu: &mut KvmVcpu, sh: &Shared) -> Result<()> {
             sh.watch_quit.load(Ordering::Acquire) || sh.pause_requested(i)
         });
         sh.in_run[i].store(true, Ordering::SeqCst);
-        let exit = run_once(vcpu);
+        let exit = run_once(i, vcpu, sh.bus());
         sh.in_run[i].store(false, Ordering::SeqCst);
         // Any KVM_RUN, even one that returned EINTR at once, completed the previous exit.
-        io_pending = matches!(exit, Exit::Out(_));
+        io_pending = matches!(exit, Exit::Out(_) | Exit::Io(_));
         let go_on = match exit {
+            Exit::Io(IoAction::Continue) => true,
+            Exit::Io(IoAction::Exit) => return Ok(()),
+            Exit::Shutdown(what) => {
+                if let Some(b) = sh.bus() {
+                    b.shutdown(i, what);
+                }
+                return Ok(());
+            }
             Exit::Out(ports::SYNC) => {
                 complete_pending_io(i, vcpu, &mut io_pending)?;
                 sh.park_sync(i, vcpu)
@@ -481,17 +567,24 @@ impl Runner {
     /// Start one thread per vCPU (already set up to run), in `KVM_RUN` at once. `sys` is the
     /// system memory holding the control region.
     pub fn start(vcpus: Vec<KvmVcpu>, sys: Arc<GuestMemory>) -> Result<Self> {
-        Self::spawn(vcpus, sys, false)
+        Self::spawn(vcpus, GuestIo::Harness(sys), false)
+    }
+
+    /// Start one thread per vCPU of a VMM whose devices are `bus` (every I/O and MMIO exit
+    /// goes to it; see the [module docs](self)), paused if `paused` (as
+    /// [`start_paused`](Self::start_paused)).
+    pub fn start_with_bus(vcpus: Vec<KvmVcpu>, bus: Arc<dyn IoBus>, paused: bool) -> Result<Self> {
+        Self::spawn(vcpus, GuestIo::Bus(bus), paused)
     }
 
     /// Start one thread per vCPU, paused: each parks ([`VcpuRunState::Paused`]) before its
     /// first `KVM_RUN`, until [`resume`](Self::resume). Lets the VMM register its devices and
     /// pacing before any guest instruction runs.
     pub fn start_paused(vcpus: Vec<KvmVcpu>, sys: Arc<GuestMemory>) -> Result<Self> {
-        Self::spawn(vcpus, sys, true)
+        Self::spawn(vcpus, GuestIo::Harness(sys), true)
     }
 
-    fn spawn(vcpus: Vec<KvmVcpu>, sys: Arc<GuestMemory>, paused: bool) -> Result<Self> {
+    fn spawn(vcpus: Vec<KvmVcpu>, guest: GuestIo, paused: bool) -> Result<Self> {
         kick::install_kick_handler()?;
         let n = vcpus.len();
         let sh = Arc::new(Shared {
@@ -510,7 +603,7 @@ impl Runner {
                 jobs: (0..n).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
-            sys,
+            guest,
             ring_full: (0..n).map(|_| AtomicU64::new(0)).collect(),
             sync_exits: (0..n).map(|_| AtomicU64::new(0)).collect(),
             pthreads: Mutex::new(Vec::with_capacity(n)),
@@ -725,14 +818,15 @@ impl Runner {
 
     /// Tell vCPUs blocked on a full ring that a harvest and `KVM_RESET_DIRTY_RINGS` completed.
     pub fn ring_reset_done(&self) {
-        let mut st = self.sh.lock();
-        st.ring_gen += 1;
-        // Only vCPUs parked on a full ring wait for this; a vCPU between its ring-full exit
-        // and its park sees the new generation under the lock and does not wait. Waking the
-        // others (parked at a sync exit) would only cost the harvest a round of context
-        // switches.
-        if st.vcpus.contains(&VcpuRunState::RingFull) {
-            self.sh.cv.notify_all();
+        self.sh.ring_reset_done();
+    }
+
+    /// A handle that does [`ring_reset_done`](Self::ring_reset_done) from another thread (a
+    /// ring reaper's), without the runner.
+    pub fn ring_reset_notifier(&self) -> impl Fn() + Send + Sync + 'static {
+        let sh = self.sh.clone();
+        move || {
+            sh.ring_reset_done();
         }
     }
 

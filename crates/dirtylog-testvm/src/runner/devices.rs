@@ -1,5 +1,6 @@
-//! Device ports of the VMM built on the [`Runner`]: handlers for `out` to ports other than the
-//! harness's own ([`Runner::set_port_handler`]).
+//! Devices of the VMMs built on the [`Runner`]: handlers for `out` to ports other than the
+//! harness's own ([`Runner::set_port_handler`]), or a whole device bus
+//! ([`Runner::start_with_bus`]).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -10,6 +11,32 @@ use crate::guest::ports;
 /// A device behind an I/O port: called on the vCPU's thread, with the vCPU's index, each time
 /// the guest does an `out` to the port. The vCPU re-enters the guest when it returns.
 pub type PortHandler = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// What the vCPU does after a bus access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoAction {
+    /// Re-enter the guest.
+    Continue,
+    /// The guest ended the VM (the bus recorded how): the vCPU thread ends, as
+    /// [`VcpuRunState::Done`](super::VcpuRunState::Done).
+    Exit,
+}
+
+/// A VMM's devices, called on the vCPU's own thread with the vCPU's index for every exit of
+/// its kind. The vCPU stays out of the guest until the call returns.
+pub trait IoBus: Send + Sync {
+    /// `in` from `port`: fill `data` (1, 2 or 4 bytes; more for string I/O).
+    fn pio_read(&self, vcpu: usize, port: u16, data: &mut [u8]);
+    /// `out` of `data` to `port`.
+    fn pio_write(&self, vcpu: usize, port: u16, data: &[u8]) -> IoAction;
+    /// A read of guest-physical `addr` that no memslot or in-kernel device backs: fill
+    /// `data`.
+    fn mmio_read(&self, vcpu: usize, addr: u64, data: &mut [u8]);
+    /// A write to guest-physical `addr` that no memslot or in-kernel device backs.
+    fn mmio_write(&self, vcpu: usize, addr: u64, data: &[u8]) -> IoAction;
+    /// vCPU `vcpu` saw the guest shut the machine down (`what` says how); its thread ends.
+    fn shutdown(&self, vcpu: usize, what: &str);
+}
 
 /// The registered port handlers.
 #[derive(Default)]
