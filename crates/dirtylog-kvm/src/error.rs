@@ -51,6 +51,9 @@ pub enum Op {
     SpawnThread,
     /// Installing the vCPU kick signal handler.
     Signal,
+    /// Setting up a machine's devices and vCPUs (the named ioctl: `KVM_CREATE_IRQCHIP`,
+    /// `KVM_CREATE_PIT2`, `KVM_X86_SETUP_MCE`, `KVM_IRQ_LINE`, ...).
+    Machine(&'static str),
 }
 
 impl fmt::Display for Op {
@@ -75,6 +78,7 @@ impl fmt::Display for Op {
             Op::Run => "KVM_RUN",
             Op::SpawnThread => "spawning a vCPU thread",
             Op::Signal => "installing the vCPU kick signal handler",
+            Op::Machine(ioctl) => ioctl,
         })
     }
 }
@@ -266,6 +270,29 @@ pub enum Error {
     /// A saved vCPU state blob is malformed ([`crate::vcpu_state`]).
     #[error("bad vCPU state: {0}")]
     VcpuBlob(String),
+    /// `KVM_GET_MSRS` or `KVM_SET_MSRS` stopped at an MSR ([`crate::vcpu_state`]).
+    #[error("vCPU {vcpu}: {ioctl} refused MSR {index:#x} (value {value:#x}); the target vCPU must have the source's CPUID (and the same machine-check setup), on a host with the same CPU features")]
+    MsrRefused {
+        /// The vCPU index.
+        vcpu: u32,
+        /// `KVM_GET_MSRS` or `KVM_SET_MSRS`.
+        ioctl: &'static str,
+        /// The MSR.
+        index: u32,
+        /// The value written (0 for a read).
+        value: u64,
+    },
+    /// Saving or restoring VM-wide state failed ([`crate::vm_state`]).
+    #[error("{ioctl} failed: {} (errno {errno}); the VM must have the same in-kernel devices (irqchip, PIT) as the saved one", strerror(*.errno))]
+    VmState {
+        /// The ioctl.
+        ioctl: &'static str,
+        /// The kernel's errno.
+        errno: i32,
+    },
+    /// A saved VM state blob is malformed ([`crate::vm_state`]).
+    #[error("bad VM state: {0}")]
+    VmBlob(String),
 }
 
 impl Error {

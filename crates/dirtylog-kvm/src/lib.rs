@@ -12,8 +12,10 @@
 //!   errors ([`Error`]).
 //! - [`ring`]: a vCPU's dirty ring mapped from its fd, and a two-phase harvester over every
 //!   vCPU's ring built on the core's [`dirtylog::RingHarvester`].
-//! - [`vcpu_state`]: saving and restoring a stopped vCPU's registers, MSRs, XSAVE and events
-//!   as a versioned little-endian blob, for live migration.
+//! - [`vcpu_state`]: saving and restoring a stopped vCPU's registers, MSRs, XSAVE, LAPIC and
+//!   events as a versioned little-endian blob, for live migration.
+//! - [`vm_state`]: the same for the VM-wide state: the in-kernel PIC and IOAPIC, the PIT and
+//!   the kvmclock.
 //!
 //! Tests that need `/dev/kvm` fail (never skip) when it is missing.
 //!
@@ -26,14 +28,17 @@
 
 #![warn(missing_docs)]
 
+mod blob;
 pub mod error;
 pub mod ring;
 pub mod sys;
 pub mod tracker;
 pub mod vcpu_state;
+pub mod vm_state;
 
 pub use error::{Error, Op, Result};
 pub use ring::{DirtyRings, HarvestStats, RingMap, RingsHarvested};
 pub use sys::{RingFlavor, VmFdDirtyLogExt};
 pub use tracker::{Enabled, KvmDirtyTracker, Slot, TrackerOptions};
-pub use vcpu_state::VcpuSnapshot;
+pub use vcpu_state::{StateSpec, VcpuSnapshot};
+pub use vm_state::VmSnapshot;

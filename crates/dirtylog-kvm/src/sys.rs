@@ -50,11 +50,13 @@ pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1 << 0;
 /// them out of the public API, which re-exports them documented below).
 mod nr {
     use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, KVMIO};
-    use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
     ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
     ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
     ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+    ioctl_ior_nr!(KVM_X86_GET_MCE_CAP_SUPPORTED, KVMIO, 0x9d, u64);
+    ioctl_iow_nr!(KVM_X86_SETUP_MCE, KVMIO, 0x9c, u64);
 }
 
 /// The `KVM_GET_DIRTY_LOG` request number, for a bare `ioctl(2)` baseline (benchmarks).
@@ -217,6 +219,35 @@ impl ExtensionFd for VmFd {
     fn check_extension_raw(&self, cap: libc::c_ulong) -> i32 {
         VmFd::check_extension_raw(self, cap)
     }
+}
+
+/// Machine-check support for a vCPU, as QEMU sets it up: `KVM_X86_SETUP_MCE` with as many
+/// banks as `KVM_CHECK_EXTENSION(KVM_CAP_MCE)` allows, at most 10 (QEMU's count), and the
+/// `MCG_CTL_P` / `MCG_SER_P` capabilities `KVM_X86_GET_MCE_CAP_SUPPORTED` reports. Returns the
+/// `MCG_CAP` set, or 0 when the kernel has no MCE support (nothing is set up then).
+/// `kvm-ioctls` has neither ioctl.
+pub fn setup_mce(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd) -> Result<u64> {
+    /// `KVM_CAP_MCE`.
+    const KVM_CAP_MCE: u32 = 31;
+    let banks = check_extension(kvm, KVM_CAP_MCE)?.clamp(0, 10) as u64;
+    if banks == 0 {
+        return Ok(0);
+    }
+    let mut supported = 0u64;
+    // SAFETY: the ioctl writes one u64 into `supported`, which lives across the call.
+    let r = unsafe { ioctl_with_mut_ref(kvm, nr::KVM_X86_GET_MCE_CAP_SUPPORTED(), &mut supported) };
+    if r < 0 {
+        return Err(Error::last(Op::Machine("KVM_X86_GET_MCE_CAP_SUPPORTED")));
+    }
+    const MCG_CTL_P: u64 = 1 << 8;
+    const MCG_SER_P: u64 = 1 << 24;
+    let cap = banks | (supported & (MCG_CTL_P | MCG_SER_P));
+    // SAFETY: the ioctl reads one u64 from `cap`, which lives across the call.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, nr::KVM_X86_SETUP_MCE(), &cap) };
+    if r < 0 {
+        return Err(Error::last(Op::Machine("KVM_X86_SETUP_MCE")));
+    }
+    Ok(cap)
 }
 
 /// `KVM_CHECK_EXTENSION(cap)` through `kvm-ioctls`' `check_extension_raw` on the system fd

@@ -1,10 +1,8 @@
 //! Saving and restoring the architectural state of an x86-64 vCPU, and the versioned blob it
-//! travels in (one `VcpuState` frame of a migration stream per vCPU).
+//! travels in (one `VcpuState` frame of a migration stream per vCPU). The VM-wide state (PIC,
+//! IOAPIC, PIT, kvmclock) is [`crate::vm_state`].
 //!
 //! # What is saved
-//!
-//! Everything KVM keeps for a vCPU of this harness, which has no in-kernel irqchip (so no
-//! LAPIC, PIC or IOAPIC state exists to save):
 //!
 //! | section | ioctl | contents |
 //! |---|---|---|
@@ -12,19 +10,56 @@
 //! | `SREGS` | `KVM_GET_SREGS` | the 8 segment registers with their hidden parts, GDT/IDT, `cr0`/`cr2`/`cr3`/`cr4`/`cr8`, `EFER`, `APIC_BASE`, the pending-interrupt bitmap |
 //! | `XSAVE` | `KVM_GET_XSAVE` | x87, SSE, AVX, ... in the CPU's XSAVE layout (4 KiB); `FPU` (`KVM_GET_FPU`) instead on kernels without `KVM_CAP_XSAVE` |
 //! | `XCRS` | `KVM_GET_XCRS` | `XCR0` (with `KVM_CAP_XCRS`) |
-//! | `MSRS` | `KVM_GET_MSRS` | the MSRs of [`MIGRATED_MSRS`] that the kernel lists in `KVM_GET_MSR_INDEX_LIST`: `STAR`, `LSTAR`, `CSTAR`, `SFMASK`, `KERNEL_GS_BASE`, `TSC_AUX`, `SYSENTER_*`, `PAT`, `TSC` (`FS_BASE`/`GS_BASE` are in `SREGS`) |
+//! | `MSRS` | `KVM_GET_MSRS` | every MSR of [`StateSpec::msrs`]: with [`StateSpec::probe_vcpu`], the MSRs `KVM_GET_MSR_INDEX_LIST` reports plus the machine-check banks, kept if this vCPU reads them and takes the value back (see [`probe_msrs`]) |
+//! | `LAPIC` | `KVM_GET_LAPIC` | the local APIC's 1 KiB register page, as bytes (with an in-kernel irqchip, [`StateSpec::lapic`]) |
 //! | `EVENTS` | `KVM_GET_VCPU_EVENTS` | pending and injected exceptions, interrupts, NMIs, SMM, interrupt shadow |
-//! | `MP_STATE` | `KVM_GET_MP_STATE` | runnable, halted, ... |
+//! | `MP_STATE` | `KVM_GET_MP_STATE` | runnable, halted, waiting for SIPI, ... |
 //! | `DEBUGREGS` | `KVM_GET_DEBUGREGS` | `DR0`–`DR3`, `DR6`, `DR7` |
+//! | VMM | — | the VMM's own per-vCPU state, opaque (tags from [`VMM_SECTION_BASE`]) |
 //!
-//! Restoring follows QEMU's `kvm_arch_put_registers` order: regs, XSAVE/FPU, XCRs, sregs,
-//! MSRs, events, MP state, debug registers. The target vCPU must have had its CPUID set first
-//! (which MSRs and XSAVE components are valid depends on it).
+//! `APIC_BASE` travels in `SREGS` (never as an MSR), `FS_BASE`/`GS_BASE` in the segments, the
+//! x2APIC registers (MSRs `0x800`–`0x8ff`) in `LAPIC`, and `MCG_CAP` not at all: it is the
+//! machine's configuration (`KVM_X86_SETUP_MCE`), which the destination must set up the same.
+//! Not saved: nested virtualization state (`KVM_GET_NESTED_STATE`), so a guest that entered
+//! VMX/SVM operation does not migrate.
+//!
+//! # Restore order
+//!
+//! The target vCPU must have had its CPUID set first (which MSRs and XSAVE components are
+//! valid depends on it). [`VcpuSnapshot::restore`] loads, in this order:
+//!
+//! 1. `SREGS`, `REGS`, `XSAVE`/`FPU`, `XCRS`;
+//! 2. the MSRs in one `KVM_SET_MSRS`, in [`msr_restore_order`]: `IA32_FEATURE_CONTROL` first,
+//!    then `IA32_TSC`, then the rest by index, then the MSRs that enable something whose
+//!    parameters are other MSRs (`MSR_KVM_ASYNC_PF_EN` after `MSR_KVM_ASYNC_PF_INT`, the PMU
+//!    global and fixed-counter enables after the counters), as QEMU's `kvm_put_msrs`;
+//! 3. `LAPIC` (after `SREGS`, whose `APIC_BASE` decides how KVM reads the page: xAPIC or x2APIC);
+//! 4. `IA32_TSC_DEADLINE` alone (after `IA32_TSC`, which its value is relative to, and after
+//!    `LAPIC`: KVM ignores the write unless the LVT timer is in TSC-deadline mode, and
+//!    `KVM_SET_LAPIC` clears the deadline when it switches the mode);
+//! 5. `EVENTS`, `MP_STATE` (KVM checks a latched INIT of the events against the MP state),
+//!    `DEBUGREGS`.
+//!
+//! This is QEMU's `kvm_arch_put_registers` (target/i386/kvm/kvm.c): sregs (with nested state),
+//! regs, XSAVE, XCRs, MSRs, vCPU events, MP state, the TSC deadline MSR, debug registers — with
+//! the LAPIC, which QEMU loads from its APIC device (`kvm_apic_put`: the APIC base, then
+//! `KVM_SET_LAPIC`) before the registers, placed here between the MSRs and the TSC deadline.
+//!
+//! # The TSC
+//!
+//! A restored vCPU's `IA32_TSC` is the saved value (QEMU's choice): the guest's TSC stands
+//! still while the guest is stopped and continues from where it stopped, so it never goes
+//! backwards and never jumps over the downtime; the kvmclock ([`crate::vm_state`]) is restored
+//! the same way, so the two stay consistent. KVM keeps the vCPUs of a VM synchronized: a
+//! userspace TSC write within a second of what another vCPU's TSC reads now is taken as
+//! "synchronize" (the vCPU gets that vCPU's offset), so vCPUs after the first may differ from
+//! their saved value by the few microseconds between their saves. `IA32_TSC_ADJUST` is written
+//! after `IA32_TSC`; KVM takes a userspace write of either one as is (neither moves the other).
 //!
 //! # The blob
 //!
 //! ```text
-//! blob    = magic "DLVCPU\0\0" | version u32 (= 1) | vcpu_id u32 | nsections u32 | section*
+//! blob    = magic "DLVCPU\0\0" | version u32 (= 2) | vcpu_id u32 | nsections u32 | section*
 //! section = tag u32 | length u32 | payload[length]
 //! ```
 //!
@@ -32,12 +67,15 @@
 //! at a fixed offset of its section, never as a `memcpy` of the bindgen struct. That keeps the
 //! format independent of Rust's and bindgen's layout (padding, unions, field order changes
 //! between `kvm-bindings` versions) and of the host's byte order, and it lets the decoder check
-//! each section's exact length before reading it. The XSAVE area is copied as bytes because it
-//! already has a fixed, CPU-defined little-endian layout. Sections are tagged so that a reader
-//! can name what is missing or unknown: a section it does not know is an error (never silently
-//! dropped CPU state), except VMM sections (tags from [`VMM_SECTION_BASE`]), which carry the
-//! VMM's own per-vCPU device state opaquely. The whole blob is a few kilobytes (4.8 KiB with
-//! XSAVE), far below the wire format's 1 MiB limit.
+//! each section's exact length before reading it. The XSAVE area and the LAPIC page are copied
+//! as bytes because they already have fixed, CPU-defined little-endian layouts. Sections are
+//! tagged so that a reader can name what is missing or unknown: a section it does not know is
+//! an error (never silently dropped CPU state), except VMM sections (tags from
+//! [`VMM_SECTION_BASE`]), which carry the VMM's own per-vCPU device state opaquely. Version 1
+//! blobs (no `LAPIC`, at most 64 MSRs) are still read. A blob is a few kilobytes, far below
+//! the wire format's 1 MiB limit: on the project's PVM host 8.0 KiB with XSAVE, the LAPIC and
+//! 201 MSRs (41 listed by the kernel, 160 of the 32 machine-check banks KVM gives a vCPU until
+//! `KVM_X86_SETUP_MCE` sets fewer; QEMU's 10 banks make it 91 MSRs and 6.7 KiB).
 //!
 //! # Where it is taken
 //!
@@ -52,16 +90,15 @@
 //! `immediate_exit = 1`, which finishes the instruction and returns `EINTR`): KVM keeps that
 //! completion outside every state it exposes, so a vCPU saved with an `out` half done would
 //! re-execute it after a restore. A vCPU saved after the completion simply runs on.
-//!
-//! The harness's VMs have no in-kernel irqchip, so there is no LAPIC state to save; a VMM with
-//! one adds `KVM_GET_LAPIC`/`KVM_SET_LAPIC` (a new section, and a new blob version).
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_debugregs, kvm_dtable, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
+use crate::blob::{self, Reader, Writer};
+pub use crate::blob::{MAX_VMM_SECTION, VMM_SECTION_BASE};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -72,11 +109,8 @@ const KVM_CAP_XCRS: u32 = 56;
 
 /// First bytes of every blob.
 pub const BLOB_MAGIC: [u8; 8] = *b"DLVCPU\0\0";
-/// The blob version this build writes and reads.
-pub const BLOB_VERSION: u32 = 1;
-/// Section tags from here up belong to the VMM ([`VcpuSnapshot::vmm`]) and are carried
-/// opaquely.
-pub const VMM_SECTION_BASE: u32 = 0x1000;
+/// The blob version this build writes (it also reads version 1).
+pub const BLOB_VERSION: u32 = 2;
 
 const T_REGS: u32 = 1;
 const T_SREGS: u32 = 2;
@@ -87,18 +121,66 @@ const T_MSRS: u32 = 6;
 const T_EVENTS: u32 = 7;
 const T_MP_STATE: u32 = 8;
 const T_DEBUGREGS: u32 = 9;
+const T_LAPIC: u32 = 10;
 
 /// Bytes of the XSAVE area of `KVM_GET_XSAVE`.
 pub const XSAVE_BYTES: usize = 4096;
-/// Most MSRs a blob may carry.
-const MAX_MSRS: usize = 64;
+/// Bytes of the LAPIC register page of `KVM_GET_LAPIC` (`KVM_APIC_REG_SIZE`).
+pub const LAPIC_BYTES: usize = 1024;
+/// Most MSRs a blob may carry. They are read and written in batches of at most
+/// [`MSR_BATCH`].
+pub const MAX_MSRS: usize = 512;
+/// MSRs per `KVM_GET_MSRS` / `KVM_SET_MSRS` (`KVM_MAX_MSR_ENTRIES`, what `kvm-ioctls`' `Msrs`
+/// holds).
+pub const MSR_BATCH: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
+/// Most MSRs of a version 1 blob.
+const MAX_MSRS_V1: usize = 64;
 /// Most XCRs a blob may carry (`kvm_xcrs::xcrs`).
 const MAX_XCRS: usize = 16;
-/// Most bytes of one VMM section.
-const MAX_VMM_SECTION: usize = 64 << 10;
 
-/// MSRs saved when the kernel lists them (`KVM_GET_MSR_INDEX_LIST`): the ones 64-bit code
-/// and its OS depend on besides `EFER` (in `SREGS`) and the segment bases.
+/// `IA32_TSC`.
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// `IA32_APIC_BASE` (saved in `SREGS`, never as an MSR).
+pub const MSR_IA32_APICBASE: u32 = 0x1b;
+/// `IA32_FEATURE_CONTROL`.
+pub const MSR_IA32_FEATURE_CONTROL: u32 = 0x3a;
+/// `IA32_TSC_ADJUST`.
+pub const MSR_IA32_TSC_ADJUST: u32 = 0x3b;
+/// `IA32_MCG_CAP` (configuration: `KVM_X86_SETUP_MCE`; not saved).
+pub const MSR_IA32_MCG_CAP: u32 = 0x179;
+/// `IA32_MC0_CTL`: bank `i`'s `CTL`, `STATUS`, `ADDR`, `MISC` are `0x400 + 4 * i ..`.
+pub const MSR_IA32_MC0_CTL: u32 = 0x400;
+/// `IA32_MC0_CTL2`: bank `i`'s is `0x280 + i`.
+pub const MSR_IA32_MC0_CTL2: u32 = 0x280;
+/// `IA32_TSC_DEADLINE`.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// `MSR_KVM_ASYNC_PF_EN`.
+pub const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+/// `MSR_KVM_ASYNC_PF_INT`.
+pub const MSR_KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
+/// `IA32_PERF_GLOBAL_CTRL`.
+const MSR_CORE_PERF_GLOBAL_CTRL: u32 = 0x38f;
+/// `IA32_FIXED_CTR_CTRL`.
+const MSR_CORE_PERF_FIXED_CTR_CTRL: u32 = 0x38d;
+/// AMD `PerfCntrGlobalCtl`.
+const MSR_AMD64_PERF_CNTR_GLOBAL_CTL: u32 = 0xc000_0301;
+/// The x2APIC registers (saved in `LAPIC`).
+const X2APIC_MSRS: std::ops::RangeInclusive<u32> = 0x800..=0x8ff;
+/// Most machine-check banks probed (`MCG_CAP[7:0]` is at most 32 in KVM).
+const MAX_MCE_BANKS: u32 = 32;
+
+/// MSRs that count time by themselves: their saved value is a lower bound of what a restored
+/// vCPU reads (`IA32_TSC`, `IA32_MPERF`, `IA32_APERF`, Hyper-V's `TIME_REF_COUNT`).
+/// [`VcpuSnapshot::without_time`] zeroes them.
+pub const TIME_MSRS: [u32; 4] = [MSR_IA32_TSC, 0xe7, 0xe8, 0x4000_0020];
+
+/// The LAPIC's current-count register (`APIC_TMCCT`), which counts down while the LAPIC timer
+/// runs: byte offset in the register page.
+pub const APIC_TMCCT: usize = 0x390;
+
+/// MSRs [`StateSpec::probe`] saves when the kernel lists them (`KVM_GET_MSR_INDEX_LIST`): the
+/// ones 64-bit code and its OS depend on besides `EFER` (in `SREGS`) and the segment bases.
+/// [`StateSpec::probe_vcpu`] saves every MSR the vCPU can restore instead.
 pub const MIGRATED_MSRS: [(u32, &str); 12] = [
     (0x0000_0010, "IA32_TSC"),
     (0x0000_0174, "IA32_SYSENTER_CS"),
@@ -130,27 +212,183 @@ pub struct StateSpec {
     pub xsave: bool,
     /// `KVM_CAP_XCRS`.
     pub xcrs: bool,
-    /// The MSRs of [`MIGRATED_MSRS`] the kernel lists.
+    /// The vCPU has an in-kernel LAPIC (the VM has an in-kernel irqchip): save `LAPIC`.
+    pub lapic: bool,
+    /// The MSRs to save, in [`msr_restore_order`].
     pub msrs: Vec<u32>,
 }
 
+/// What [`probe_msrs`] found on one vCPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MsrProbe {
+    /// `KVM_GET_MSR_INDEX_LIST`, as the kernel listed it.
+    pub listed: Vec<u32>,
+    /// The machine-check bank MSRs added for the banks `IA32_MCG_CAP` reports.
+    pub mce_banks: Vec<u32>,
+    /// Left out by rule: `IA32_APIC_BASE`, `IA32_MCG_CAP`, the x2APIC range.
+    pub excluded: Vec<u32>,
+    /// Not read by `KVM_GET_MSRS` on this vCPU (its CPUID lacks the feature).
+    pub unreadable: Vec<u32>,
+    /// Read, but the value read was refused by `KVM_SET_MSRS`.
+    pub refused: Vec<u32>,
+    /// What survived, in [`msr_restore_order`].
+    pub saved: Vec<u32>,
+}
+
+/// Where MSR `index` goes when restoring: sort by `(msr_restore_rank(i), i)`.
+///
+/// 0: `IA32_FEATURE_CONTROL` (QEMU writes it before anything else). 1: `IA32_TSC` (before the
+/// MSRs derived from it: `IA32_TSC_ADJUST`, the kvmclock MSRs). 2: the rest. 3: enables whose
+/// parameters are other MSRs (`MSR_KVM_ASYNC_PF_EN` after `MSR_KVM_ASYNC_PF_INT`; the PMU's
+/// global and fixed-counter controls after the counters and event selects). 4:
+/// `IA32_TSC_DEADLINE`, written on its own after the LAPIC.
+pub fn msr_restore_rank(index: u32) -> u8 {
+    match index {
+        MSR_IA32_FEATURE_CONTROL => 0,
+        MSR_IA32_TSC => 1,
+        MSR_KVM_ASYNC_PF_EN
+        | MSR_CORE_PERF_GLOBAL_CTRL
+        | MSR_CORE_PERF_FIXED_CTR_CTRL
+        | MSR_AMD64_PERF_CNTR_GLOBAL_CTL => 3,
+        MSR_IA32_TSC_DEADLINE => 4,
+        _ => 2,
+    }
+}
+
+/// Sort MSR indexes into restore order (see [`msr_restore_rank`]) and drop duplicates.
+pub fn msr_restore_order(indexes: &mut Vec<u32>) {
+    indexes.sort_by_key(|&i| (msr_restore_rank(i), i));
+    indexes.dedup();
+}
+
+/// Map a failed `kvm-ioctls` call on vCPU `vcpu` to [`Error::VcpuState`] naming `ioctl`.
+fn fail(vcpu: u32, ioctl: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
+    move |e| Error::VcpuState {
+        vcpu,
+        ioctl,
+        errno: e.errno(),
+    }
+}
+
+fn blob_err(m: String) -> Error {
+    Error::VcpuBlob(m)
+}
+
+/// `KVM_GET_MSRS` of one MSR: `Some(value)`, or `None` when the kernel does not read it.
+fn get_one_msr(fd: &VcpuFd, index: u32) -> Result<Option<u64>> {
+    let mut buf = msr_buf([kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])?;
+    let n = fd.get_msrs(&mut buf).map_err(fail(0, "KVM_GET_MSRS"))?;
+    Ok((n == 1).then(|| buf.as_slice()[0].data))
+}
+
+/// `KVM_SET_MSRS` of one MSR: whether the kernel took it.
+fn set_one_msr(fd: &VcpuFd, index: u32, data: u64) -> Result<bool> {
+    let buf = msr_buf([kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])?;
+    Ok(fd.set_msrs(&buf).map_err(fail(0, "KVM_SET_MSRS"))? == 1)
+}
+
+/// Find the MSRs vCPU `fd` can save and restore: those `KVM_GET_MSR_INDEX_LIST` reports
+/// (the emulated and feature-MSR lists are not needed: the index list already holds the
+/// emulated ones) plus the machine-check banks `IA32_MCG_CAP` announces, minus
+/// `IA32_APIC_BASE` (in `SREGS`), `IA32_MCG_CAP` (configuration) and the x2APIC range (in
+/// `LAPIC`); each kept if `KVM_GET_MSRS` reads it and `KVM_SET_MSRS` takes the value read
+/// back. `IA32_TSC` is only read (KVM always takes a userspace TSC write, and writing it back
+/// would move the TSC by the time between the two calls).
+///
+/// `fd` must be parked with its CPUID set (which MSRs exist depends on it). Writing back the
+/// values read leaves the vCPU's state as it was; probe before the guest first runs (the
+/// kvmclock MSRs, for one, rewrite the guest's clock pages when written).
+pub fn probe_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<MsrProbe> {
+    let listed = kvm
+        .get_msr_index_list()
+        .map_err(fail(0, "KVM_GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .to_vec();
+    let mut p = MsrProbe {
+        listed,
+        ..Default::default()
+    };
+    if let Some(cap) = get_one_msr(fd, MSR_IA32_MCG_CAP)? {
+        let banks = (cap & 0xff) as u32;
+        for b in 0..banks.min(MAX_MCE_BANKS) {
+            p.mce_banks.push(MSR_IA32_MC0_CTL2 + b);
+            for k in 0..4 {
+                p.mce_banks.push(MSR_IA32_MC0_CTL + 4 * b + k);
+            }
+        }
+    }
+    let mut candidates: Vec<u32> = p.listed.iter().chain(&p.mce_banks).copied().collect();
+    msr_restore_order(&mut candidates);
+    for index in candidates {
+        if index == MSR_IA32_APICBASE || index == MSR_IA32_MCG_CAP || X2APIC_MSRS.contains(&index) {
+            p.excluded.push(index);
+            continue;
+        }
+        let Some(value) = get_one_msr(fd, index)? else {
+            p.unreadable.push(index);
+            continue;
+        };
+        if index != MSR_IA32_TSC && !set_one_msr(fd, index, value)? {
+            p.refused.push(index);
+            continue;
+        }
+        p.saved.push(index);
+    }
+    if p.saved.len() > MAX_MSRS {
+        return Err(Error::VcpuBlob(format!(
+            "this vCPU has {} restorable MSRs; a blob holds at most {MAX_MSRS}",
+            p.saved.len()
+        )));
+    }
+    Ok(p)
+}
+
 impl StateSpec {
-    /// Ask the kernel.
+    /// A spec for VMs without an in-kernel irqchip when no vCPU fd is at hand: no `LAPIC`,
+    /// and of the MSRs only [`MIGRATED_MSRS`] that the kernel lists. Prefer
+    /// [`StateSpec::probe_vcpu`], which saves every MSR the vCPU can restore.
     pub fn probe(kvm: &Kvm) -> Result<Self> {
-        let listed = kvm.get_msr_index_list().map_err(|e| Error::VcpuState {
-            vcpu: 0,
-            ioctl: "KVM_GET_MSR_INDEX_LIST",
-            errno: e.errno(),
-        })?;
+        let listed = kvm
+            .get_msr_index_list()
+            .map_err(fail(0, "KVM_GET_MSR_INDEX_LIST"))?;
         let listed = listed.as_slice();
+        let mut msrs: Vec<u32> = MIGRATED_MSRS
+            .iter()
+            .map(|&(i, _)| i)
+            .filter(|i| listed.contains(i))
+            .collect();
+        msr_restore_order(&mut msrs);
         Ok(StateSpec {
             xsave: sys::check_extension(kvm, KVM_CAP_XSAVE)? > 0,
             xcrs: sys::check_extension(kvm, KVM_CAP_XCRS)? > 0,
-            msrs: MIGRATED_MSRS
-                .iter()
-                .map(|&(i, _)| i)
-                .filter(|i| listed.contains(i))
-                .collect(),
+            lapic: false,
+            msrs,
+        })
+    }
+
+    /// The full spec, probed once per VM on one of its vCPUs (parked, CPUID set, before the
+    /// guest first runs; see [`probe_msrs`]): the MSRs this vCPU can restore, and `LAPIC` when
+    /// the vCPU has an in-kernel LAPIC (`KVM_GET_LAPIC` succeeds). Every vCPU of a VM is
+    /// expected to have the same CPUID.
+    pub fn probe_vcpu(kvm: &Kvm, fd: &VcpuFd) -> Result<Self> {
+        let lapic = match fd.get_lapic() {
+            Ok(_) => true,
+            // No in-kernel LAPIC: KVM says EINVAL (ENXIO on some kernels).
+            Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENXIO => false,
+            Err(e) => return Err(fail(0, "KVM_GET_LAPIC")(e)),
+        };
+        Ok(StateSpec {
+            xsave: sys::check_extension(kvm, KVM_CAP_XSAVE)? > 0,
+            xcrs: sys::check_extension(kvm, KVM_CAP_XCRS)? > 0,
+            lapic,
+            msrs: probe_msrs(kvm, fd)?.saved,
         })
     }
 }
@@ -168,8 +406,11 @@ pub struct VcpuSnapshot {
     pub fpu: FpuState,
     /// Extended control registers `(index, value)`; empty without `KVM_CAP_XCRS`.
     pub xcrs: Vec<(u32, u64)>,
-    /// `(index, value)` of the saved MSRs.
+    /// `(index, value)` of the saved MSRs (at most [`MAX_MSRS`]); restored in
+    /// [`msr_restore_order`] whatever their order here.
     pub msrs: Vec<(u32, u64)>,
+    /// The LAPIC register page (`KVM_GET_LAPIC`), with an in-kernel irqchip.
+    pub lapic: Option<Box<[u8; LAPIC_BYTES]>>,
     /// Pending and injected events.
     pub events: kvm_vcpu_events,
     /// `KVM_MP_STATE_*`.
@@ -178,15 +419,6 @@ pub struct VcpuSnapshot {
     pub debugregs: kvm_debugregs,
     /// VMM sections `(tag ≥ VMM_SECTION_BASE, bytes)`, in tag order, carried opaquely.
     pub vmm: Vec<(u32, Vec<u8>)>,
-}
-
-/// Map a failed `kvm-ioctls` call on vCPU `vcpu` to [`Error::VcpuState`] naming `ioctl`.
-fn fail(vcpu: u32, ioctl: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
-    move |e| Error::VcpuState {
-        vcpu,
-        ioctl,
-        errno: e.errno(),
-    }
 }
 
 impl VcpuSnapshot {
@@ -216,6 +448,16 @@ impl VcpuSnapshot {
             Vec::new()
         };
         let msrs = get_msrs(fd, id, &spec.msrs)?;
+        let lapic = if spec.lapic {
+            let l = fd.get_lapic().map_err(fail(id, "KVM_GET_LAPIC"))?;
+            let mut page = Box::new([0u8; LAPIC_BYTES]);
+            for (b, &c) in page.iter_mut().zip(l.regs.iter()) {
+                *b = c as u8;
+            }
+            Some(page)
+        } else {
+            None
+        };
         let events = fd
             .get_vcpu_events()
             .map_err(fail(id, "KVM_GET_VCPU_EVENTS"))?;
@@ -228,6 +470,7 @@ impl VcpuSnapshot {
             fpu,
             xcrs,
             msrs,
+            lapic,
             events,
             mp_state: mp.mp_state,
             debugregs,
@@ -236,9 +479,12 @@ impl VcpuSnapshot {
     }
 
     /// Load this state into the vCPU behind `fd`, which must not be running and must have its
-    /// CPUID set. Errors name the ioctl (and for MSRs, the MSR) the kernel refused.
+    /// CPUID set (and an in-kernel LAPIC if this state has one), in the order of the
+    /// [module docs](self#restore-order). Errors name the ioctl, or the MSR the kernel refused.
     pub fn restore(&self, fd: &VcpuFd) -> Result<()> {
         let id = self.vcpu_id;
+        fd.set_sregs(&self.sregs)
+            .map_err(fail(id, "KVM_SET_SREGS"))?;
         fd.set_regs(&self.regs).map_err(fail(id, "KVM_SET_REGS"))?;
         match &self.fpu {
             FpuState::Xsave(bytes) => {
@@ -260,19 +506,34 @@ impl VcpuSnapshot {
             FpuState::Legacy(f) => fd.set_fpu(f).map_err(fail(id, "KVM_SET_FPU"))?,
         }
         if !self.xcrs.is_empty() {
-            let mut x = kvm_xcrs {
-                nr_xcrs: self.xcrs.len() as u32,
-                ..Default::default()
-            };
+            let mut x = kvm_xcrs::default();
+            if self.xcrs.len() > x.xcrs.len() {
+                return Err(Error::VcpuBlob(format!(
+                    "{} XCRs, at most {}",
+                    self.xcrs.len(),
+                    x.xcrs.len()
+                )));
+            }
+            x.nr_xcrs = self.xcrs.len() as u32;
             for (slot, &(xcr, value)) in x.xcrs.iter_mut().zip(&self.xcrs) {
                 slot.xcr = xcr;
                 slot.value = value;
             }
             fd.set_xcrs(&x).map_err(fail(id, "KVM_SET_XCRS"))?;
         }
-        fd.set_sregs(&self.sregs)
-            .map_err(fail(id, "KVM_SET_SREGS"))?;
-        set_msrs(fd, id, &self.msrs)?;
+        let mut msrs = self.msrs.clone();
+        msrs.sort_by_key(|&(i, _)| (msr_restore_rank(i), i));
+        let split = msrs.partition_point(|&(i, _)| msr_restore_rank(i) < 4);
+        let (early, late) = msrs.split_at(split);
+        set_msrs(fd, id, early)?;
+        if let Some(page) = &self.lapic {
+            let mut l = kvm_lapic_state::default();
+            for (c, &b) in l.regs.iter_mut().zip(page.iter()) {
+                *c = b as std::os::raw::c_char;
+            }
+            fd.set_lapic(&l).map_err(fail(id, "KVM_SET_LAPIC"))?;
+        }
+        set_msrs(fd, id, late)?;
         fd.set_vcpu_events(&self.events)
             .map_err(fail(id, "KVM_SET_VCPU_EVENTS"))?;
         fd.set_mp_state(kvm_bindings::kvm_mp_state {
@@ -289,6 +550,29 @@ impl VcpuSnapshot {
         Ok(())
     }
 
+    /// The value of saved MSR `index`, if saved.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|(i, _)| *i == index).map(|&(_, v)| v)
+    }
+
+    /// This state with the fields that move by themselves zeroed: the [`TIME_MSRS`] and the
+    /// LAPIC's current timer count ([`APIC_TMCCT`]). Two saves of the same stopped vCPU, or a
+    /// save and a save after restoring it elsewhere, encode to the same bytes once both are
+    /// passed through this; the time fields themselves are only ordered (a later save reads
+    /// a TSC not below an earlier one's).
+    pub fn without_time(&self) -> Self {
+        let mut s = self.clone();
+        for (i, v) in s.msrs.iter_mut() {
+            if TIME_MSRS.contains(i) {
+                *v = 0;
+            }
+        }
+        if let Some(page) = s.lapic.as_mut() {
+            page[APIC_TMCCT..APIC_TMCCT + 4].fill(0);
+        }
+        s
+    }
+
     /// The VMM section `tag`, if present.
     pub fn vmm_section(&self, tag: u32) -> Option<&[u8]> {
         self.vmm
@@ -299,17 +583,7 @@ impl VcpuSnapshot {
 
     /// Add (or replace) VMM section `tag` (at least [`VMM_SECTION_BASE`], at most 64 KiB).
     pub fn set_vmm_section(&mut self, tag: u32, bytes: Vec<u8>) -> Result<()> {
-        if tag < VMM_SECTION_BASE || bytes.len() > MAX_VMM_SECTION {
-            return Err(Error::VcpuBlob(format!(
-                "VMM section {tag:#x} of {} bytes: tags start at {VMM_SECTION_BASE:#x}, sections \
-                 hold at most {MAX_VMM_SECTION} bytes",
-                bytes.len()
-            )));
-        }
-        self.vmm.retain(|(t, _)| *t != tag);
-        self.vmm.push((tag, bytes));
-        self.vmm.sort_by_key(|(t, _)| *t);
-        Ok(())
+        blob::set_vmm_section(&mut self.vmm, tag, bytes, blob_err)
     }
 
     /// The blob (see the [module docs](self)).
@@ -341,6 +615,9 @@ impl VcpuSnapshot {
             w.u64(value);
         }
         sections.push((T_MSRS, w.take()));
+        if let Some(page) = &self.lapic {
+            sections.push((T_LAPIC, page.to_vec()));
+        }
         put_events(&mut w, &self.events);
         sections.push((T_EVENTS, w.take()));
         w.u32(self.mp_state);
@@ -353,51 +630,38 @@ impl VcpuSnapshot {
         w.u64(self.debugregs.flags);
         sections.push((T_DEBUGREGS, w.take()));
         sections.extend(self.vmm.iter().cloned());
-
-        let mut out = Writer::default();
-        out.bytes(&BLOB_MAGIC);
-        out.u32(BLOB_VERSION);
-        out.u32(self.vcpu_id);
-        out.u32(sections.len() as u32);
-        for (tag, payload) in sections {
-            out.u32(tag);
-            out.u32(payload.len() as u32);
-            out.bytes(&payload);
-        }
-        out.take()
+        blob::frame(&BLOB_MAGIC, BLOB_VERSION, self.vcpu_id, sections)
     }
 
-    /// Parse and validate a blob: magic, version, every section's exact length, each known
-    /// section at most once, the required ones present, nothing after the last section.
+    /// Parse and validate a blob (version 2, or 1): magic, version, every section's exact
+    /// length, each known section at most once, the required ones present, nothing after the
+    /// last section. Never panics, whatever the bytes.
     pub fn decode(blob: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(blob, "the blob header");
-        if r.take(8)? != BLOB_MAGIC {
-            return Err(Error::VcpuBlob(
-                "not a dirtylog KVM vCPU state (bad magic)".into(),
-            ));
-        }
-        let version = r.u32()?;
-        if version != BLOB_VERSION {
-            return Err(Error::VcpuBlob(format!(
-                "vCPU state version {version}; this build reads version {BLOB_VERSION}"
-            )));
-        }
-        let vcpu_id = r.u32()?;
-        let n = r.u32()?;
+        let f = blob::unframe(
+            blob,
+            &BLOB_MAGIC,
+            &[1, BLOB_VERSION],
+            "vCPU state",
+            blob_err,
+        )?;
+        let max_msrs = if f.version == 1 {
+            MAX_MSRS_V1
+        } else {
+            MAX_MSRS
+        };
+        let vcpu_id = f.header;
         let mut regs = None;
         let mut sregs = None;
         let mut fpu = None;
         let mut xcrs = None;
         let mut msrs = None;
+        let mut lapic = None;
         let mut events = None;
         let mut mp_state = None;
         let mut debugregs = None;
         let mut vmm: Vec<(u32, Vec<u8>)> = Vec::new();
-        for _ in 0..n {
-            let tag = r.u32()?;
-            let len = r.u32()? as usize;
-            let payload = r.take(len)?;
-            let mut s = Reader::new(payload, section_name(tag));
+        for (tag, payload) in f.sections {
+            let mut s = Reader::new(payload, section_name(tag), blob_err);
             let dup = || Error::VcpuBlob(format!("section {} appears twice", section_name(tag)));
             match tag {
                 T_REGS => {
@@ -440,14 +704,24 @@ impl VcpuSnapshot {
                 }
                 T_MSRS => {
                     let count = s.u32()? as usize;
-                    if count > MAX_MSRS {
-                        return Err(Error::VcpuBlob(format!("{count} MSRs, at most {MAX_MSRS}")));
+                    if count > max_msrs {
+                        return Err(Error::VcpuBlob(format!(
+                            "{count} MSRs, at most {max_msrs} in version {}",
+                            f.version
+                        )));
                     }
                     let mut v = Vec::with_capacity(count);
                     for _ in 0..count {
                         v.push((s.u32()?, s.u64()?));
                     }
                     if msrs.replace(v).is_some() {
+                        return Err(dup());
+                    }
+                }
+                T_LAPIC if f.version >= 2 => {
+                    let mut page = Box::new([0u8; LAPIC_BYTES]);
+                    page.copy_from_slice(s.take(LAPIC_BYTES)?);
+                    if lapic.replace(page).is_some() {
                         return Err(dup());
                     }
                 }
@@ -474,28 +748,19 @@ impl VcpuSnapshot {
                     }
                 }
                 t if t >= VMM_SECTION_BASE => {
-                    if len > MAX_VMM_SECTION {
-                        return Err(Error::VcpuBlob(format!(
-                            "VMM section {t:#x} of {len} bytes, at most {MAX_VMM_SECTION}"
-                        )));
-                    }
-                    if vmm.iter().any(|(x, _)| *x == t) {
-                        return Err(dup());
-                    }
-                    vmm.push((t, s.take(len)?.to_vec()));
+                    blob::push_vmm_section(&mut vmm, t, s.take(payload.len())?, blob_err)?;
                 }
                 t => {
                     return Err(Error::VcpuBlob(format!(
-                        "unknown section {t}: written by a newer dirtylog? Refusing to drop CPU \
-                         state"
+                        "unknown section {t} in version {}: written by a newer dirtylog? \
+                         Refusing to drop CPU state",
+                        f.version
                     )))
                 }
             }
             s.finish()?;
         }
-        r.finish()?;
         let missing = |what: &str| Error::VcpuBlob(format!("the {what} section is missing"));
-        vmm.sort_by_key(|(t, _)| *t);
         Ok(VcpuSnapshot {
             vcpu_id,
             regs: regs.ok_or_else(|| missing("REGS"))?,
@@ -503,6 +768,7 @@ impl VcpuSnapshot {
             fpu: fpu.ok_or_else(|| missing("XSAVE or FPU"))?,
             xcrs: xcrs.unwrap_or_default(),
             msrs: msrs.ok_or_else(|| missing("MSRS"))?,
+            lapic,
             events: events.ok_or_else(|| missing("EVENTS"))?,
             mp_state: mp_state.ok_or_else(|| missing("MP_STATE"))?,
             debugregs: debugregs.ok_or_else(|| missing("DEBUGREGS"))?,
@@ -519,6 +785,7 @@ fn section_name(tag: u32) -> &'static str {
         T_FPU => "FPU",
         T_XCRS => "XCRS",
         T_MSRS => "MSRS",
+        T_LAPIC => "LAPIC",
         T_EVENTS => "EVENTS",
         T_MP_STATE => "MP_STATE",
         T_DEBUGREGS => "DEBUGREGS",
@@ -527,148 +794,91 @@ fn section_name(tag: u32) -> &'static str {
     }
 }
 
-fn msr_buf(entries: impl Iterator<Item = kvm_msr_entry>, id: u32) -> Result<Msrs> {
-    let entries: Vec<kvm_msr_entry> = entries.take(MAX_MSRS).collect();
-    Msrs::from_entries(&entries).map_err(|_| Error::VcpuState {
-        vcpu: id,
-        ioctl: "KVM_*_MSRS (too many MSRs)",
-        errno: libc::E2BIG,
-    })
+/// One batch (at most [`MSR_BATCH`] entries) for `KVM_GET_MSRS` / `KVM_SET_MSRS`.
+fn msr_buf<I: IntoIterator<Item = kvm_msr_entry>>(entries: I) -> Result<Msrs> {
+    let entries: Vec<kvm_msr_entry> = entries.into_iter().collect();
+    let n = entries.len();
+    Msrs::from_entries(&entries)
+        .map_err(|_| Error::VcpuBlob(format!("{n} MSRs in one batch, at most {MSR_BATCH}")))
 }
 
-/// `KVM_GET_MSRS` of `indexes`; fails naming the first MSR the kernel would not read.
+/// `KVM_GET_MSRS` of `indexes` (at most [`MAX_MSRS`]), in batches; fails naming the first MSR
+/// the kernel would not read.
 fn get_msrs(fd: &VcpuFd, id: u32, indexes: &[u32]) -> Result<Vec<(u32, u64)>> {
-    let mut buf = msr_buf(
-        indexes.iter().map(|&index| kvm_msr_entry {
+    if indexes.len() > MAX_MSRS {
+        return Err(Error::VcpuBlob(format!(
+            "{} MSRs, at most {MAX_MSRS}",
+            indexes.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(indexes.len());
+    for batch in indexes.chunks(MSR_BATCH) {
+        let mut buf = msr_buf(batch.iter().map(|&index| kvm_msr_entry {
             index,
             ..Default::default()
-        }),
-        id,
-    )?;
-    let n = buf.as_slice().len();
-    let read = fd.get_msrs(&mut buf).map_err(fail(id, "KVM_GET_MSRS"))?;
-    if read < n {
-        return Err(Error::VcpuState {
-            vcpu: id,
-            ioctl: msr_name(indexes[read]),
-            errno: libc::EINVAL,
-        });
+        }))?;
+        let read = fd.get_msrs(&mut buf).map_err(fail(id, "KVM_GET_MSRS"))?;
+        if read < batch.len() {
+            return Err(Error::MsrRefused {
+                vcpu: id,
+                ioctl: "KVM_GET_MSRS",
+                index: batch[read],
+                value: 0,
+            });
+        }
+        out.extend(buf.as_slice().iter().map(|e| (e.index, e.data)));
     }
-    Ok(buf.as_slice().iter().map(|e| (e.index, e.data)).collect())
+    Ok(out)
 }
 
-/// `KVM_SET_MSRS`; fails naming the first MSR the kernel refused.
+/// `KVM_SET_MSRS` of `msrs` (at most [`MAX_MSRS`]), in order, in batches; fails naming the
+/// first MSR the kernel refused.
 fn set_msrs(fd: &VcpuFd, id: u32, msrs: &[(u32, u64)]) -> Result<()> {
-    if msrs.is_empty() {
-        return Ok(());
+    if msrs.len() > MAX_MSRS {
+        return Err(Error::VcpuBlob(format!(
+            "{} MSRs, at most {MAX_MSRS}",
+            msrs.len()
+        )));
     }
-    let buf = msr_buf(
-        msrs.iter().map(|&(index, data)| kvm_msr_entry {
+    for batch in msrs.chunks(MSR_BATCH) {
+        let buf = msr_buf(batch.iter().map(|&(index, data)| kvm_msr_entry {
             index,
             data,
             ..Default::default()
-        }),
-        id,
-    )?;
-    let n = buf.as_slice().len();
-    let written = fd.set_msrs(&buf).map_err(fail(id, "KVM_SET_MSRS"))?;
-    if written < n {
-        return Err(Error::VcpuState {
-            vcpu: id,
-            ioctl: msr_name(msrs[written].0),
-            errno: libc::EINVAL,
-        });
+        }))?;
+        let written = fd.set_msrs(&buf).map_err(fail(id, "KVM_SET_MSRS"))?;
+        if written < batch.len() {
+            let (index, value) = batch[written];
+            return Err(Error::MsrRefused {
+                vcpu: id,
+                ioctl: "KVM_SET_MSRS",
+                index,
+                value,
+            });
+        }
     }
     Ok(())
 }
 
-fn msr_name(index: u32) -> &'static str {
+/// The name of MSR `index` among the common ones, for messages.
+pub fn msr_name(index: u32) -> Option<&'static str> {
+    const MORE: [(u32, &str); 10] = [
+        (MSR_IA32_FEATURE_CONTROL, "IA32_FEATURE_CONTROL"),
+        (MSR_IA32_TSC_ADJUST, "IA32_TSC_ADJUST"),
+        (MSR_IA32_TSC_DEADLINE, "IA32_TSC_DEADLINE"),
+        (0x17a, "IA32_MCG_STATUS"),
+        (0x17b, "IA32_MCG_CTL"),
+        (0x4b56_4d00, "MSR_KVM_WALL_CLOCK_NEW"),
+        (0x4b56_4d01, "MSR_KVM_SYSTEM_TIME_NEW"),
+        (MSR_KVM_ASYNC_PF_EN, "MSR_KVM_ASYNC_PF_EN"),
+        (MSR_KVM_ASYNC_PF_INT, "MSR_KVM_ASYNC_PF_INT"),
+        (0x4b56_4d03, "MSR_KVM_STEAL_TIME"),
+    ];
     MIGRATED_MSRS
         .iter()
+        .chain(MORE.iter())
         .find(|(i, _)| *i == index)
-        .map_or("KVM_*_MSRS (an MSR)", |(_, n)| *n)
-}
-
-/// Little-endian field writer.
-#[derive(Default)]
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.0.extend_from_slice(b);
-    }
-    fn take(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.0)
-    }
-}
-
-/// Little-endian field reader over one section; every read is bounds-checked.
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], what: &'static str) -> Self {
-        Reader { buf, at: 0, what }
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| {
-                Error::VcpuBlob(format!(
-                    "{} is truncated: {} bytes, {} needed",
-                    self.what,
-                    self.buf.len(),
-                    self.at.saturating_add(n)
-                ))
-            })?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn finish(&self) -> Result<()> {
-        if self.at != self.buf.len() {
-            return Err(Error::VcpuBlob(format!(
-                "{} has {} bytes, {} expected",
-                self.what,
-                self.buf.len(),
-                self.at
-            )));
-        }
-        Ok(())
-    }
+        .map(|&(_, n)| n)
 }
 
 fn regs_fields(r: &mut kvm_regs) -> [&mut u64; 18] {
@@ -908,6 +1118,10 @@ mod tests {
         for (i, b) in xsave.iter_mut().enumerate() {
             *b = (i * 7) as u8;
         }
+        let mut lapic = Box::new([0u8; LAPIC_BYTES]);
+        lapic[0x80] = 0x20;
+        lapic[0xf0..0xf4].copy_from_slice(&0x1ffu32.to_le_bytes());
+        lapic[APIC_TMCCT] = 0x77;
         let mut events = kvm_vcpu_events::default();
         events.interrupt.shadow = 1;
         events.flags = 0x5;
@@ -924,6 +1138,7 @@ mod tests {
             fpu: FpuState::Xsave(xsave),
             xcrs: vec![(0, 7)],
             msrs: vec![(0xc000_0082, 0xffff_8000_0000_1000), (0x277, 0x0007_0406)],
+            lapic: Some(lapic),
             events,
             mp_state: 0,
             debugregs,
@@ -937,7 +1152,7 @@ mod tests {
     fn round_trips() {
         let s = sample();
         let blob = s.encode();
-        assert!(blob.len() < 5000, "{} bytes", blob.len());
+        assert!(blob.len() < 6200, "{} bytes", blob.len());
         assert_eq!(&blob[..8], b"DLVCPU\0\0");
         let d = VcpuSnapshot::decode(&blob).unwrap();
         assert_eq!(d, s);
@@ -955,14 +1170,85 @@ mod tests {
         f.fpr[7][15] = 0x55;
         legacy.fpu = FpuState::Legacy(Box::new(f));
         legacy.xcrs.clear();
+        legacy.lapic = None;
         assert_eq!(VcpuSnapshot::decode(&legacy.encode()).unwrap(), legacy);
+
+        // `without_time` zeroes the TSC and the LAPIC's current count, nothing else.
+        let mut timed = s.clone();
+        timed.msrs.push((MSR_IA32_TSC, 99));
+        let t = timed.without_time();
+        assert_eq!(t.msr(MSR_IA32_TSC), Some(0));
+        assert_eq!(t.msr(0x277), Some(0x0007_0406));
+        assert_eq!(t.lapic.as_ref().unwrap()[APIC_TMCCT], 0);
+        assert_eq!(t.lapic.as_ref().unwrap()[0x80], 0x20);
+    }
+
+    #[test]
+    fn reads_version_1() {
+        // A version 1 blob is a version 2 blob without LAPIC and with at most 64 MSRs.
+        let mut s = sample();
+        s.lapic = None;
+        let mut blob = s.encode();
+        blob[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(VcpuSnapshot::decode(&blob).unwrap(), s);
+        // ... and in version 1, LAPIC is unknown.
+        let mut blob = sample().encode();
+        blob[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = VcpuSnapshot::decode(&blob).unwrap_err().to_string();
+        assert!(e.contains("unknown section 10"), "{e}");
+    }
+
+    #[test]
+    fn msr_counts_are_bounded() {
+        let mut s = sample();
+        s.msrs = (0..MAX_MSRS as u32)
+            .map(|i| (0x1000 + i, i as u64))
+            .collect();
+        assert_eq!(VcpuSnapshot::decode(&s.encode()).unwrap(), s);
+        s.msrs.push((0x2000, 1));
+        let e = VcpuSnapshot::decode(&s.encode()).unwrap_err().to_string();
+        assert!(e.contains("513 MSRs, at most 512"), "{e}");
+        let mut s = sample();
+        s.lapic = None;
+        s.msrs = (0..65).map(|i| (0x1000 + i, 0)).collect();
+        let mut blob = s.encode();
+        blob[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = VcpuSnapshot::decode(&blob).unwrap_err().to_string();
+        assert!(e.contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn restore_order_puts_dependent_msrs_after_their_parameters() {
+        let mut v = vec![
+            MSR_IA32_TSC_DEADLINE,
+            MSR_KVM_ASYNC_PF_EN,
+            0x277,
+            MSR_IA32_TSC_ADJUST,
+            MSR_KVM_ASYNC_PF_INT,
+            MSR_IA32_TSC,
+            MSR_IA32_FEATURE_CONTROL,
+            0x277,
+        ];
+        msr_restore_order(&mut v);
+        assert_eq!(
+            v,
+            [
+                MSR_IA32_FEATURE_CONTROL,
+                MSR_IA32_TSC,
+                MSR_IA32_TSC_ADJUST,
+                0x277,
+                MSR_KVM_ASYNC_PF_INT,
+                MSR_KVM_ASYNC_PF_EN,
+                MSR_IA32_TSC_DEADLINE
+            ]
+        );
     }
 
     #[test]
     fn is_little_endian_at_fixed_offsets() {
         let blob = sample().encode();
         // header: magic, version, vcpu id, section count; then REGS: tag, length, rax.
-        assert_eq!(&blob[8..12], &1u32.to_le_bytes());
+        assert_eq!(&blob[8..12], &2u32.to_le_bytes());
         assert_eq!(&blob[12..16], &3u32.to_le_bytes());
         assert_eq!(&blob[20..24], &T_REGS.to_le_bytes());
         assert_eq!(&blob[24..28], &144u32.to_le_bytes());
@@ -978,8 +1264,8 @@ mod tests {
         b[0] ^= 1;
         assert!(err(&b).contains("bad magic"));
         let mut b = blob.clone();
-        b[8] = 2;
-        assert!(err(&b).contains("version 2"));
+        b[8] = 3;
+        assert!(err(&b).contains("version 3"));
         let mut b = blob.clone();
         b.push(0);
         assert!(err(&b).contains("expected"));

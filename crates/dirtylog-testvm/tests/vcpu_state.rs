@@ -152,3 +152,45 @@ fn with_paused_vcpu_needs_a_pause() {
     assert!(m.total_writes() > before);
     m.shutdown().unwrap();
 }
+
+#[test]
+fn every_restorable_msr_loads_into_a_fresh_vcpu() {
+    let _kvm = common::require_kvm();
+    let m = machine(1);
+    m.set_rate(Some(5_000.0));
+    m.resume(false, T).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    m.stop(T).unwrap();
+    // The full probe, on the parked vCPU (it writes back the values it reads).
+    let spec = m
+        .runner()
+        .with_paused_vcpu(0, |fd| {
+            StateSpec::probe_vcpu(&kvm_ioctls::Kvm::new().expect("/dev/kvm"), fd)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(!spec.lapic, "the test VMM has no in-kernel irqchip");
+    assert!(spec.msrs.len() > StateSpec::probe(m.vm().kvm()).unwrap().msrs.len());
+    let sp = spec.clone();
+    let s = m
+        .runner()
+        .with_paused_vcpu(0, move |fd| VcpuSnapshot::save(fd, 0, &sp))
+        .unwrap()
+        .unwrap();
+    assert!(s.lapic.is_none());
+    let s = VcpuSnapshot::decode(&s.encode()).unwrap();
+
+    let mut vm = KvmVm::new().unwrap();
+    let v = vm.create_vcpu().unwrap();
+    x86::setup_long_mode(vm.kvm(), v.fd()).unwrap();
+    s.restore(v.fd()).unwrap();
+    let t = VcpuSnapshot::save(v.fd(), 0, &spec).unwrap();
+    assert_eq!(t.without_time().encode(), s.without_time().encode());
+    let tsc = dirtylog_testvm::vcpu_state::MSR_IA32_TSC;
+    assert!(t.msr(tsc) >= s.msr(tsc));
+    eprintln!("{} MSRs, blob {} bytes", s.msrs.len(), s.encode().len());
+    // The guest still runs where it was.
+    m.resume(false, T).unwrap();
+    m.stop(T).unwrap();
+    m.shutdown().unwrap();
+}
