@@ -118,6 +118,9 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     say("== dirtylog demo: live migration of a KVM guest between two processes on loopback");
     // Refuse bad options before starting the receiver.
     a.guest.config(&a.migration)?;
+    if let Some(k) = &a.guest.kernel.kernel {
+        std::fs::metadata(k).map_err(|e| format!("the kernel {}: {e}", k.display()))?;
+    }
     let receiver = ReceiverProcess::spawn(a.run_for_ms)?;
     let pid = receiver.child.id();
     let first = receiver.event(Instant::now() + Duration::from_secs(20))?;
@@ -160,6 +163,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     let mut ran = false;
     let mut failed = None;
     let mut first_writes = None;
+    let kernel = a.guest.kernel.kernel.is_some();
     while let Ok(e) = receiver.event(deadline) {
         match e["event"].as_str() {
             Some("completed") => {
@@ -175,6 +179,10 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
                     e["guest-writes"]
                 ));
             }
+            Some("sample") if kernel => say(&format!(
+                "destination: +{:>5} ms  guest serial bytes {}",
+                e["ms"], e["guest-writes"]
+            )),
             Some("sample") => say(&format!(
                 "destination: +{:>5} ms  guest writes {}  mailbox requests served there {}",
                 e["ms"], e["guest-writes"], e["mailbox-served"]
@@ -192,6 +200,15 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
                     }
                 ));
             }
+            Some("serial") => say(&format!(
+                "  destination guest| {}",
+                e["line"].as_str().unwrap_or("")
+            )),
+            Some("guest-exit") => say(&format!(
+                "destination: {} (exit status {})",
+                e["how"].as_str().unwrap_or("?"),
+                e["status"]
+            )),
             Some("failed") => {
                 failed = e["error"].as_str().map(str::to_string);
                 say(&format!(

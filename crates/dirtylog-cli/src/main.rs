@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod demo;
 mod migrate;
 mod perf;
+mod run;
 mod selftest;
 mod tracker;
 
@@ -46,6 +47,16 @@ enum Cmd {
     /// process on loopback, migrate with a progress bar, check every memslot's hash, show the
     /// guest running on at the destination, and print the statistics.
     Demo(demo::Args),
+    /// Run a Multiboot kernel (an ELF32 image, as QEMU's -kernel) on a minimal PC, its COM1 on
+    /// stdin/stdout, and exit with the guest's status the way QEMU's isa-debug-exit does
+    /// (a 32-bit write of V to port 0xf4 exits with V*2+1; a shutdown exits 0).
+    ///
+    /// The PC: RAM from 0 (above 3 GiB continued at 4 GiB), in-kernel LAPIC/IOAPIC/PIC and
+    /// PIT, COM1 16550 at 0x3f8, fw_cfg at 0x510 (CPU count, RAM size), PCI configuration ports
+    /// answering "no device"; other ports and addresses are logged once and ignored. With
+    /// --migrate, the running guest is live-migrated back to back between PCs, on the
+    /// guest's request or on a timer; one line per migration and a summary go to stderr.
+    Run(run::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Perf(a) => perf::run(a),
         Cmd::Migrate(c) => migrate::run(c),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Run(a) => run::run(a),
         Cmd::Caps { json } => dirtylog_testvm::caps_report(json)
             .map(|r| {
                 println!("{r}");

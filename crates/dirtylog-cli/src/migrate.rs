@@ -11,7 +11,8 @@ use dirtylog_migrate::{
     listen, receive, send, Address, AutoConverge, MigrateError, Phase, Progress, ReceiveConfig,
     ReceiveReport, SendConfig, SendReport, TimeoutPolicy, TrackerKind,
 };
-use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, TargetOptions};
+use dirtylog_testvm::migrate::{GuestConfig, KvmSource, TargetOptions};
+use dirtylog_testvm::target::AnyTarget;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -76,6 +77,11 @@ pub struct GuestArgs {
     /// costs a page fault per 4 KiB when the bulk pass scans it.
     #[arg(long)]
     pub no_huge_pages: bool,
+    /// Boot this kernel on the minimal PC instead of the built-in dirtier (--mem and --vcpus
+    /// shape the PC; the dirtier's options do not apply). Its serial output is shown line by
+    /// line, and goes on at the destination.
+    #[command(flatten)]
+    pub kernel: crate::run::KernelArgs,
 }
 
 /// A dirty rate: pages per second, or unlimited.
@@ -200,6 +206,19 @@ impl GuestArgs {
     }
 
     pub fn describe(&self) -> String {
+        if let Some(k) = &self.kernel.kernel {
+            return format!(
+                "{} PC, {} vCPU(s), kernel {}{}",
+                bytes(self.mem),
+                self.vcpus,
+                k.display(),
+                if self.kernel.append.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", self.kernel.append)
+                }
+            );
+        }
         let rate = match self.dirty_rate.0 {
             None => "as fast as it runs".to_string(),
             Some(0) => "idle".to_string(),
@@ -338,6 +357,10 @@ pub struct SendSummary {
     /// After a failure: the source guest's writes a little later (it runs on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_writes_after: Option<u64>,
+    /// With --kernel: the bytes the guest wrote to its serial port on the source (its
+    /// progress; `source-writes` counts them too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_serial_bytes: Option<u64>,
 }
 
 #[derive(Serialize, Clone)]
@@ -396,6 +419,9 @@ pub fn migrate_guest(
     show_progress: bool,
     say: &mut dyn FnMut(&str),
 ) -> Result<SendSummary, String> {
+    if let Some(kernel) = guest.kernel.load()? {
+        return migrate_pc(guest, kernel, migration, to, show_progress, say);
+    }
     let cfg = guest.config(migration)?;
     let config = migration.config()?;
     let src = KvmSource::boot(&cfg).map_err(|e| format!("booting the guest: {e}"))?;
@@ -423,6 +449,7 @@ pub fn migrate_guest(
         source_writes: src.guest_writes(),
         source_mailbox_served: src.mailbox_served(),
         source_writes_after: None,
+        source_serial_bytes: None,
     };
     match result {
         Ok(report) => summary.migration = Some(report),
@@ -432,6 +459,95 @@ pub fn migrate_guest(
             // The guest was resumed (or never stopped): show that it runs.
             std::thread::sleep(Duration::from_millis(200));
             summary.source_writes_after = Some(src.guest_writes());
+        }
+    }
+    if let Err(e) = src.shutdown() {
+        say(&format!("source: stopping the guest: {e}"));
+    }
+    Ok(summary)
+}
+
+/// A console that hands the guest's serial output to `line`, a line at a time (or every 64
+/// bytes of a line that goes on).
+pub fn line_console(line: impl Fn(&str) + Send + Sync + 'static) -> dirtylog_testvm::pc::Console {
+    let buf = std::sync::Mutex::new(Vec::<u8>::with_capacity(64));
+    Arc::new(move |b: u8| {
+        let mut g = dirtylog::sync::lock(&buf);
+        if b != b'\n' && b != b'\r' {
+            g.push(b);
+        }
+        if b == b'\n' || g.len() >= 64 {
+            line(&String::from_utf8_lossy(&g).escape_debug().to_string());
+            g.clear();
+        }
+    })
+}
+
+/// [`migrate_guest`] for a kernel on the minimal PC.
+fn migrate_pc(
+    guest: &GuestArgs,
+    kernel: crate::run::Kernel,
+    migration: &MigrationArgs,
+    to: Address,
+    show_progress: bool,
+    say: &mut dyn FnMut(&str),
+) -> Result<SendSummary, String> {
+    use dirtylog_testvm::pc::{Pc, PcConfig};
+    let config = migration.config()?;
+    let cfg = PcConfig {
+        mem_bytes: guest.mem,
+        smp: guest.vcpus,
+        tracker: migration.tracker_kind()?,
+        huge_pages: !guest.no_huge_pages,
+    };
+    let quiet = !show_progress;
+    let console = line_console(move |l| {
+        if !quiet {
+            eprintln!("  source guest| {l}");
+        }
+    });
+    let log: dirtylog_testvm::pc::Log = Arc::new(|m: &str| eprintln!("  source PC: {m}"));
+    let src = Pc::new(&cfg, console, log).map_err(|e| format!("building the PC: {e}"))?;
+    let initrd = kernel.initrd.as_ref().map(|(b, c)| (&b[..], c.as_str()));
+    src.boot(&kernel.image, &kernel.cmdline, initrd)
+        .map_err(|e| format!("booting the kernel: {e}"))?;
+    say(&format!(
+        "source: booted a {} (tracker {})",
+        guest.describe(),
+        cfg.tracker.name()
+    ));
+    std::thread::sleep(Duration::from_millis(guest.warmup_ms));
+    if let Some(e) = src.exit() {
+        return Err(format!("the guest ended before the migration: {e}"));
+    }
+    src.check().map_err(|e| format!("the guest failed: {e}"))?;
+    say(&format!(
+        "source: the guest wrote {} serial bytes in {} ms; migrating to {to} over {} connection(s)",
+        src.serial_bytes(),
+        guest.warmup_ms,
+        config.connections
+    ));
+    let mut view = ProgressView::new(show_progress);
+    let result = send(&src, to.clone(), &config, &mut |p| view.update(p));
+    view.finish();
+    let mut summary = SendSummary {
+        status: "completed",
+        tracker: cfg.tracker.name(),
+        guest: GuestSummary::of(guest),
+        migration: None,
+        error: None,
+        source_writes: src.serial_bytes(),
+        source_mailbox_served: 0,
+        source_writes_after: None,
+        source_serial_bytes: Some(src.serial_bytes()),
+    };
+    match result {
+        Ok(report) => summary.migration = Some(report),
+        Err(e) => {
+            summary.status = "failed";
+            summary.error = Some(explain(&e, &to));
+            std::thread::sleep(Duration::from_millis(200));
+            summary.source_writes_after = Some(src.serial_bytes());
         }
     }
     if let Err(e) = src.shutdown() {
@@ -595,6 +711,15 @@ pub enum Event {
     Failed {
         error: String,
     },
+    /// A line of the migrated kernel's serial output.
+    Serial {
+        line: String,
+    },
+    /// The migrated kernel ended its machine.
+    GuestExit {
+        status: i32,
+        how: String,
+    },
 }
 
 fn emit(json: bool, e: &Event, text: impl FnOnce() -> String) {
@@ -647,8 +772,18 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
             std::process::exit(1);
         });
     }
+    let console = line_console(move |l| {
+        emit(
+            json,
+            &Event::Serial {
+                line: l.to_string(),
+            },
+            || format!("guest| {l}"),
+        )
+    });
+    let log: dirtylog_testvm::pc::Log = Arc::new(|m: &str| eprintln!("receiver PC: {m}"));
     let received = receive(&listener, &config, |h| {
-        KvmTarget::new(h, &TargetOptions::default())
+        AnyTarget::new(h, &TargetOptions::default(), console, log)
     });
     done.store(true, Ordering::Release);
     let (target, report) = match received {
@@ -661,7 +796,7 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
             return Ok(ExitCode::from(1));
         }
     };
-    let w0 = target.guest_writes();
+    let w0 = target.progress();
     emit(
         json,
         &Event::Completed {
@@ -694,8 +829,22 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
             emit(json, &Event::Failed { error: msg.clone() }, || msg.clone());
             return Ok(ExitCode::from(1));
         }
-        let w = target.guest_writes();
-        let (seq, _) = target.mailbox_record(0);
+        if let Some(e) = target.exit() {
+            emit(
+                json,
+                &Event::GuestExit {
+                    status: e.code(),
+                    how: e.to_string(),
+                },
+                || format!("{e} (exit status {})", e.code()),
+            );
+            break;
+        }
+        let w = target.progress();
+        let seq = match &target {
+            AnyTarget::Harness(t) => t.mailbox_record(0).0,
+            AnyTarget::Pc(_) => 0,
+        };
         emit(
             json,
             &Event::Sample {
@@ -715,7 +864,7 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
         );
         last = w;
     }
-    let w1 = target.guest_writes();
+    let w1 = target.progress();
     let advanced = w1 > w0;
     emit(
         json,

@@ -37,9 +37,11 @@ pub mod guest;
 pub mod machine;
 pub mod memory;
 pub mod migrate;
+pub mod pc;
 pub mod perf;
 pub mod runner;
 pub mod selftest;
+pub mod target;
 pub mod vm;
 pub mod x86;
 

@@ -170,7 +170,7 @@ impl Default for GuestConfig {
 
 /// `madvise(MADV_HUGEPAGE)` on `mem`: transparent huge pages for it where the host's THP mode
 /// is `madvise` (a hint: failures are ignored, the memory works either way).
-fn advise_huge_pages(mem: &GuestMemory) {
+pub(crate) fn advise_huge_pages(mem: &GuestMemory) {
     // SAFETY: advice on exactly the range of a live mapping owned by `mem`; MADV_HUGEPAGE
     // changes how the kernel backs it, never its contents or its validity.
     unsafe {
