@@ -34,6 +34,7 @@ pub use dirtylog_kvm::{error, ring, sys, vcpu_state};
 
 pub mod caps;
 pub mod guest;
+pub mod kernels;
 pub mod machine;
 pub mod memory;
 pub mod migrate;
