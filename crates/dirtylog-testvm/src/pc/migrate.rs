@@ -177,8 +177,10 @@ impl DirtyTracker for Pc {
         }
         if let Some(entries) = self.tracker.kind().ring_entries() {
             let release = lock(&self.runner).ring_reset_notifier();
+            // A quarter full, not QEMU's half: a guest that writes a new page every few
+            // instructions fills the rest faster than this host's late ring-full exits allow.
             self.reaper
-                .start(self.tracker.clone(), entries / 2, release)
+                .start(self.tracker.clone(), entries / 4, release)
                 .map_err(|e| err(format!("spawning the ring reaper: {e}")))?;
         }
         Ok(())

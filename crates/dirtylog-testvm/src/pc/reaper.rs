@@ -1,5 +1,5 @@
 //! The ring reaper of a migrating PC: QEMU's reaper thread. While tracking with dirty rings,
-//! it harvests every ring whenever one is half full
+//! it harvests every ring whenever one is a quarter full (the threshold its owner gives)
 //! ([`KvmDirtyTracker::harvest_rings`]) and releases the vCPUs parked on a full ring, so that
 //! vCPUs rarely block between the engine's harvests.
 
@@ -36,7 +36,7 @@ impl Reaper {
             .spawn(move || {
                 while !quit.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(1));
-                    // A vCPU parked on a full ring has more than half its ring unharvested,
+                    // A vCPU parked on a full ring has more than the threshold unharvested,
                     // so this also releases every vCPU blocked on its ring.
                     if tracker.rings_hold_at_least(threshold) {
                         let r = tracker.harvest_rings();

@@ -1,0 +1,206 @@
+//! The minimal PC with the project's own Multiboot kernels (built from
+//! `crates/dirtylog-testvm/kernels/`): boot and Multiboot information, serial echo, the exit
+//! port's status, SMP bring-up, and the guest's own memory check across back-to-back
+//! migrations on a timer, on the guest's request (kvm-unit-tests' handshake) and
+//! continuously; a guest that never polls anything and one halted with interrupts off,
+//! migrated all the same. Needs `/dev/kvm` (fails, never skips, without it).
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dirtylog::TrackerKind;
+use dirtylog_migrate::{ReceiveConfig, SendConfig, TimeoutPolicy};
+use dirtylog_testvm::kernels;
+use dirtylog_testvm::pc::{
+    self, MigrateMode, PcConfig, PcExit, RunConfig, RunEnd, RunReport, SerialInput, Trigger,
+};
+
+/// Guest output, shared with the test.
+#[derive(Clone, Default)]
+struct Output(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Output {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Output {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn config(kernel: &str, append: &str) -> RunConfig {
+    let k = kernels::by_name(kernel).unwrap_or_else(|| panic!("no kernel named {kernel}"));
+    RunConfig {
+        pc: PcConfig {
+            mem_bytes: 64 << 20,
+            smp: 1,
+            tracker: TrackerKind::ClearLog,
+            huge_pages: true,
+        },
+        kernel: k.elf.to_vec(),
+        cmdline: format!("{kernel}.elf {append}"),
+        initrd: None,
+        migrate: MigrateMode::Off,
+        max_migrations: None,
+        send: SendConfig {
+            // Small guests: switch over at once when rounds do not converge.
+            max_rounds: 5,
+            on_timeout: TimeoutPolicy::Switchover,
+            timeout: Some(Duration::from_secs(30)),
+            ..SendConfig::default()
+        },
+        receive: ReceiveConfig::default(),
+        timeout: Some(Duration::from_secs(60)),
+    }
+}
+
+fn run(cfg: &RunConfig, input: Option<&SerialInput>) -> (RunReport, String) {
+    let _kvm = common::require_kvm();
+    let out = Output::default();
+    let log: pc::Log = Arc::new(|m: &str| eprintln!("pc: {m}"));
+    let report = pc::run(cfg, Box::new(out.clone()), log, input, &mut |r| {
+        eprintln!("migration {r:?}")
+    })
+    .unwrap_or_else(|e| panic!("the run failed: {e}\nguest output:\n{}", out.text()));
+    (report, out.text())
+}
+
+fn status(r: &RunReport) -> u32 {
+    match &r.end {
+        RunEnd::Exit(PcExit::Status(s)) => *s,
+        other => panic!("the guest did not exit through the exit port: {other:?}"),
+    }
+}
+
+#[test]
+fn info_sees_the_multiboot_information_and_fw_cfg() {
+    let mut cfg = config("info", "exit=5 hello");
+    cfg.pc.smp = 2;
+    cfg.initrd = Some((b"module-bytes".to_vec(), "mod.bin".into()));
+    let (r, out) = run(&cfg, None);
+    assert!(out.contains("cmdline: info.elf exit=5 hello"), "{out}");
+    assert!(out.contains("mem_lower: 639"), "{out}");
+    // 64 MiB of RAM: 63 MiB above 1 MiB.
+    assert!(out.contains(&format!("mem_upper: {}", 63 * 1024)), "{out}");
+    assert!(out.contains("cpus: 2"), "{out}");
+    assert!(out.contains("ram: 64"), "{out}");
+    assert!(out.contains("module: 12 bytes module-bytes"), "{out}");
+    // exit(5) → 5 << 1 | 1, as QEMU's isa-debug-exit.
+    assert_eq!(status(&r), 11);
+    assert_eq!(r.end, RunEnd::Exit(PcExit::Status(11)));
+}
+
+#[test]
+fn echo_reads_the_serial_port() {
+    let input = SerialInput::default();
+    input.push(b"abc\nq");
+    let (r, out) = run(&config("echo", ""), Some(&input));
+    assert!(out.contains("echo ready"), "{out}");
+    assert!(out.contains("abc"), "{out}");
+    assert_eq!(status(&r), 1);
+}
+
+#[test]
+fn smp_brings_up_every_vcpu() {
+    let mut cfg = config("smp", "");
+    cfg.pc.smp = 2;
+    let (r, out) = run(&cfg, None);
+    assert!(out.contains("smp: 2 cpus up"), "{out}");
+    assert_eq!(status(&r), 1, "{out}");
+}
+
+/// The guest checks its own memory and TSC after every pass, across `n` migrations on a
+/// timer, with each tracker; it runs for ever, so the run's time limit ends it, after passes
+/// made on the last destination.
+fn memtest_every(tracker: TrackerKind, n: u32, limit_s: u64) {
+    let _kvm = common::require_kvm();
+    let mut cfg = config("memtest", "mode=passes mb=4 step=4096 rounds=0");
+    cfg.pc.tracker = tracker;
+    cfg.migrate = MigrateMode::Every(Duration::from_millis(30));
+    cfg.max_migrations = Some(n);
+    cfg.timeout = Some(Duration::from_secs(limit_s));
+    let out = Output::default();
+    let log: pc::Log = Arc::new(|m: &str| eprintln!("pc: {m}"));
+    let mut at_last = 0;
+    let r = pc::run(&cfg, Box::new(out.clone()), log, None, &mut |m| {
+        eprintln!("migration {m:?}");
+        at_last = out.text().len();
+    })
+    .unwrap_or_else(|e| panic!("the run failed: {e}\nguest output:\n{}", out.text()));
+    let text = out.text();
+    assert_eq!(r.migrations.len() as u32, n, "{text}");
+    assert!(r.migrations.iter().all(|m| m.trigger == Trigger::Timer));
+    assert!(matches!(r.end, RunEnd::Timeout(_)), "{:?}: {text}", r.end);
+    assert!(!text.contains("MISMATCH"), "{text}");
+    assert!(!text.contains("tsc went backwards"), "{text}");
+    let after = text[at_last..].matches('.').count();
+    assert!(
+        after >= 2,
+        "{after} passes after the last migration: {text}"
+    );
+}
+
+#[test]
+fn memtest_survives_twenty_migrations_clear_log() {
+    memtest_every(TrackerKind::ClearLog, 20, 20);
+}
+
+#[test]
+fn memtest_survives_migrations_dirty_log() {
+    memtest_every(TrackerKind::DirtyLog, 5, 8);
+}
+
+#[test]
+fn memtest_survives_migrations_ring() {
+    memtest_every(TrackerKind::Ring { entries: 16384 }, 5, 8);
+}
+
+#[test]
+fn migrates_on_the_guests_request() {
+    let mut cfg = config("memtest", "mode=request mb=4 step=4096 rounds=3");
+    cfg.migrate = MigrateMode::OnRequest;
+    let (r, out) = run(&cfg, None);
+    assert_eq!(r.migrations.len(), 3, "{out}");
+    assert!(r.migrations.iter().all(|m| m.trigger == Trigger::Request));
+    assert!(out.contains("memtest: PASS"), "{out}");
+    assert_eq!(status(&r), 1, "{out}");
+}
+
+#[test]
+fn migrates_continuously_between_begin_and_end() {
+    let mut cfg = config("memtest", "mode=continuous mb=4 step=4096 rounds=200");
+    cfg.migrate = MigrateMode::OnRequest;
+    let (r, out) = run(&cfg, None);
+    assert!(!r.migrations.is_empty(), "{out}");
+    assert!(r
+        .migrations
+        .iter()
+        .all(|m| m.trigger == Trigger::Continuous));
+    assert!(out.contains("memtest: PASS"), "{out}");
+    assert_eq!(status(&r), 1, "{out}");
+}
+
+#[test]
+fn a_guest_that_never_polls_is_migrated() {
+    for kernel in ["spin", "halt"] {
+        let mut cfg = config(kernel, "mb=4");
+        cfg.pc.smp = 2;
+        cfg.migrate = MigrateMode::Every(Duration::from_millis(50));
+        cfg.max_migrations = Some(4);
+        cfg.timeout = Some(Duration::from_secs(3));
+        let (r, out) = run(&cfg, None);
+        assert_eq!(r.migrations.len(), 4, "{kernel}: {out}");
+        assert!(matches!(r.end, RunEnd::Timeout(_)), "{kernel}: {:?}", r.end);
+        assert!(out.starts_with(kernel), "{kernel}: {out}");
+    }
+}
