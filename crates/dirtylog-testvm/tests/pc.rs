@@ -204,3 +204,84 @@ fn a_guest_that_never_polls_is_migrated() {
         assert!(out.starts_with(kernel), "{kernel}: {out}");
     }
 }
+
+/// A PC's whole state — every vCPU, the in-kernel irqchip, PIT and clock, the UART with
+/// queued input, fw_cfg — saved from a running guest with a second vCPU waiting for SIPI, restored into a fresh PC and saved
+/// again is the same, but for the time fields (TSC, kvmclock, the PIT's load time), which
+/// never go back.
+#[test]
+fn state_round_trips_through_a_fresh_pc() {
+    use dirtylog_kvm::vm_state::VmSnapshot;
+    use dirtylog_migrate::{DeviceState, VcpuRestore, Vcpus};
+    use dirtylog_testvm::pc::migrate::KVM_VM_DEVICE;
+    use dirtylog_testvm::pc::Pc;
+    use dirtylog_testvm::VcpuSnapshot;
+
+    let _kvm = common::require_kvm();
+    let cfg = PcConfig {
+        mem_bytes: 32 << 20,
+        smp: 2,
+        tracker: TrackerKind::ClearLog,
+        huge_pages: true,
+    };
+    let out = Output::default();
+    let sink = out.clone();
+    let console: pc::Console = Arc::new(move |b| {
+        sink.0.lock().unwrap().push(b);
+    });
+    let log: pc::Log = Arc::new(|m: &str| eprintln!("pc: {m}"));
+    let src = Pc::new(&cfg, console.clone(), log.clone()).unwrap();
+    // vCPU 0 writing memory for ever, vCPU 1 waiting for INIT/SIPI, input queued.
+    let spin = kernels::by_name("spin").unwrap();
+    src.boot(spin.elf, "spin.elf mb=2", None).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !out.text().contains("spin") {
+        assert!(std::time::Instant::now() < deadline, "{}", out.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    src.serial_input(b"queued");
+    Vcpus::pause(&src).unwrap();
+    let vcpus = Vcpus::save_state(&src).unwrap();
+    let devices = src.save_devices().unwrap();
+    assert_eq!(vcpus.len(), 2);
+    let names: Vec<&str> = devices.iter().map(|d| d.name()).collect();
+    for want in ["serial0", "fw_cfg", KVM_VM_DEVICE] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+
+    let dst = Pc::new(&cfg, console, log).unwrap();
+    for (i, blob) in vcpus.iter().enumerate() {
+        dst.restore_state(i as u32, blob).unwrap();
+    }
+    for d in &devices {
+        dst.restore_device(d.name(), d.version(), d.bytes())
+            .unwrap();
+    }
+    let again = Vcpus::save_state(&dst).unwrap();
+    let devices_again = dst.save_devices().unwrap();
+    for (a, b) in vcpus.iter().zip(&again) {
+        let (a, b) = (
+            VcpuSnapshot::decode(a).unwrap(),
+            VcpuSnapshot::decode(b).unwrap(),
+        );
+        assert_eq!(a.without_time(), b.without_time(), "vCPU {}", a.vcpu_id);
+        let tsc = |s: &VcpuSnapshot| s.msr(0x10).expect("IA32_TSC saved");
+        assert!(tsc(&b) >= tsc(&a), "the TSC went back");
+    }
+    assert_eq!(devices.len(), devices_again.len());
+    for (a, b) in devices.iter().zip(&devices_again) {
+        assert_eq!((a.name(), a.version()), (b.name(), b.version()));
+        if a.name() == KVM_VM_DEVICE {
+            let (a, b) = (
+                VmSnapshot::decode(a.bytes()).unwrap(),
+                VmSnapshot::decode(b.bytes()).unwrap(),
+            );
+            assert_eq!(a.without_time(), b.without_time());
+            assert!(b.clock.clock >= a.clock.clock, "kvmclock went back");
+        } else {
+            assert_eq!(a.bytes(), b.bytes(), "device {}", a.name());
+        }
+    }
+    src.shutdown().unwrap();
+    dst.shutdown().unwrap();
+}

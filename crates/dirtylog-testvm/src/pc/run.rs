@@ -82,6 +82,7 @@ pub enum Trigger {
 
 /// One migration of a run.
 #[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct MigrationRecord {
     /// 1, 2, ...
     pub index: u32,
