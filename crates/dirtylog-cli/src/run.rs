@@ -107,6 +107,7 @@ fn parse_migrate(s: &str) -> Result<MigrateMode, String> {
 struct Summary {
     event: &'static str,
     migrations: usize,
+    failed_migrations: usize,
     total_time_ms_median: Option<f64>,
     downtime_ms_median: Option<f64>,
     downtime_ms_max: Option<f64>,
@@ -194,6 +195,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     let summary = Summary {
         event: "done",
         migrations: m.len(),
+        failed_migrations: report.failures.len(),
         total_time_ms_median: median(m.iter().map(|r| r.total_time_ms).collect()),
         downtime_ms_median: median(m.iter().map(|r| r.downtime_ms).collect()),
         downtime_ms_max: m.iter().map(|r| r.downtime_ms).reduce(f64::max),
@@ -216,6 +218,12 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
                 summary.downtime_ms_median.unwrap_or(0.0),
                 summary.downtime_ms_max.unwrap_or(0.0),
                 bytes(summary.bytes)
+            );
+        }
+        if !report.failures.is_empty() {
+            eprintln!(
+                "dirtylog: {} migration(s) failed (the guest ran on where it was)",
+                report.failures.len()
             );
         }
         eprintln!("dirtylog: {} (exit status {status})", summary.end);

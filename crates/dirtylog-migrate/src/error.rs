@@ -94,8 +94,8 @@ pub enum MigrateError {
     /// Pre-copy did not converge before the round limit or the timeout, and the policy is to
     /// cancel.
     #[error(
-        "migration did not converge after {rounds} rounds in {elapsed_ms} ms ({why}): expected \
-         downtime {expected_downtime_ms} ms exceeds the limit of {limit_ms} ms at {dirty_rate} \
+        "migration did not converge after {rounds} rounds in {elapsed_ms} ms ({why}): last \
+         expected downtime {expected_downtime_ms} ms (limit {limit_ms} ms) at {dirty_rate} \
          dirty pages/s and {mbps:.0} Mbit/s; cancelled (raise the downtime limit or the timeout, \
          enable auto-converge, or choose the switchover policy)"
     )]

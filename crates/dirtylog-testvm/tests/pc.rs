@@ -139,6 +139,7 @@ fn memtest_every(tracker: TrackerKind, n: u32, limit_s: u64) {
     .unwrap_or_else(|e| panic!("the run failed: {e}\nguest output:\n{}", out.text()));
     let text = out.text();
     assert_eq!(r.migrations.len() as u32, n, "{text}");
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
     assert!(r.migrations.iter().all(|m| m.trigger == Trigger::Timer));
     assert!(matches!(r.end, RunEnd::Timeout(_)), "{:?}: {text}", r.end);
     assert!(!text.contains("MISMATCH"), "{text}");
@@ -171,6 +172,7 @@ fn migrates_on_the_guests_request() {
     cfg.migrate = MigrateMode::OnRequest;
     let (r, out) = run(&cfg, None);
     assert_eq!(r.migrations.len(), 3, "{out}");
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
     assert!(r.migrations.iter().all(|m| m.trigger == Trigger::Request));
     assert!(out.contains("memtest: PASS"), "{out}");
     assert_eq!(status(&r), 1, "{out}");
@@ -190,6 +192,29 @@ fn migrates_continuously_between_begin_and_end() {
     assert_eq!(status(&r), 1, "{out}");
 }
 
+/// A migration that gives up (here: no time to converge, `--on-timeout cancel`) leaves the
+/// guest running where it was, and the run goes on.
+#[test]
+fn a_failed_migration_leaves_the_guest_running() {
+    let _kvm = common::require_kvm();
+    let mut cfg = config("memtest", "mode=passes mb=4 step=4096 rounds=0");
+    cfg.migrate = MigrateMode::Every(Duration::from_millis(100));
+    cfg.max_migrations = Some(2);
+    cfg.send.timeout = Some(Duration::from_micros(1));
+    cfg.send.on_timeout = TimeoutPolicy::Cancel;
+    cfg.timeout = Some(Duration::from_secs(2));
+    let out = Output::default();
+    let log: pc::Log = Arc::new(|m: &str| eprintln!("pc: {m}"));
+    let r = pc::run(&cfg, Box::new(out.clone()), log, None, &mut |_| {})
+        .unwrap_or_else(|e| panic!("the run failed: {e}"));
+    let text = out.text();
+    assert!(r.migrations.is_empty(), "{:?}", r.migrations);
+    assert!(r.failures.len() >= 2, "{:?}", r.failures);
+    assert!(matches!(r.end, RunEnd::Timeout(_)), "{:?}", r.end);
+    assert!(!text.contains("MISMATCH"), "{text}");
+    assert!(text.matches('.').count() > 10, "the guest stopped: {text}");
+}
+
 #[test]
 fn a_guest_that_never_polls_is_migrated() {
     for kernel in ["spin", "halt"] {
@@ -200,6 +225,7 @@ fn a_guest_that_never_polls_is_migrated() {
         cfg.timeout = Some(Duration::from_secs(3));
         let (r, out) = run(&cfg, None);
         assert_eq!(r.migrations.len(), 4, "{kernel}: {out}");
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
         assert!(matches!(r.end, RunEnd::Timeout(_)), "{kernel}: {:?}", r.end);
         assert!(out.starts_with(kernel), "{kernel}: {out}");
     }

@@ -18,7 +18,9 @@
 //!   guest; answered once with a newline).
 //! - `every=MS`: every `MS` milliseconds, without the guest knowing.
 //!
-//! `max_migrations` bounds the count; requests beyond it are answered without migrating.
+//! `max_migrations` bounds the count; requests beyond it are answered without migrating. A
+//! failed migration (the engine resumes the source) is logged and counted, and the guest runs
+//! on where it was; continuous migration stops after one.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -149,8 +151,11 @@ pub struct RunConfig {
 pub struct RunReport {
     /// How it ended.
     pub end: RunEnd,
-    /// Every migration, in order.
+    /// Every completed migration, in order.
     pub migrations: Vec<MigrationRecord>,
+    /// Every failed migration (after which the guest ran on where it was), in order. After a
+    /// failure, continuous migration stops; timed and requested ones go on.
+    pub failures: Vec<String>,
 }
 
 /// What the console, the PCs and the timer tell the run.
@@ -306,13 +311,23 @@ pub fn run(
         tx,
         input,
         migrations: Vec::new(),
+        failures: Vec::new(),
         continuous: false,
     };
     let end = state.main_loop(&rx, on_migration);
-    let RunState { pc, migrations, .. } = state;
+    let RunState {
+        pc,
+        migrations,
+        failures,
+        ..
+    } = state;
     let end = end?;
     pc.shutdown()?;
-    Ok(RunReport { end, migrations })
+    Ok(RunReport {
+        end,
+        migrations,
+        failures,
+    })
 }
 
 struct RunState<'a> {
@@ -323,6 +338,7 @@ struct RunState<'a> {
     tx: Sender<Ev>,
     input: SerialInput,
     migrations: Vec<MigrationRecord>,
+    failures: Vec<String>,
     /// The guest is between `Begin continuous migration` and its end.
     continuous: bool,
 }
@@ -347,13 +363,27 @@ impl RunState<'_> {
     ) -> Result<(), VmError> {
         // Serial input waits until the guest runs on the new PC.
         let mut input = lock(&self.input.0);
-        let (target, report) = migrate_to_new_pc(
+        let migrated = migrate_to_new_pc(
             &self.pc,
             &self.cfg.send,
             &self.cfg.receive,
             self.console.clone(),
             self.log.clone(),
-        )?;
+        );
+        let (target, report) = match migrated {
+            Ok(x) => x,
+            Err(e) => {
+                // The engine resumed the source (a source that failed itself is caught by the
+                // main loop's check): the guest runs on here.
+                let msg = format!(
+                    "migration {} ({trigger:?}) failed; the guest runs on where it was: {e}",
+                    self.migrations.len() + self.failures.len() + 1
+                );
+                (self.log)(&msg);
+                self.failures.push(msg);
+                return Ok(());
+            }
+        };
         watch(&target, &self.tx);
         SerialInput::attach(&mut input, target.bus().clone());
         drop(input);
@@ -397,7 +427,11 @@ impl RunState<'_> {
                     continue;
                 }
             }
-            let ev = if self.continuous && on_request && self.may_migrate() {
+            let ev = if self.continuous
+                && on_request
+                && self.failures.is_empty()
+                && self.may_migrate()
+            {
                 match rx.try_recv() {
                     Ok(ev) => Some(ev),
                     Err(_) => {
