@@ -1,5 +1,6 @@
 //! The PC's side of the vCPU threads: the [`IoBus`] that hands port I/O to the devices
-//! ([`PioBus`]), answers MMIO nobody backs, and records how the guest ended the machine.
+//! ([`PioBus`]), MMIO to pc-testdev's buffer or, elsewhere, answers it with all-ones (logged
+//! once per page), and records how the guest ended the machine.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use dirtylog::sync::lock;
 
 use super::pio::{PioAction, PioBus};
+use super::testdev;
 use crate::runner::{IoAction, IoBus};
 
 /// How the guest ended the machine.
@@ -134,6 +136,12 @@ impl PcBus {
     }
 }
 
+/// `addr`'s offset in pc-testdev's MMIO buffer, if it is there.
+fn testdev_offset(addr: u64) -> Option<u64> {
+    addr.checked_sub(testdev::IOMEM_BASE)
+        .filter(|&off| off < testdev::IOMEM_LEN)
+}
+
 impl IoBus for PcBus {
     fn pio_read(&self, _vcpu: usize, port: u16, data: &mut [u8]) {
         self.pio.read(port, data);
@@ -150,11 +158,19 @@ impl IoBus for PcBus {
     }
 
     fn mmio_read(&self, _vcpu: usize, addr: u64, data: &mut [u8]) {
+        if let Some(off) = testdev_offset(addr) {
+            self.pio.testdev().read_iomem(off, data);
+            return;
+        }
         self.mmio(addr, data.len(), false);
         data.fill(0xff);
     }
 
     fn mmio_write(&self, _vcpu: usize, addr: u64, data: &[u8]) -> IoAction {
+        if let Some(off) = testdev_offset(addr) {
+            self.pio.testdev().write_iomem(off, data);
+            return IoAction::Continue;
+        }
         self.mmio(addr, data.len(), true);
         IoAction::Continue
     }

@@ -2,8 +2,9 @@
 //! model): guests no one here wrote, run and migrated whatever they do.
 //!
 //! - [`multiboot`]: the ELF32 loader and the Multiboot information block.
-//! - [`serial`], [`fw_cfg`], [`pio`]: the port devices (COM1, fw_cfg, the exit port, PCI
-//!   configuration answering "no device"; anything else logged once and ignored).
+//! - [`serial`], [`fw_cfg`], [`testdev`], [`pio`]: the port devices (COM1, fw_cfg, QEMU's
+//!   pc-testdev, the exit port, PCI configuration answering "no device"; anything else logged
+//!   once and ignored).
 //! - [`bus`]: the devices on the vCPU threads ([`crate::runner::IoBus`]), and how the guest
 //!   ended the machine.
 //! - [`machine`]: the VM, its memory map, vCPUs and in-kernel irqchip and PIT ([`Pc`]).
@@ -20,6 +21,7 @@ pub mod pio;
 pub mod reaper;
 pub mod run;
 pub mod serial;
+pub mod testdev;
 
 pub use bus::{PcEvent, PcExit};
 pub use machine::{is_pc_stream, Console, Log, Pc, PcConfig};

@@ -10,6 +10,7 @@
 //! | `0xcf8..=0xcfb` | PCI configuration address: a 32-bit write at `0xcf8` sets the latch, reads return it; other writes are ignored (and logged once, so a reset through `0xcf9` does not go unnoticed) |
 //! | `0xcfc..=0xcff` | PCI configuration data: reads all-ones ("no device"), writes ignored |
 //! | `0x80`, `0x87` | POST code / delay and DMA page ports: ignored silently (reads all-ones) |
+//! | `0xe0..=0xe3`, `0xe8..=0xeb`, `0x2000..=0x2017` | QEMU's `pc-testdev` ([`PcTestdev`]): a scratch register, ISA IRQ lines set by the guest (through the IRQ callback); its MMIO buffer is reached through [`PioBus::testdev`] |
 //! | anything else | reads all-ones, writes ignored, logged once per port through the `log` callback |
 //!
 //! Accesses to the UART wider than a byte are split into byte accesses at successive ports,
@@ -33,6 +34,7 @@ use dirtylog::sync::lock;
 
 use super::fw_cfg::{FwCfg, FwCfgError, FW_CFG_PORT_DATA, FW_CFG_PORT_SEL};
 use super::serial::{Serial, SerialError, COM1_BASE, COM1_IRQ};
+use super::testdev::{self, PcTestdev, TestdevError};
 
 /// QEMU's `isa-debug-exit` port.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -90,6 +92,9 @@ pub enum PioError {
     /// The PCI host state is not 4 bytes.
     #[error("pci_host state has {0} bytes, expected 4")]
     PciHostLength(usize),
+    /// pc-testdev refused its state.
+    #[error("pc-testdev state: {0}")]
+    Testdev(#[from] TestdevError),
 }
 
 struct SerialSlot {
@@ -104,6 +109,7 @@ pub struct PioBus {
     serial: Mutex<SerialSlot>,
     fw_cfg: Mutex<FwCfg>,
     pci_address: Mutex<u32>,
+    testdev: Mutex<PcTestdev>,
     /// One bit per port: already logged as unemulated.
     logged: Box<[AtomicU64]>,
     log: Box<dyn Fn(&str) + Send + Sync>,
@@ -142,6 +148,7 @@ impl PioBus {
             serial: Mutex::new(SerialSlot { dev: serial, level }),
             fw_cfg: Mutex::new(fw_cfg),
             pci_address: Mutex::new(0),
+            testdev: Mutex::new(PcTestdev::default()),
             logged: (0..1024).map(|_| AtomicU64::new(0)).collect(),
             log,
             irq,
@@ -211,6 +218,10 @@ impl PioBus {
                         .unwrap_or(0xff);
                 }
             }
+            p if testdev::IOPORT.contains(&p) || testdev::IOPORT_BYTE.contains(&p) => {
+                lock(&self.testdev).read_ioport(port, data);
+            }
+            p if testdev::IRQ_LINES.contains(&p) => data.fill(0),
             PCI_CONFIG_DATA..=0xcff | DEBUG_EXIT_PORT | POST_PORT | DMA_PAGE_PORT => {
                 fill_ones(data)
             }
@@ -244,6 +255,17 @@ impl PioBus {
             }
             PCI_CONFIG_ADDRESS..=0xcfb => self.unemulated(port, "write", data.len()),
             PCI_CONFIG_DATA..=0xcff | POST_PORT | DMA_PAGE_PORT => {}
+            p if testdev::IOPORT.contains(&p) || testdev::IOPORT_BYTE.contains(&p) => {
+                lock(&self.testdev).write_ioport(port, data);
+            }
+            p if testdev::IRQ_LINES.contains(&p) => {
+                if let Some((line, level)) = PcTestdev::irq_line(port, data) {
+                    // The UART's line (4) belongs to the UART: leave it alone.
+                    if line != COM1_IRQ {
+                        (self.irq)(line, level);
+                    }
+                }
+            }
             _ => self.unemulated(port, "write", data.len()),
         }
         PioAction::Continue
@@ -256,13 +278,19 @@ impl PioBus {
         self.update_serial_irq(&mut slot);
     }
 
+    /// The pc-testdev, for its MMIO buffer ([`testdev::IOMEM_BASE`]).
+    pub fn testdev(&self) -> std::sync::MutexGuard<'_, PcTestdev> {
+        lock(&self.testdev)
+    }
+
     /// Bytes of host input dropped so far because COM1's input queue was full.
     pub fn serial_input_dropped(&self) -> u64 {
         lock(&self.serial).dev.input_dropped()
     }
 
     /// Every device's state as `(name, version, bytes)`: [`SERIAL_STATE_NAME`],
-    /// [`FW_CFG_STATE_NAME`] and [`PCI_HOST_STATE_NAME`], in that order.
+    /// [`FW_CFG_STATE_NAME`], [`PCI_HOST_STATE_NAME`] and [`testdev::STATE_NAME`], in that
+    /// order.
     pub fn save(&self) -> Vec<(&'static str, u32, Vec<u8>)> {
         vec![
             (
@@ -279,6 +307,11 @@ impl PioBus {
                 PCI_HOST_STATE_NAME,
                 PCI_HOST_STATE_VERSION,
                 lock(&self.pci_address).to_le_bytes().to_vec(),
+            ),
+            (
+                testdev::STATE_NAME,
+                testdev::STATE_VERSION,
+                lock(&self.testdev).save(),
             ),
         ]
     }
@@ -319,6 +352,10 @@ impl PioBus {
                     .try_into()
                     .map_err(|_| PioError::PciHostLength(bytes.len()))?;
                 *lock(&self.pci_address) = u32::from_le_bytes(b);
+            }
+            testdev::STATE_NAME => {
+                check(testdev::STATE_VERSION)?;
+                lock(&self.testdev).restore(bytes)?;
             }
             _ => return Err(PioError::UnknownDevice(name.to_owned())),
         }
@@ -418,6 +455,32 @@ mod tests {
     }
 
     #[test]
+    fn pc_testdev_ports() {
+        let r = rig();
+        assert_eq!(
+            r.bus.write(0xe0, &0xdead_beefu32.to_le_bytes()),
+            PioAction::Continue
+        );
+        assert_eq!(inb(&r.bus, 0xe9), 0xbe);
+        r.bus.write(0x200b, &[1]);
+        r.bus.write(0x200b, &[0]);
+        // IRQ 4 is the UART's: the testdev's write to it is dropped.
+        r.bus.write(0x2004, &[1]);
+        assert_eq!(*r.irqs.lock().unwrap(), vec![(11, true), (11, false)]);
+        assert_eq!(inb(&r.bus, 0x200b), 0);
+        r.bus.testdev().write_iomem(0x20, &[7]);
+        let saved = r.bus.save();
+        let (name, version, bytes) = saved.last().unwrap();
+        let other = rig();
+        other.bus.restore(name, *version, bytes).unwrap();
+        assert_eq!(inb(&other.bus, 0xe3), 0xde);
+        let mut b = [0u8; 1];
+        other.bus.testdev().read_iomem(0x20, &mut b);
+        assert_eq!(b, [7]);
+        assert!(r.logs.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn debug_exit() {
         let r = rig();
         assert_eq!(r.bus.write(0xf4, &[0]), PioAction::Exit(1));
@@ -511,7 +574,15 @@ mod tests {
         r.bus.write(0xcf8, &0x8000_1234u32.to_le_bytes());
         let saved = r.bus.save();
         let names: Vec<_> = saved.iter().map(|(n, v, _)| (*n, *v)).collect();
-        assert_eq!(names, [("serial0", 1), ("fw_cfg", 1), ("pci_host", 1)]);
+        assert_eq!(
+            names,
+            [
+                ("serial0", 1),
+                ("fw_cfg", 1),
+                ("pci_host", 1),
+                ("pc-testdev", 1)
+            ]
+        );
 
         let t = rig();
         for (n, v, b) in &saved {

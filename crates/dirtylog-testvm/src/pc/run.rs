@@ -208,10 +208,11 @@ fn console(out: Box<dyn Write + Send>, tx: Sender<Ev>) -> Console {
     Arc::new(move |b: u8| {
         let mut st = lock(&state);
         let (out, line) = &mut *st;
-        // The guest's output is the user's; a closed stdout must not stop the guest.
+        // The guest's output is the user's, live (a guest printing a dot per pass prints no
+        // newline); a closed stdout must not stop the guest.
         let _ = out.write_all(&[b]);
+        let _ = out.flush();
         if b == b'\n' {
-            let _ = out.flush();
             let ev = {
                 let l = String::from_utf8_lossy(line);
                 if l.contains("Now migrate the VM") {
