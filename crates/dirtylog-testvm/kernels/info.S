@@ -10,6 +10,7 @@
  *   cpus: <fw_cfg FW_CFG_NB_CPUS>
  *   ram: <fw_cfg FW_CFG_RAM_SIZE in MiB>
  *   module: <length> bytes <first up to 32 bytes, non-printable ones as '.'>   (first module, if any)
+ *   rep outsb: ok        (written with one `rep outsb`)
  *   exit: <N>
  * then exits with code N. A wrong boot magic prints "info: bad magic 0x..." and exits with 2;
  * an exit value that is not a 32-bit decimal prints only "bad argument: exit=" and exits with 2.
@@ -112,6 +113,13 @@ main:
     loop 5b
 6:  NEWLINE
 3:
+    /* One line written by a single string instruction (rep outsb to COM1): a VMM must send
+       every byte to the same port. */
+    mov $rep_line, %esi
+    mov $(rep_line_end - rep_line), %ecx
+    mov $0x3f8, %dx
+    cld
+    rep outsb
     PUTS("exit: ")
     mov exit_code, %eax
     call put_dec
@@ -120,6 +128,8 @@ main:
 
     .section .rodata
 key_exit: .asciz "exit="
+rep_line: .ascii "rep outsb: ok\n"
+rep_line_end:
 
     .data
     .align 4

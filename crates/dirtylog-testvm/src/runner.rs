@@ -411,11 +411,27 @@ fn internal_error(vcpu: &mut KvmVcpu) -> String {
 /// One `KVM_RUN`, then clear `immediate_exit` (a kick that lands after this point is seen by
 /// the caller's next check of the host's requests, which were recorded before the kick).
 fn run_once(i: usize, vcpu: &mut KvmVcpu, bus: Option<&dyn IoBus>) -> Exit {
+    let mut pio = None;
     let r = match (vcpu.fd_mut().run(), bus) {
-        (Ok(VcpuExit::IoOut(port, data)), Some(b)) => Exit::Io(b.pio_write(i, port, data)),
-        (Ok(VcpuExit::IoIn(port, data)), Some(b)) => {
-            b.pio_read(i, port, data);
-            Exit::Io(IoAction::Continue)
+        // Handled below, once the exit's borrow of the vCPU has ended: string I/O needs the
+        // access size, which only `kvm_run` has.
+        (Ok(VcpuExit::IoOut(port, data)), Some(_)) => {
+            pio = Some(PendingPio {
+                port,
+                data: data.as_ptr().cast_mut(),
+                len: data.len(),
+                write: true,
+            });
+            Exit::Retry
+        }
+        (Ok(VcpuExit::IoIn(port, data)), Some(_)) => {
+            pio = Some(PendingPio {
+                port,
+                data: data.as_mut_ptr(),
+                len: data.len(),
+                write: false,
+            });
+            Exit::Retry
         }
         (Ok(VcpuExit::MmioWrite(addr, data)), Some(b)) => Exit::Io(b.mmio_write(i, addr, data)),
         (Ok(VcpuExit::MmioRead(addr, data)), Some(b)) => {
@@ -455,10 +471,50 @@ fn run_once(i: usize, vcpu: &mut KvmVcpu, bus: Option<&dyn IoBus>) -> Exit {
         },
     };
     vcpu.fd_mut().set_kvm_immediate_exit(0);
+    if let (Some(p), Some(b)) = (pio, bus) {
+        return bus_pio(i, vcpu, b, p);
+    }
     match r {
         Exit::Fatal(s) if s.is_empty() => Exit::Fatal(internal_error(vcpu)),
         r => r,
     }
+}
+
+/// The data of a port I/O exit, kept past the exit's borrow of the vCPU.
+struct PendingPio {
+    port: u16,
+    data: *mut u8,
+    len: usize,
+    write: bool,
+}
+
+/// Hand a port I/O exit to the bus, one access of the instruction's size at a time: a string
+/// instruction (`rep insb`, `rep outsw`, ...) exits once with `count` accesses of `size` bytes,
+/// every one of them to the same port.
+fn bus_pio(i: usize, vcpu: &mut KvmVcpu, bus: &dyn IoBus, p: PendingPio) -> Exit {
+    // SAFETY: the last `KVM_RUN` returned KVM_EXIT_IO (kvm-ioctls decoded an I/O exit), so the
+    // kernel filled the `io` member of the exit union.
+    let io = unsafe { vcpu.fd_mut().get_kvm_run().__bindgen_anon_1.io };
+    let size = usize::from(io.size).max(1);
+    // SAFETY: `p.data` and `p.len` are the slice kvm-ioctls handed out for this exit:
+    // `io.count * io.size` bytes at `io.data_offset` (the page after `struct kvm_run`) inside
+    // this vCPU's `kvm_run` mapping, which lives as long as the `VcpuFd` borrowed here. The
+    // slice's borrow ended with `run_once`'s match and `io` above is a copy, so nothing else
+    // refers to those bytes until the next `KVM_RUN` (the kick handler writes only
+    // `immediate_exit`, in `struct kvm_run`, which does not overlap them).
+    let data = unsafe { std::slice::from_raw_parts_mut(p.data, p.len) };
+    if p.write {
+        for access in data.chunks(size) {
+            if bus.pio_write(i, p.port, access) == IoAction::Exit {
+                return Exit::Io(IoAction::Exit);
+            }
+        }
+    } else {
+        for access in data.chunks_mut(size) {
+            bus.pio_read(i, p.port, access);
+        }
+    }
+    Exit::Io(IoAction::Continue)
 }
 
 /// Complete the instruction of the last I/O exit without entering the guest: `KVM_RUN` with

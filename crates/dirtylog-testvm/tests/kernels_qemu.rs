@@ -195,6 +195,7 @@ fn info_reports_loader_fw_cfg_and_module_and_exits_with_the_asked_status() {
             "cpus: 2",
             "ram: 128",
             "module: 13 bytes hello-module.",
+            "rep outsb: ok",
             "exit: 5"
         ],
         "{}",
@@ -208,7 +209,11 @@ fn info_reports_loader_fw_cfg_and_module_and_exits_with_the_asked_status() {
 fn info_without_module_exits_zero_by_default() {
     let run = qemu("info", "info-default", Opts::default());
     assert!(!run.out.contains("module:"), "{}", run.out);
-    assert!(run.out.ends_with("ram: 128\nexit: 0\n"), "{}", run.out);
+    assert!(
+        run.out.ends_with("ram: 128\nrep outsb: ok\nexit: 0\n"),
+        "{}",
+        run.out
+    );
     assert_eq!(run.status, exited(0));
 }
 

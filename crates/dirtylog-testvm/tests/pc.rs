@@ -95,6 +95,8 @@ fn info_sees_the_multiboot_information_and_fw_cfg() {
     assert!(out.contains("cpus: 2"), "{out}");
     assert!(out.contains("ram: 64"), "{out}");
     assert!(out.contains("module: 12 bytes module-bytes"), "{out}");
+    // String I/O: one `rep outsb`, every byte to COM1's data port.
+    assert!(out.contains("\nrep outsb: ok\n"), "{out}");
     // exit(5) → 5 << 1 | 1, as QEMU's isa-debug-exit.
     assert_eq!(status(&r), 11);
     assert_eq!(r.end, RunEnd::Exit(PcExit::Status(11)));
