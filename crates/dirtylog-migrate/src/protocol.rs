@@ -33,7 +33,7 @@
 //!   VcpuState  id, blob    (one per vCPU)  ──────────────────▶  restore_state(id, blob)
 //!   Device     name, version, bytes  (zero or more)  ────────▶  validate, no duplicates;
 //!                                                              restore_device(name, …)
-//!   MemHash    slot, XXH3 of the region  (one per region)  ──▶  remember
+//!   MemHash    slot, mem_digest(region)  (one per region)  ──▶  remember
 //!   Done       (on every connection)  ───────────────────────▶  all N done after the same
 //!                                                              rounds; every vCPU, every
 //!                                                              hash present; hashes match

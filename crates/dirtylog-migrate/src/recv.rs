@@ -4,7 +4,8 @@
 //!
 //! **Validation.** Every frame is CRC-checked and every range checked against the header's
 //! memory map by the [`wire`] decoder before a byte lands. Every allocation is bounded by the
-//! header or a constant: one claim bit per page (at most 32 MiB for the 1 TiB limit), one flag
+//! header or a constant: two bits per page (claimed this round, ever written: at most 64 MiB for
+//! the 1 TiB limit), one flag
 //! per declared vCPU, one hash per region, the names of at most
 //! [`wire::MAX_DEVICE_SECTIONS`] device sections, and the decoder's
 //! buffer for one frame (at most [`wire::MAX_DEVICE_STATE`] for a
@@ -20,8 +21,10 @@
 //!
 //! **Switchover.** After the last round, connection 0 carries the vCPU states, then the device
 //! sections (each validated, unique by name, handed to the target's
-//! [`DeviceState::restore_device`](crate::DeviceState::restore_device)), then one hash per
-//! region and `Done`.
+//! [`DeviceState::restore_device`](crate::DeviceState::restore_device)), then one digest per
+//! region ([`wire::mem_digest`]) and `Done`. The check reads only the chunks some frame wrote
+//! (the rest is still the zero-filled memory the target started with), on every core; the
+//! source digests every byte of its paused memory, overlapped with the final round.
 //!
 //! **Failure.** Any error stops every thread, is reported to the source in an `Error` frame
 //! (unless the source itself gave up), and is returned; the target is dropped without ever
@@ -313,6 +316,7 @@ where
         target: &target,
         mems,
         claims: claim_bitmaps(&header),
+        written: claim_bitmaps(&header),
         fence: Fence::new(n as usize),
         killer,
         failure: Mutex::new(None),
@@ -386,7 +390,10 @@ where
         };
         // SAFETY: every connection thread has been joined and the guest has not run: nobody
         // writes the region while we read it (the `MigrationTarget` memory contract).
-        let actual = wire::mem_hash(unsafe { guestmem::frozen(shared.mems[i]) });
+        let bytes = unsafe { guestmem::frozen(shared.mems[i]) };
+        // Chunks no frame wrote are still zero: only the written ones are read.
+        let page = header.page_size() as usize;
+        let actual = wire::mem_digest(bytes, page, Some(&shared.written[i]));
         if actual != expected {
             return Err(fail(MigrateError::HashMismatch {
                 slot: region.slot,
@@ -518,6 +525,9 @@ struct Shared<'a, T> {
     mems: Vec<RegionMemory>,
     /// One bit per page: claimed in the current round.
     claims: Vec<DirtyBitmap>,
+    /// One bit per page: written at some round (never cleared). A page not written is still
+    /// the zero-filled memory the target started with, which the hash check need not read.
+    written: Vec<DirtyBitmap>,
     fence: Fence,
     killer: &'a Killer,
     failure: Mutex<Option<MigrateError>>,
@@ -611,11 +621,20 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         range.first_page as usize * page,
                         range.npages as usize * page,
                     );
-                    let bytes = memory
-                        .range_mut(index, size, range, start, len)
-                        .map_err(MigrateError::wire(conn))?;
-                    // Round 0 is the first time any page arrives, into zero-filled memory.
-                    if rounds > 0 {
+                    if rounds == 0 {
+                        // The first time any page arrives, into zero-filled memory: nothing
+                        // to write (and nothing written, for the hash check), but the pages
+                        // are claimed all the same.
+                        let claims = self
+                            .claims
+                            .get(index)
+                            .ok_or(WireError::UnknownSlot(range.slot))
+                            .map_err(MigrateError::wire(conn))?;
+                        claim(claims, range).map_err(MigrateError::wire(conn))?;
+                    } else {
+                        let bytes = memory
+                            .range_mut(index, size, range, start, len)
+                            .map_err(MigrateError::wire(conn))?;
                         for p in bytes.chunks_mut(page) {
                             if !guestmem::is_zero_bytes(p) {
                                 p.fill(0);
@@ -793,6 +812,9 @@ impl<T: MigrationTarget> GuestMemoryMut for Claimed<'_, '_, T> {
             });
         }
         claim(claims, range)?;
+        if let Some(w) = s.written.get(index) {
+            w.set_range(range.first_page, range.npages);
+        }
         // SAFETY: `start..start + len` lies inside the region's mapping (checked above), which
         // the target keeps valid and which nobody else touches until resume (the
         // `MigrationTarget` memory contract). Its pages were just claimed by this thread for

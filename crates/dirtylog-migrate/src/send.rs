@@ -658,7 +658,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         let regions = self.sh.header.regions().to_vec();
         let hashes = std::thread::scope(|scope| {
             // The guest is paused: hash its memory while the final round goes out.
-            let hasher = scope.spawn(move || hash_regions(&regions, &mems));
+            let page = self.sh.page_size as usize;
+            let hasher = scope.spawn(move || hash_regions(&regions, &mems, page));
             let sent = self.send_round(
                 ctl,
                 round,
@@ -1367,8 +1368,8 @@ pub(crate) fn check_region_memory(
     Ok(())
 }
 
-/// XXH3 of every region, in header order, with its slot.
-fn hash_regions(regions: &[Region], mems: &[RegionMemory]) -> Vec<(u32, u64)> {
+/// The [`wire::mem_digest`] of every region (every byte read), in header order, with its slot.
+fn hash_regions(regions: &[Region], mems: &[RegionMemory], page: usize) -> Vec<(u32, u64)> {
     regions
         .iter()
         .zip(mems)
@@ -1377,7 +1378,7 @@ fn hash_regions(regions: &[Region], mems: &[RegionMemory]) -> Vec<(u32, u64)> {
             // guest's memory (the `MigrationSource` memory contract); the connection threads
             // only read it.
             let bytes = unsafe { guestmem::frozen(mem) };
-            (r.slot, wire::mem_hash(bytes))
+            (r.slot, wire::mem_digest(bytes, page, None))
         })
         .collect()
 }

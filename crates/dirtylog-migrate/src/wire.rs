@@ -73,8 +73,9 @@ pub use header::{PageRange, Region, StreamHeader};
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"DIRTYLG\0";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 2;
+/// The format version this build writes and reads. Version 3: `MemHash` carries
+/// [`mem_digest`] (chunked) instead of one XXH3 of the whole region.
+pub const VERSION: u32 = 3;
 /// Smallest page size a header may declare.
 pub const MIN_PAGE_SIZE: u32 = 4096;
 /// Largest page size a header may declare (tracking at 2 MiB huge-page granularity).
@@ -126,6 +127,61 @@ pub fn mem_hash(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
+/// Pages per chunk of [`mem_digest`]: one 64-bit word of a page bitmap.
+pub const DIGEST_CHUNK_PAGES: usize = 64;
+
+/// Regions smaller than this are digested on the calling thread alone.
+const PARALLEL_DIGEST_MIN: usize = 16 << 20;
+
+/// The content digest carried by [`Message::MemHash`]: [`mem_hash`] (XXH3-64) over the
+/// little-endian [`mem_hash`]es of the region's chunks of [`DIGEST_CHUNK_PAGES`] pages of
+/// `page_size` bytes (the last chunk may be shorter).
+///
+/// Chunking lets both ends spread the work over every core (the chunk digests of a large
+/// region are computed on [`std::thread::available_parallelism`] threads), and lets the
+/// destination skip what it knows: with `written` (one bit per page, set for every page the
+/// destination wrote), a whole chunk none of whose pages was written is still the zero-filled
+/// memory it started as, and takes the zero chunk's digest without being read. The source
+/// passes `None` and reads every byte: a write its tracker missed must change the digest.
+pub fn mem_digest(bytes: &[u8], page_size: usize, written: Option<&dirtylog::DirtyBitmap>) -> u64 {
+    let chunk = page_size.max(1).saturating_mul(DIGEST_CHUNK_PAGES);
+    let n = bytes.len().div_ceil(chunk);
+    let zero = std::sync::OnceLock::new();
+    let digest = |i: usize| -> u64 {
+        let c = &bytes[i * chunk..((i + 1) * chunk).min(bytes.len())];
+        match written {
+            Some(w) if c.len() == chunk && w.load_word(i) == 0 => {
+                *zero.get_or_init(|| mem_hash(&vec![0u8; chunk]))
+            }
+            _ => mem_hash(c),
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut digests = vec![0u64; n];
+    if bytes.len() < PARALLEL_DIGEST_MIN || threads < 2 {
+        for (i, d) in digests.iter_mut().enumerate() {
+            *d = digest(i);
+        }
+    } else {
+        let per = n.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (t, part) in digests.chunks_mut(per).enumerate() {
+                let digest = &digest;
+                s.spawn(move || {
+                    for (j, d) in part.iter_mut().enumerate() {
+                        *d = digest(t * per + j);
+                    }
+                });
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(n * 8);
+    for d in digests {
+        all.extend_from_slice(&d.to_le_bytes());
+    }
+    mem_hash(&all)
+}
+
 /// One message of the stream. Borrowed data lets the sender frame guest memory in place and
 /// the receiver hand out its buffers without copying.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,7 +210,7 @@ pub enum Message<'a> {
         /// Its state, at most [`MAX_VCPU_BLOB`] bytes.
         blob: &'a [u8],
     },
-    /// The [`mem_hash`] of a whole region, for the receiver to compare with its copy.
+    /// The [`mem_digest`] of a whole region, for the receiver to compare with its copy.
     MemHash {
         /// The region's slot id.
         slot: u32,

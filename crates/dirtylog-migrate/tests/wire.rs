@@ -261,13 +261,14 @@ fn wrong_magic_and_version_are_rejected() {
     assert!(matches!(err, WireError::BadMagic(m) if m[0] == b'X'));
 
     let mut s = stream_with(&[]);
-    // Version 1 had no Device frame: refused, as any other version.
-    for v in [1u32, 3] {
+    // Version 1 had no Device frame, version 2 one hash of the whole region: refused, as any
+    // other version.
+    for v in [1u32, 2, 4] {
         s[8..12].copy_from_slice(&v.to_le_bytes());
         let err = Decoder::new(s.as_slice()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("unsupported stream version {v} (this build speaks version 2)")
+            format!("unsupported stream version {v} (this build speaks version 3)")
         );
     }
     assert_eq!(&s[..8], &MAGIC);
@@ -384,7 +385,7 @@ fn unknown_types_flags_and_misplaced_headers_are_rejected() {
     done[1] = 0x40;
     assert_eq!(
         next_error(&stream_with(&done)).to_string(),
-        "Done frame has flags 0x40; version 2 defines none"
+        "Done frame has flags 0x40; version 3 defines none"
     );
 
     let header_frame = stream_with(&[])[12..].to_vec();
@@ -664,6 +665,49 @@ fn mem_hash_is_xxh3_64() {
     // XXH3-64 of no input, seed 0: pins the algorithm, which both sides must agree on.
     assert_eq!(mem_hash(b""), 0x2d06_8005_38d3_94c2);
     assert_ne!(mem_hash(&[0; 4096]), mem_hash(&[1; 4096]));
+}
+
+/// `mem_digest` is XXH3 over the chunks' XXH3s, the same on one thread and on many, and the
+/// destination's shortcut (chunks it never wrote are zero) gives the source's digest of the
+/// same bytes.
+#[test]
+fn mem_digest_is_a_hash_of_chunk_hashes() {
+    use dirtylog::DirtyBitmap;
+    use dirtylog_migrate::wire::{mem_digest, DIGEST_CHUNK_PAGES};
+    let page = 4096;
+    let chunk = page * DIGEST_CHUNK_PAGES;
+    // 40 MiB and 3 pages: digested in parallel, with a short last chunk.
+    let len = (40 << 20) + 3 * page;
+    let mut mem = vec![0u8; len];
+    for (i, b) in mem.iter_mut().enumerate().step_by(4093) {
+        *b = (i % 251) as u8 + 1;
+    }
+    let manual = {
+        let all: Vec<u8> = mem
+            .chunks(chunk)
+            .flat_map(|c| mem_hash(c).to_le_bytes())
+            .collect();
+        mem_hash(&all)
+    };
+    assert_eq!(mem_digest(&mem, page, None), manual);
+
+    // The destination wrote pages 0..64 and the last 3; everything else stayed zero.
+    let mut sparse = vec![0u8; len];
+    sparse[..chunk].copy_from_slice(&mem[..chunk]);
+    sparse[len - 3 * page..].copy_from_slice(&mem[len - 3 * page..]);
+    let written = DirtyBitmap::new((len / page) as u64);
+    written.set_range(0, 64);
+    written.set_range((len / page - 3) as u64, 3);
+    assert_eq!(
+        mem_digest(&sparse, page, Some(&written)),
+        mem_digest(&sparse, page, None)
+    );
+    // A byte changed in a written chunk changes the digest.
+    sparse[5] ^= 1;
+    assert_ne!(
+        mem_digest(&sparse, page, Some(&written)),
+        mem_digest(&mem[..], page, None)
+    );
 }
 
 /// Records each vectored write. With a `limit`, accepts at most that many bytes per call and
