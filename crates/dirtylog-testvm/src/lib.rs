@@ -40,6 +40,7 @@ pub mod memory;
 pub mod migrate;
 pub mod pc;
 pub mod perf;
+pub mod reaper;
 pub mod runner;
 pub mod selftest;
 pub mod target;

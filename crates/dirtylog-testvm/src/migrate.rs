@@ -78,7 +78,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::guest::{control, ports};
@@ -283,9 +282,6 @@ struct SourceInner {
     vcpus: u32,
     spec: StateSpec,
     vmm: Vec<Arc<DirtyBitmap>>,
-    /// The first error of the ring reaper.
-    reaper_error: Mutex<Option<String>>,
-    reaper_quit: AtomicBool,
     rate: Mutex<Option<u64>>,
     mailbox: Arc<Mailbox>,
     tracking: AtomicBool,
@@ -295,7 +291,7 @@ struct SourceInner {
 /// A running KVM guest to migrate away. See the [module docs](self).
 pub struct KvmSource {
     inner: Arc<SourceInner>,
-    reaper: Mutex<Option<JoinHandle<()>>>,
+    reaper: crate::reaper::Reaper,
     track_vmm: Arc<AtomicBool>,
 }
 
@@ -438,8 +434,6 @@ impl KvmSource {
             vcpus: cfg.vcpus,
             spec,
             vmm,
-            reaper_error: Mutex::new(None),
-            reaper_quit: AtomicBool::new(false),
             rate: Mutex::new(rate),
             mailbox,
             tracking: AtomicBool::new(false),
@@ -447,7 +441,7 @@ impl KvmSource {
         };
         Ok(KvmSource {
             inner: Arc::new(inner),
-            reaper: Mutex::new(None),
+            reaper: Default::default(),
             track_vmm,
         })
     }
@@ -498,18 +492,11 @@ impl KvmSource {
 
     /// Stop the guest and its threads; the first vCPU error, if any.
     pub fn shutdown(self) -> Result<(), VmError> {
-        self.stop_reaper();
+        self.reaper.stop();
         let r = lock(&self.inner.machine).runner().check();
         // Dropping the machine stops and joins the vCPU threads.
         drop(self);
         r.map_err(Into::into)
-    }
-
-    fn stop_reaper(&self) {
-        self.inner.reaper_quit.store(true, Ordering::Release);
-        if let Some(h) = lock(&self.reaper).take() {
-            let _ = h.join();
-        }
     }
 
     /// Pause every vCPU ([`Runner::pause`]): each parked out of `KVM_RUN`, or blocked on a
@@ -572,37 +559,9 @@ fn track_test_slots(
     Ok(tracker)
 }
 
-impl SourceInner {
-    /// Ring: harvest and reset every ring ([`KvmDirtyTracker::harvest_rings`]), then release
-    /// the vCPUs parked on a full ring, even after an error (the tracker resets what it
-    /// collected either way).
-    fn harvest_rings(&self) -> Result<(), VmError> {
-        let r = self.tracker.harvest_rings();
-        lock(&self.machine).runner().ring_reset_done();
-        r?;
-        Ok(())
-    }
-
-    fn reaper(&self, threshold: u32) {
-        while !self.reaper_quit.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(1));
-            // A vCPU parked on a full ring has at least the soft limit (entries - 64 > half)
-            // unharvested, so this also releases every vCPU blocked on its ring; a ring
-            // harvested while its vCPU was taking the exit has bumped the runner's ring
-            // generation, and that vCPU does not wait.
-            if self.tracker.rings_hold_at_least(threshold) {
-                if let Err(e) = self.harvest_rings() {
-                    lock(&self.reaper_error).get_or_insert(e.to_string());
-                    return;
-                }
-            }
-        }
-    }
-}
-
 impl Drop for KvmSource {
     fn drop(&mut self) {
-        self.stop_reaper();
+        self.reaper.stop();
     }
 }
 
@@ -660,13 +619,13 @@ impl DirtyTracker for KvmSource {
             return Err(e.into());
         }
         if let Some(entries) = self.inner.tracker.kind().ring_entries() {
-            self.inner.reaper_quit.store(false, Ordering::Release);
-            let inner = self.inner.clone();
-            let h = std::thread::Builder::new()
-                .name("ring-reaper".into())
-                .spawn(move || inner.reaper(entries / 2))
+            // Half full (QEMU's rule): a vCPU parked on a full ring has at least the soft
+            // limit (entries - 64 > half) unharvested, so this also releases every vCPU
+            // blocked on its ring.
+            let release = lock(&self.inner.machine).runner().ring_reset_notifier();
+            self.reaper
+                .start(self.inner.tracker.clone(), entries / 2, release)
                 .map_err(|e| err(format!("spawning the ring reaper: {e}")))?;
-            *lock(&self.reaper) = Some(h);
         }
         Ok(())
     }
@@ -687,7 +646,7 @@ impl DirtyTracker for KvmSource {
         if inner.tracker.kind().ring_entries().is_none() {
             return Ok(inner.tracker.harvest(t, out)?);
         }
-        if let Some(e) = lock(&inner.reaper_error).clone() {
+        if let Some(e) = self.reaper.error() {
             return Err(err(format!("the ring reaper failed: {e}")));
         }
         // Harvests and resets every ring: release vCPUs parked on a full one.
@@ -707,7 +666,7 @@ impl DirtyTracker for KvmSource {
         if !self.inner.tracking.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        self.stop_reaper();
+        self.reaper.stop();
         // Rings: the last harvest hands back what is left; no vCPU may stay blocked.
         let r = self.inner.tracker.stop();
         if self.inner.tracker.kind().ring_entries().is_some() {

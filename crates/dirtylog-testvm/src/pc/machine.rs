@@ -165,7 +165,7 @@ pub struct Pc {
     pub(super) tracking: AtomicBool,
     /// Bytes the guest transmitted on COM1 here (its progress, as far as a VMM can tell).
     pub(super) serial_bytes: Arc<AtomicU64>,
-    pub(super) reaper: super::reaper::Reaper,
+    pub(super) reaper: crate::reaper::Reaper,
     // Dropped last: the memslots' owner (the runner and tracker go first, in field order).
     pub(super) vm: KvmVm,
 }

@@ -4,7 +4,7 @@
 //! | engine trait | the PC's part |
 //! |---|---|
 //! | [`MigrationMemory`] | the RAM regions of the [memory map](super::machine) (no VMM writes: the VMM writes guest RAM only when loading the kernel, before any tracking) |
-//! | [`DirtyTracker`] | the VM's [`KvmDirtyTracker`], enabled when the PC was built; with rings, a [reaper](super::reaper) while tracking |
+//! | [`DirtyTracker`] | the VM's [`KvmDirtyTracker`], enabled when the PC was built; with rings, a [reaper](crate::reaper) while tracking |
 //! | [`Vcpus`], [`VcpuRestore`] | the runner's VMM-driven pause; the full vCPU state ([`VcpuSnapshot`]: registers, FPU/XSAVE, XCRs, debug registers, events, MP state, LAPIC, the saveable MSRs) saved and restored on each vCPU's own thread |
 //! | [`DeviceState`] | `serial0` (the UART, with queued input), `fw_cfg`, and `kvm-vm`: the in-kernel PIC, IOAPIC, PIT and kvmclock ([`VmSnapshot`]) |
 //!

@@ -9,7 +9,6 @@
 //!   ended the machine.
 //! - [`machine`]: the VM, its memory map, vCPUs and in-kernel irqchip and PIT ([`Pc`]).
 //! - [`migrate`]: a PC as a migration source and target, with its full vCPU and device state.
-//! - [`reaper`]: the dirty-ring reaper while migrating with rings.
 //! - [`run`]: running a kernel, migrating it on the guest's request or on a timer.
 
 pub mod bus;
@@ -18,7 +17,6 @@ pub mod machine;
 pub mod migrate;
 pub mod multiboot;
 pub mod pio;
-pub mod reaper;
 pub mod run;
 pub mod serial;
 pub mod testdev;

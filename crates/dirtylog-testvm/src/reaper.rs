@@ -1,7 +1,8 @@
-//! The ring reaper of a migrating PC: QEMU's reaper thread. While tracking with dirty rings,
-//! it harvests every ring whenever one is a quarter full (the threshold its owner gives)
-//! ([`KvmDirtyTracker::harvest_rings`]) and releases the vCPUs parked on a full ring, so that
-//! vCPUs rarely block between the engine's harvests.
+//! The dirty-ring reaper of a migration source (the demo's [`KvmSource`](crate::migrate::KvmSource)
+//! and the [`Pc`](crate::pc::Pc)): QEMU's reaper thread. While tracking with dirty rings, it
+//! harvests every ring ([`KvmDirtyTracker::harvest_rings`]) whenever one holds the threshold
+//! its owner gives, and releases the vCPUs parked on a full ring, so that vCPUs rarely block
+//! between the engine's harvests.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,8 +21,8 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    /// Start reaping `tracker`'s rings whenever one holds `threshold` entries; `release` tells
-    /// the vCPU threads a harvest and reset completed.
+    /// Start reaping `tracker`'s rings whenever one holds `threshold` entries (forgetting an
+    /// earlier run's error); `release` tells the vCPU threads a harvest and reset completed.
     pub fn start(
         &self,
         tracker: Arc<KvmDirtyTracker>,
@@ -29,6 +30,7 @@ impl Reaper {
         release: impl Fn() + Send + 'static,
     ) -> std::io::Result<()> {
         self.stop();
+        *lock(&self.error) = None;
         self.quit.store(false, Ordering::Release);
         let (quit, error) = (self.quit.clone(), self.error.clone());
         let h = std::thread::Builder::new()
