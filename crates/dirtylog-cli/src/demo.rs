@@ -118,9 +118,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     say("== dirtylog demo: live migration of a KVM guest between two processes on loopback");
     // Refuse bad options before starting the receiver.
     a.guest.config(&a.migration)?;
-    if let Some(k) = &a.guest.kernel.kernel {
-        std::fs::metadata(k).map_err(|e| format!("the kernel {}: {e}", k.display()))?;
-    }
+    a.guest.kernel.load()?;
     let receiver = ReceiverProcess::spawn(a.run_for_ms)?;
     let pid = receiver.child.id();
     let first = receiver.event(Instant::now() + Duration::from_secs(20))?;

@@ -20,7 +20,9 @@ const TIMEOUT_STATUS: u8 = 124;
 /// A kernel to boot instead of the built-in guest (`migrate send`, `demo`) or to run (`run`).
 #[derive(ClapArgs, Debug, Clone, Default)]
 pub struct KernelArgs {
-    /// A Multiboot v1 kernel (an ELF32 image, as for QEMU's -kernel) to run on the minimal PC.
+    /// A Multiboot v1 kernel (an ELF32 image, as for QEMU's -kernel) to run on the minimal PC,
+    /// or `builtin:NAME` for one of the project's test kernels (info, echo, smp, memtest, spin,
+    /// halt; see crates/dirtylog-testvm/kernels/README.md).
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
     /// The kernel's arguments (its command line is the kernel's path, then these).
@@ -44,8 +46,24 @@ impl KernelArgs {
         let Some(path) = &self.kernel else {
             return Ok(None);
         };
-        let image = std::fs::read(path)
-            .map_err(|e| format!("reading the kernel {}: {e}", path.display()))?;
+        let builtin = path.to_str().and_then(|p| p.strip_prefix("builtin:"));
+        let image = match builtin {
+            Some(name) => dirtylog_testvm::kernels::by_name(name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = dirtylog_testvm::kernels::ALL
+                        .iter()
+                        .map(|k| k.name)
+                        .collect();
+                    format!(
+                        "no built-in kernel {name:?}: use one of {}",
+                        names.join(", ")
+                    )
+                })?
+                .elf
+                .to_vec(),
+            None => std::fs::read(path)
+                .map_err(|e| format!("reading the kernel {}: {e}", path.display()))?,
+        };
         let mut cmdline = path.display().to_string();
         if !self.append.is_empty() {
             cmdline.push(' ');

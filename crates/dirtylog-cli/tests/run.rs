@@ -120,6 +120,21 @@ fn run_migrates_on_the_guests_request() {
 }
 
 #[test]
+fn run_takes_a_builtin_kernel_by_name() {
+    let _g = kvm();
+    let out = run(&["--kernel", "builtin:info", "--append", "exit=1"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("cmdline: builtin:info exit=1"));
+    let out = run(&["--kernel", "builtin:nope"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("use one of info, echo"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn run_refuses_a_file_that_is_not_a_multiboot_kernel() {
     let _g = kvm();
     let out = run(&["--kernel", EXE], b"");
