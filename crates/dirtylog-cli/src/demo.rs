@@ -162,6 +162,8 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     let mut failed = None;
     let mut first_writes = None;
     let kernel = a.guest.kernel.kernel.is_some();
+    // The guest's progress: the dirtier's writes, or the bytes a kernel wrote to its serial port.
+    let progress = if kernel { "serial bytes" } else { "writes" };
     while let Ok(e) = receiver.event(deadline) {
         match e["event"].as_str() {
             Some("completed") => {
@@ -169,7 +171,8 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
                 let r = &e["report"];
                 say(&format!(
                     "destination: received {} in {} rounds over {} connection(s); every \
-                     memslot's hash matched (checked in {} ms); guest resumed with {} writes done",
+                     memslot's hash matched (checked in {} ms); guest resumed with {} {progress} \
+                     done",
                     bytes(r["transferred"].as_u64().unwrap_or(0)),
                     r["rounds"],
                     r["connections"],
@@ -188,7 +191,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             Some("done") => {
                 ran = e["advanced"].as_bool().unwrap_or(false);
                 say(&format!(
-                    "destination: guest writes {} → {}: {}",
+                    "destination: guest {progress} {} → {}: {}",
                     first_writes.map_or("?".to_string(), |w| w.to_string()),
                     e["guest-writes"],
                     if ran {
