@@ -594,6 +594,20 @@ pub fn print_report(r: &SendReport, out: &mut dyn Write) -> std::io::Result<()> 
             f.stats.dirty_pages, f.stats.sent_pages, f.stats.zero_pages
         )?;
     }
+    let b = &r.downtime_breakdown;
+    let ms = |us: u64| us as f64 / 1000.0;
+    writeln!(
+        out,
+        "downtime breakdown: pause {:.1} ms · harvest {:.1} · vCPU and device state {:.1} · \
+         final round {:.1} (digest of all memory {:.1}, overlapped) · destination (state, \
+         check, resume, ack) {:.1}",
+        ms(b.pause),
+        ms(b.harvest),
+        ms(b.state),
+        ms(b.final_round),
+        ms(b.digest),
+        ms(b.destination)
+    )?;
     writeln!(
         out,
         "{:>5} {:>11} {:>10} {:>10} {:>12} {:>10} {:>9} {:>8} {:>16} {:>17} {:>8}",

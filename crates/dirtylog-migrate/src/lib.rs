@@ -156,7 +156,7 @@ pub use error::{MigrateError, VmError};
 pub use memory::{MigrationMemory, RegionBitmap, RegionMemory, SlotTable};
 pub use recv::{receive, receive_on, ReceiveConfig};
 pub use send::{send, send_on, Phase, Progress, SendConfig};
-pub use stats::{MigrationStats, ReceiveReport, RoundReport, SendReport};
+pub use stats::{DowntimeBreakdown, MigrationStats, ReceiveReport, RoundReport, SendReport};
 pub use transport::{connect, listen, Address, Listener, Stream, Transport};
 pub use vcpu::{Unsupported, VcpuRestore, Vcpus};
 pub use vm::{MigrationSource, MigrationTarget};

@@ -51,7 +51,7 @@ use crate::device::{DeviceSection, DeviceState};
 use crate::error::{code, MigrateError};
 use crate::guestmem;
 use crate::memory::{MigrationMemory, RegionMemory};
-use crate::stats::{MigrationStats, RoundReport, RoundStats, SendReport};
+use crate::stats::{DowntimeBreakdown, MigrationStats, RoundReport, RoundStats, SendReport};
 use crate::transport::{self, Address, Killer, RateLimiter, Transport};
 use crate::vcpu::{is_unsupported, Vcpus};
 use crate::vm::MigrationSource;
@@ -639,7 +639,9 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         let pause_start = Instant::now();
         source.vcpus().pause().map_err(MigrateError::vm("pause"))?;
         guard.paused = true;
+        let paused_at = Instant::now();
         let (harvest_time, pages) = self.harvest()?;
+        let harvested_at = Instant::now();
         let vcpus = source
             .vcpus()
             .save_state()
@@ -652,6 +654,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             )));
         }
         let devices = save_devices(source.devices())?;
+        let saved_at = Instant::now();
         self.stats.remaining = pages * self.sh.page_size;
         round += 1;
         let mems = self.sh.mems.clone();
@@ -659,7 +662,10 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         let hashes = std::thread::scope(|scope| {
             // The guest is paused: hash its memory while the final round goes out.
             let page = self.sh.page_size as usize;
-            let hasher = scope.spawn(move || hash_regions(&regions, &mems, page));
+            let hasher = scope.spawn(move || {
+                let t = Instant::now();
+                (hash_regions(&regions, &mems, page), t.elapsed())
+            });
             let sent = self.send_round(
                 ctl,
                 round,
@@ -674,6 +680,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 .map_err(|_| MigrateError::Config("hashing guest memory panicked".into()));
             sent.and(hashes)
         })?;
+        let (hashes, digest_time) = hashes;
+        let final_at = Instant::now();
         let device_count = devices.len();
         let control = Arc::new(Control {
             vcpus,
@@ -686,13 +694,21 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 return Err(ctl.wait_failure(self.sh));
             }
         }
-        ctl.wait_for(self.sh, ctl.queues.len(), |e| matches!(e, Event::Finished))?;
+        // The destination may acknowledge before every connection thread here has reported
+        // its end: its Ack then arrives first, and counts.
+        let mut acked = false;
+        ctl.wait_for(
+            self.sh,
+            ctl.queues.len(),
+            |e| matches!(e, Event::Finished),
+            Some(&mut acked),
+        )?;
         self.report(progress, Phase::WaitingForAck, round, 0, 0, true);
         let deadline = Instant::now() + self.sh.config.ack_timeout;
-        loop {
+        while !acked {
             let left = deadline.saturating_duration_since(Instant::now());
             match ctl.events.recv_timeout(left) {
-                Ok(Event::Reply(Reply::Ack(0))) => break,
+                Ok(Event::Reply(Reply::Ack(0))) => acked = true,
                 Ok(Event::Reply(reply)) => return Err(reply_error(reply)),
                 Ok(Event::Failed(e)) => return Err(e),
                 Ok(_) => {}
@@ -707,7 +723,17 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 }
             }
         }
-        self.stats.downtime = ms(pause_start.elapsed());
+        let acked_at = Instant::now();
+        let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let breakdown = DowntimeBreakdown {
+            pause: us(paused_at - pause_start),
+            harvest: us(harvested_at - paused_at),
+            state: us(saved_at - harvested_at),
+            final_round: us(final_at - saved_at),
+            digest: us(digest_time),
+            destination: us(acked_at - final_at),
+        };
+        self.stats.downtime = ms(acked_at - pause_start);
         self.stats.total_time = ms(self.sh.start.elapsed());
         self.stats.remaining = 0;
         let (bytes, normal, zero) = self.sh.counters.snapshot();
@@ -731,6 +757,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             page_size: self.sh.header.page_size(),
             total: self.sh.total_pages * self.sh.page_size,
             rounds: std::mem::take(&mut self.rounds),
+            downtime_breakdown: breakdown,
         })
     }
 
@@ -883,7 +910,12 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 return Err(ctl.wait_failure(self.sh));
             }
         }
-        ctl.wait_for(self.sh, ctl.queues.len(), |e| matches!(e, Event::RoundDone))?;
+        ctl.wait_for(
+            self.sh,
+            ctl.queues.len(),
+            |e| matches!(e, Event::RoundDone),
+            None,
+        )?;
         let send_time = t.elapsed();
         let (bytes, normal, zero) = self.sh.counters.snapshot();
         let round_bytes = bytes - before.0;
@@ -1057,11 +1089,14 @@ impl Conns {
 
     /// Wait for `count` events matching `want`, failing on the first failure, or when no
     /// byte has gone out for twice the I/O timeout (every blocking write is bounded by it).
+    /// With `acked`, the destination's `Ack(0)` may come first and sets it; any other reply
+    /// fails the wait.
     fn wait_for<S: MigrationSource>(
         &mut self,
         sender: &Shared<'_, S>,
         count: usize,
         want: impl Fn(&Event) -> bool,
+        mut acked: Option<&mut bool>,
     ) -> Result<(), MigrateError> {
         let mut seen = 0;
         let stall = sender.config.io_timeout * 2;
@@ -1070,6 +1105,11 @@ impl Conns {
         while seen < count {
             match self.events.recv_timeout(Duration::from_millis(100)) {
                 Ok(Event::Failed(e)) => return Err(e),
+                Ok(Event::Reply(Reply::Ack(0))) if acked.is_some() => {
+                    if let Some(a) = acked.as_deref_mut() {
+                        *a = true;
+                    }
+                }
                 Ok(Event::Reply(r)) => return Err(reply_error(r)),
                 Ok(e) if want(&e) => seen += 1,
                 Ok(_) => {}

@@ -74,6 +74,28 @@ pub struct RoundReport {
     pub is_final: bool,
 }
 
+/// Where the source's downtime went, in microseconds, phase by phase from the pause to the
+/// destination's acknowledgement (the phases add up to the downtime; `digest` runs inside
+/// `final_round`, on its own threads).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DowntimeBreakdown {
+    /// Stopping every vCPU ([`Vcpus::pause`](crate::Vcpus::pause)).
+    pub pause: u64,
+    /// The last harvest of the dirty log.
+    pub harvest: u64,
+    /// Saving the vCPU states and the device sections.
+    pub state: u64,
+    /// Sending the last dirty pages, while the source digests its paused memory.
+    pub final_round: u64,
+    /// The source's digest of all its memory ([`wire::mem_digest`](crate::wire::mem_digest)),
+    /// overlapped with `final_round`.
+    pub digest: u64,
+    /// From the end of the final round to the acknowledgement: the state, the digests, the
+    /// destination's restore, its check of the memory it wrote and its resume.
+    pub destination: u64,
+}
+
 /// What the source reports at the end of a successful migration.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -98,6 +120,9 @@ pub struct SendReport {
     pub total: u64,
     /// One row per round: the bulk pass, the pre-copy rounds and the final round.
     pub rounds: Vec<RoundReport>,
+    /// Where the downtime went (`downtime-breakdown-us`).
+    #[serde(rename = "downtime-breakdown-us")]
+    pub downtime_breakdown: DowntimeBreakdown,
 }
 
 /// What the destination reports once the guest runs.

@@ -34,6 +34,17 @@ fn check_success(
     assert_runs(name, || target_progress(&dst));
     let r = report.rounds.last().unwrap();
     assert!(r.is_final);
+    // The breakdown's phases follow one another from the pause to the acknowledgement, so
+    // they add up to the downtime (whole ms, truncated; each phase truncated to whole µs);
+    // the digest runs inside the final round.
+    let b = report.downtime_breakdown;
+    let sum = b.pause + b.harvest + b.state + b.final_round + b.destination;
+    assert!(
+        sum / 1000 <= report.stats.downtime && report.stats.downtime <= sum / 1000 + 1,
+        "{name}: {b:?} against {} ms",
+        report.stats.downtime
+    );
+    assert!(b.digest <= b.final_round, "{name}: {b:?}");
     eprintln!(
         "{name}: {} rounds, {} sent, {} zero, downtime {} ms, total {} ms, switchover {:?}, \
          throttle {}%",
@@ -190,4 +201,59 @@ fn heavy_switches_over_at_the_round_limit() {
     let report = check_success("heavy-round-limit", &src, sent, received);
     assert_eq!(report.switchover, SwitchoverReason::RoundLimit);
     assert_eq!(report.rounds.len(), 5, "bulk, 3 rounds, final");
+}
+
+/// A connection whose `flush` (after `Done`, at the end of every round) waits: the
+/// destination's acknowledgement then reaches the source before its own connection thread
+/// reports that it finished sending.
+struct SlowFlush(std::os::unix::net::UnixStream);
+
+impl std::io::Read for SlowFlush {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(b)
+    }
+}
+
+impl std::io::Write for SlowFlush {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn write_vectored(&mut self, b: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.write_vectored(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.0.flush()
+    }
+}
+
+impl dirtylog_migrate::Transport for SlowFlush {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        self.0.try_clone().map(SlowFlush)
+    }
+    fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        self.0.shutdown(how)
+    }
+}
+
+/// The acknowledgement may overtake the source's own "finished sending": the migration
+/// succeeds (before, the source took the early Ack for a failure and resumed its guest while
+/// the destination ran it too).
+#[test]
+fn an_acknowledgement_before_the_source_finished_sending_counts() {
+    use dirtylog_migrate::{receive_on, send_on};
+    let src = soft(layout(4, 1), 1, TrackerKind::DirtyLog, Workload::idle());
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (sent, received) = std::thread::scope(|s| {
+        let r = s.spawn(|| {
+            receive_on(b, Vec::new(), &Default::default(), |h| {
+                let vm = dirtylog_migrate::soft::SoftVm::target(h, TrackerKind::DirtyLog)?;
+                vm.keep_resume_image();
+                Ok(vm)
+            })
+        });
+        let sent = send_on(&src, vec![SlowFlush(a)], &send_config(1), &mut |_| {});
+        (sent, r.join().unwrap())
+    });
+    check_success("early-ack", &src, sent, received);
 }

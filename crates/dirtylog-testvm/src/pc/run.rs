@@ -99,6 +99,8 @@ pub struct MigrationRecord {
     pub bytes: u64,
     /// Rounds (bulk, iterations, final).
     pub rounds: usize,
+    /// Where the downtime went, µs.
+    pub downtime_breakdown_us: dirtylog_migrate::DowntimeBreakdown,
 }
 
 impl MigrationRecord {
@@ -110,6 +112,7 @@ impl MigrationRecord {
             downtime_ms: r.stats.downtime as f64,
             bytes: r.stats.transferred,
             rounds: r.rounds.len(),
+            downtime_breakdown_us: r.downtime_breakdown,
         }
     }
 }
