@@ -18,8 +18,9 @@ pub struct Args {
     guest: GuestArgs,
     #[command(flatten)]
     migration: MigrationArgs,
-    /// Milliseconds the destination runs the migrated guest, reporting its progress.
-    #[arg(long, default_value_t = 1000)]
+    /// Milliseconds the destination runs the migrated guest, reporting its progress (at most
+    /// a week).
+    #[arg(long, default_value_t = 1000, value_parser = crate::limits::millis)]
     run_for_ms: u64,
     /// Print one JSON document (the source's summary and the destination's events).
     #[arg(long)]

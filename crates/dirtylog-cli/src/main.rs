@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod limits;
 mod migrate;
 mod perf;
 mod run;

@@ -70,8 +70,8 @@ pub struct GuestArgs {
     /// memory, tracked in its own dirty bitmap); 0 = never.
     #[arg(long, default_value_t = 1000)]
     pub mailbox_every: u64,
-    /// Milliseconds the guest runs before the migration starts.
-    #[arg(long, default_value_t = 500)]
+    /// Milliseconds the guest runs before the migration starts (at most a week).
+    #[arg(long, default_value_t = 500, value_parser = crate::limits::millis)]
     pub warmup_ms: u64,
     /// Back guest memory with 4 KiB pages only (no MADV_HUGEPAGE): untouched memory then
     /// costs a page fault per 4 KiB when the bulk pass scans it.
@@ -112,17 +112,17 @@ pub struct MigrationArgs {
     #[arg(long, value_name = "ENTRIES")]
     pub ring_entries: Option<u32>,
     /// Switch over once the expected downtime (dirty bytes ÷ measured bandwidth) is at most
-    /// this many milliseconds.
-    #[arg(long, default_value_t = 300)]
+    /// this many milliseconds (at most a week).
+    #[arg(long, default_value_t = 300, value_parser = crate::limits::millis)]
     pub downtime_ms: u64,
     /// Limit on bytes per second over all connections, e.g. 100M (binary units).
     #[arg(long, value_name = "BYTES/S", value_parser = parse_size)]
     pub max_bandwidth: Option<u64>,
     /// TCP connections, each carrying a share of every round (1..=64).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::limits::connections)]
     pub connections: usize,
-    /// Most seconds from the start until switchover; then --on-timeout applies.
-    #[arg(long, default_value_t = 60)]
+    /// Most seconds from the start until switchover (1 to a week); then --on-timeout applies.
+    #[arg(long, default_value_t = 60, value_parser = crate::limits::seconds_nonzero)]
     pub timeout_s: u64,
     /// Most pre-copy rounds after the bulk pass; then --on-timeout applies.
     #[arg(long, default_value_t = 30)]
@@ -157,15 +157,16 @@ pub struct ReceiveArgs {
     /// Unix socket, created; the path must not exist).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// Seconds to wait for the sender to connect (0 = for ever).
-    #[arg(long, default_value_t = 120)]
+    /// Seconds to wait for the sender to connect (0 = for ever; else at most a week).
+    #[arg(long, default_value_t = 120, value_parser = crate::limits::seconds)]
     pub accept_timeout_s: u64,
-    /// Most seconds from the first connection to the guest running; after that the receiver
-    /// gives up and exits non-zero (the guest never ran).
-    #[arg(long, default_value_t = 300)]
+    /// Most seconds from the first connection to the guest running (1 to a week); after that
+    /// the receiver gives up and exits non-zero (the guest never ran).
+    #[arg(long, default_value_t = 300, value_parser = crate::limits::seconds_nonzero)]
     pub timeout_s: u64,
-    /// Milliseconds to run the migrated guest, reporting its progress, before exiting.
-    #[arg(long, default_value_t = 1000)]
+    /// Milliseconds to run the migrated guest, reporting its progress, before exiting (at
+    /// most a week).
+    #[arg(long, default_value_t = 1000, value_parser = crate::limits::millis)]
     pub run_for_ms: u64,
     /// Print JSON lines (listening, completed, samples, done) instead of text.
     #[arg(long)]

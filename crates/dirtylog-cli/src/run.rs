@@ -106,8 +106,9 @@ pub struct Args {
     /// At most this many migrations.
     #[arg(long, value_name = "N")]
     pub migrations: Option<u32>,
-    /// End the run after this many seconds if the guest has not ended it (exit status 124).
-    #[arg(long, value_name = "S")]
+    /// End the run after this many seconds (1 to a week) if the guest has not ended it
+    /// (exit status 124).
+    #[arg(long, value_name = "S", value_parser = crate::limits::seconds_nonzero)]
     pub time_limit_s: Option<u64>,
     #[command(flatten)]
     pub migration: MigrationArgs,

@@ -119,3 +119,50 @@ fn receiver_refuses_a_bad_stream_without_running_a_guest() {
     };
     assert_eq!(status.code(), Some(1));
 }
+
+/// Numbers too large for a clock, or a connection count the engine refuses, are refused when
+/// the arguments are read: no panic, no guest booted first.
+#[test]
+fn out_of_range_numbers_are_refused_up_front() {
+    for args in [
+        &[
+            "migrate",
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--accept-timeout-s",
+            "18446744073709551615",
+        ][..],
+        &[
+            "migrate",
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--timeout-s",
+            "18446744073709551615",
+        ][..],
+        &[
+            "migrate",
+            "send",
+            "--to",
+            "127.0.0.1:9",
+            "--connections",
+            "100000",
+        ][..],
+        &["migrate", "send", "--to", "127.0.0.1:9", "--timeout-s", "0"][..],
+        &[
+            "run",
+            "--kernel",
+            "builtin:halt",
+            "--time-limit-s",
+            "99999999999",
+        ][..],
+    ] {
+        let out = Command::new(EXE).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("invalid value"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing started");
+    }
+}
