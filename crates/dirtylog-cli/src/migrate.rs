@@ -168,9 +168,27 @@ pub struct ReceiveArgs {
     /// most a week).
     #[arg(long, default_value_t = 1000, value_parser = crate::limits::millis)]
     pub run_for_ms: u64,
+    /// Most guest memory to accept, e.g. 16G (binary units); a stream announcing more is
+    /// refused before any memory is allocated. Default: this host's physical memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
     /// Print JSON lines (listening, completed, samples, done) instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// This host's physical memory in bytes (`MemTotal` of /proc/meminfo), if known.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 pub fn run(cmd: Cmd) -> Result<ExitCode, String> {
@@ -763,10 +781,13 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
         },
         || format!("listening on {bound}"),
     );
-    let config = ReceiveConfig {
+    let mut config = ReceiveConfig {
         accept_timeout: (a.accept_timeout_s > 0).then(|| Duration::from_secs(a.accept_timeout_s)),
         ..ReceiveConfig::default()
     };
+    if let Some(max) = a.max_memory.or_else(host_memory) {
+        config.max_guest_memory = config.max_guest_memory.min(max);
+    }
     // The whole receive is bounded: past the deadline, exit without ever running the guest.
     let done = Arc::new(AtomicBool::new(false));
     let limit = Duration::from_secs(a.accept_timeout_s.max(1) + a.timeout_s.max(1));

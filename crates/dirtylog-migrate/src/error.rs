@@ -78,8 +78,13 @@ pub enum MigrateError {
         /// When: `before acknowledging`, ...
         when: &'static str,
     },
-    /// The other side reported an error and gave up.
-    #[error("the {side} reported an error (code {code}): {message}")]
+    /// The other side reported an error and gave up. Its message is the peer's text: shown
+    /// with every control character escaped (`\n`, `\u{1b}`, ...), so it cannot forge lines
+    /// or drive a terminal.
+    #[error(
+        "the {side} reported an error (code {code}): {}",
+        escape_controls(message)
+    )]
     Remote {
         /// `source` or `destination`.
         side: &'static str,
@@ -189,4 +194,45 @@ pub mod code {
     pub const HASH_MISMATCH: u32 = 3;
     /// The destination VM failed (creation, vCPU state, resume).
     pub const TARGET_FAILED: u32 = 4;
+}
+
+/// `s` with every control character (newlines and terminal escapes among them) written as
+/// its Rust escape, the rest as it is: for text a peer sent, before it reaches a terminal.
+pub fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_message_cannot_forge_lines_or_drive_the_terminal() {
+        let e = MigrateError::Remote {
+            side: "source",
+            code: 1,
+            message: "bad \"thing\"\nmigration completed\x1b[2J".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the source reported an error (code 1): bad \"thing\"\\nmigration completed\\u{1b}[2J"
+        );
+    }
+
+    #[test]
+    fn a_socket_timeout_says_so() {
+        for kind in [std::io::ErrorKind::WouldBlock, std::io::ErrorKind::TimedOut] {
+            let e = crate::wire::WireError::Io(std::io::Error::from(kind));
+            assert!(e.to_string().contains("timed out"), "{e}");
+            assert!(!e.to_string().contains("os error"), "{e}");
+        }
+    }
 }

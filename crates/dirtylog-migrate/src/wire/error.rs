@@ -12,8 +12,9 @@ use super::{
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
-    /// The underlying reader or writer failed.
-    #[error("I/O error: {0}")]
+    /// The underlying reader or writer failed (a read or write that timed out says so, not
+    /// "os error 11").
+    #[error("I/O error: {}", io_message(.0))]
     Io(#[from] io::Error),
     /// The stream ended in the middle of something; a stream that ends between two frames is
     /// not an error (see [`Decoder::next`](super::Decoder::next)).
@@ -223,4 +224,15 @@ pub enum WireError {
         /// The region's size.
         size: u64,
     },
+}
+
+/// An I/O error for people: a socket timeout (`EAGAIN`/`ETIMEDOUT` from a read or write with a
+/// timeout set) is named as one.
+fn io_message(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            "timed out: the peer sent or took nothing within the I/O timeout".to_string()
+        }
+        _ => e.to_string(),
+    }
 }
