@@ -478,6 +478,27 @@ impl VcpuSnapshot {
         })
     }
 
+    /// Refuse a state that carries an MSR this VM does not save itself (`spec.msrs`), before
+    /// anything is loaded: a blob that came over the network must not set arbitrary MSRs.
+    ///
+    /// ```
+    /// use dirtylog_kvm::{StateSpec, VcpuSnapshot};
+    /// # fn f(s: &VcpuSnapshot, spec: &StateSpec) {
+    /// if let Err(e) = s.check_msrs(spec) {
+    ///     eprintln!("refusing the vCPU state: {e}");
+    /// }
+    /// # }
+    /// ```
+    pub fn check_msrs(&self, spec: &StateSpec) -> Result<()> {
+        match self.msrs.iter().find(|(i, _)| !spec.msrs.contains(i)) {
+            None => Ok(()),
+            Some((i, _)) => Err(Error::VcpuBlob(format!(
+                "vCPU {}'s state sets MSR {i:#x}, which this VM does not migrate",
+                self.vcpu_id
+            ))),
+        }
+    }
+
     /// Load this state into the vCPU behind `fd`, which must not be running and must have its
     /// CPUID set (and an in-kernel LAPIC if this state has one), in the order of the
     /// [module docs](self#restore-order). Errors name the ioctl, or the MSR the kernel refused.

@@ -759,6 +759,8 @@ pub struct KvmTarget {
     mems: Vec<Arc<GuestMemory>>,
     sys: Arc<GuestMemory>,
     vcpu_count: u32,
+    /// What a source of this kind saves: incoming vCPU states may set only these MSRs.
+    spec: StateSpec,
     resumed: AtomicBool,
     start_paused: bool,
 }
@@ -806,6 +808,7 @@ impl KvmTarget {
             )));
         }
         let mut vm = KvmVm::new()?;
+        let spec = StateSpec::probe(vm.kvm())?;
         let mut mems = Vec::with_capacity(regions.len());
         for r in &regions {
             let size = usize::try_from(r.size).map_err(|_| err("region too large"))?;
@@ -839,6 +842,7 @@ impl KvmTarget {
             regions,
             mems,
             vcpu_count: vcpus,
+            spec,
             resumed: AtomicBool::new(false),
             start_paused: opts.start_paused,
         })
@@ -1007,6 +1011,7 @@ impl VcpuRestore for KvmTarget {
                 s.vcpu_id
             )));
         }
+        s.check_msrs(&self.spec)?;
         let rate = match s.vmm_section(PACING_SECTION) {
             Some(b) => decode_pacing(b)?,
             None => None,

@@ -100,6 +100,14 @@ fn state_loads_into_a_fresh_vcpu() {
         .unwrap()
         .unwrap();
 
+    // A state carrying an MSR this VM does not migrate is refused before it is loaded.
+    s.check_msrs(&spec).unwrap();
+    let mut forged = s.clone();
+    forged.msrs.push((0x3b, 1 << 40)); // IA32_TSC_ADJUST, not in the harness's list
+    assert!(!spec.msrs.contains(&0x3b));
+    let e = forged.check_msrs(&spec).unwrap_err();
+    assert!(e.to_string().contains("MSR 0x3b"), "{e}");
+
     let mut vm = KvmVm::new().unwrap();
     let v = vm.create_vcpu().unwrap();
     x86::setup_long_mode(vm.kvm(), v.fd()).unwrap();

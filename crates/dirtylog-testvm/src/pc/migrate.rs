@@ -268,6 +268,7 @@ impl VcpuRestore for Pc {
         if vcpu_id >= self.cfg.smp {
             return Err(err(format!("no vCPU {vcpu_id} here")));
         }
+        s.check_msrs(&self.spec)?;
         lock(&self.runner).with_paused_vcpu(vcpu_id as usize, move |fd| s.restore(fd))??;
         Ok(())
     }
