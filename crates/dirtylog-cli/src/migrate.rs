@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use dirtylog_migrate::{
-    listen, receive, send, Address, AutoConverge, MigrateError, Phase, Progress, ReceiveConfig,
-    ReceiveReport, SendConfig, SendReport, TimeoutPolicy, TrackerKind,
+    listen, receive, send, Address, AutoConverge, DirtyTracker, MigrateError, MigrationSource,
+    Phase, Progress, ReceiveConfig, ReceiveReport, SendConfig, SendReport, TimeoutPolicy,
+    TrackerKind,
 };
 use dirtylog_testvm::migrate::{GuestConfig, KvmSource, TargetOptions};
 use dirtylog_testvm::target::AnyTarget;
@@ -257,9 +258,7 @@ impl GuestArgs {
 
 impl MigrationArgs {
     pub fn config(&self) -> Result<SendConfig, String> {
-        if self.timeout_s == 0 {
-            return Err("--timeout-s must be at least 1: a migration is always bounded".into());
-        }
+        // --timeout-s is at least 1 s (crate::limits): a migration is always bounded.
         Ok(SendConfig {
             connections: self.connections,
             downtime_limit: Duration::from_millis(self.downtime_ms),
@@ -456,17 +455,38 @@ pub fn migrate_guest(
         "source: guest writes {rate:.0} pages/s; migrating to {to} over {} connection(s)",
         config.connections
     ));
+    let mut summary = send_and_summarize(&src, guest, &config, to, show_progress, |s| {
+        s.guest_writes()
+    });
+    summary.source_mailbox_served = src.mailbox_served();
+    if let Err(e) = src.shutdown() {
+        say(&format!("source: stopping the guest: {e}"));
+    }
+    Ok(summary)
+}
+
+/// Migrate `src` to `to` with a progress bar, and summarize; `progress` reads the guest's
+/// progress (writes, or serial bytes), which the summary shows at the end and, after a
+/// failure, again 200 ms later (the source guest was resumed and runs on).
+fn send_and_summarize<S: MigrationSource>(
+    src: &S,
+    guest: &GuestArgs,
+    config: &SendConfig,
+    to: Address,
+    show_progress: bool,
+    progress: impl Fn(&S) -> u64,
+) -> SendSummary {
     let mut view = ProgressView::new(show_progress);
-    let result = send(&src, to.clone(), &config, &mut |p| view.update(p));
+    let result = send(src, to.clone(), config, &mut |p| view.update(p));
     view.finish();
     let mut summary = SendSummary {
         status: "completed",
-        tracker: cfg.tracker.name(),
+        tracker: src.tracker().kind().name(),
         guest: GuestSummary::of(guest),
         migration: None,
         error: None,
-        source_writes: src.guest_writes(),
-        source_mailbox_served: src.mailbox_served(),
+        source_writes: progress(src),
+        source_mailbox_served: 0,
         source_writes_after: None,
         source_serial_bytes: None,
     };
@@ -475,15 +495,11 @@ pub fn migrate_guest(
         Err(e) => {
             summary.status = "failed";
             summary.error = Some(explain(&e, &to));
-            // The guest was resumed (or never stopped): show that it runs.
             std::thread::sleep(Duration::from_millis(200));
-            summary.source_writes_after = Some(src.guest_writes());
+            summary.source_writes_after = Some(progress(src));
         }
     }
-    if let Err(e) = src.shutdown() {
-        say(&format!("source: stopping the guest: {e}"));
-    }
-    Ok(summary)
+    summary
 }
 
 /// A console that hands the guest's serial output to `line`, a line at a time (or every 64
@@ -546,29 +562,8 @@ fn migrate_pc(
         guest.warmup_ms,
         config.connections
     ));
-    let mut view = ProgressView::new(show_progress);
-    let result = send(&src, to.clone(), &config, &mut |p| view.update(p));
-    view.finish();
-    let mut summary = SendSummary {
-        status: "completed",
-        tracker: cfg.tracker.name(),
-        guest: GuestSummary::of(guest),
-        migration: None,
-        error: None,
-        source_writes: src.serial_bytes(),
-        source_mailbox_served: 0,
-        source_writes_after: None,
-        source_serial_bytes: Some(src.serial_bytes()),
-    };
-    match result {
-        Ok(report) => summary.migration = Some(report),
-        Err(e) => {
-            summary.status = "failed";
-            summary.error = Some(explain(&e, &to));
-            std::thread::sleep(Duration::from_millis(200));
-            summary.source_writes_after = Some(src.serial_bytes());
-        }
-    }
+    let mut summary = send_and_summarize(&src, guest, &config, to, show_progress, Pc::serial_bytes);
+    summary.source_serial_bytes = Some(summary.source_writes);
     if let Err(e) = src.shutdown() {
         say(&format!("source: stopping the guest: {e}"));
     }

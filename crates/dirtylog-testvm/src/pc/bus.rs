@@ -43,15 +43,8 @@ impl std::fmt::Display for PcExit {
     }
 }
 
-/// Events of a PC its owner waits on: the guest's end. (Serial output is the console's.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PcEvent {
-    /// The guest ended the machine.
-    Exit(PcExit),
-}
-
-/// Where a PC's events go (called on the vCPU thread that caused them).
-pub type EventSink = Arc<dyn Fn(PcEvent) + Send + Sync>;
+/// Where a PC tells how the guest ended it (called once, on the vCPU thread that saw the end).
+pub type ExitSink = Arc<dyn Fn(PcExit) + Send + Sync>;
 
 /// The PC's device bus: port I/O to [`PioBus`], unbacked MMIO read as all-ones and ignored
 /// (each page logged once), the machine's end sent to the owner.
@@ -60,7 +53,7 @@ pub struct PcBus {
     log: Box<dyn Fn(&str) + Send + Sync>,
     mmio_seen: Mutex<BTreeSet<u64>>,
     exit: Mutex<Option<PcExit>>,
-    events: Mutex<Option<EventSink>>,
+    events: Mutex<Option<ExitSink>>,
     mmio_exits: AtomicU64,
 }
 
@@ -91,10 +84,10 @@ impl PcBus {
     }
 
     /// Send the machine's end to `sink` (at once if it already ended).
-    pub fn set_events(&self, sink: EventSink) {
+    pub fn on_exit(&self, sink: ExitSink) {
         let exit = lock(&self.exit).clone();
         if let Some(e) = exit {
-            sink(PcEvent::Exit(e));
+            sink(e);
         }
         *lock(&self.events) = Some(sink);
     }
@@ -119,7 +112,7 @@ impl PcBus {
         }
         let sink = lock(&self.events).clone();
         if let Some(sink) = sink {
-            sink(PcEvent::Exit(e));
+            sink(e);
         }
     }
 

@@ -34,7 +34,7 @@ use dirtylog_migrate::{TrackerKind, VmError};
 use kvm_bindings::{kvm_pit_config, kvm_segment, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd};
 
-use super::bus::{EventSink, PcBus};
+use super::bus::{ExitSink, PcBus};
 use super::fw_cfg::FwCfg;
 use super::multiboot::{self, LoadOptions, BOOTLOADER_MAGIC};
 use super::pio::PioBus;
@@ -435,8 +435,8 @@ impl Pc {
     }
 
     /// Send the machine's end to `sink` (at once if it already ended).
-    pub fn set_events(&self, sink: EventSink) {
-        self.bus.set_events(sink);
+    pub fn on_exit(&self, sink: ExitSink) {
+        self.bus.on_exit(sink);
     }
 
     /// Queue `bytes` on COM1's receive side.

@@ -21,7 +21,7 @@ pub mod run;
 pub mod serial;
 pub mod testdev;
 
-pub use bus::{PcEvent, PcExit};
+pub use bus::PcExit;
 pub use machine::{is_pc_stream, Console, Log, Pc, PcConfig};
 pub use run::{
     run, MigrateMode, MigrationRecord, RunConfig, RunEnd, RunReport, SerialInput, Trigger,

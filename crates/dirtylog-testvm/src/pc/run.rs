@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use dirtylog::sync::lock;
 use dirtylog_migrate::{receive_on, send_on, ReceiveConfig, SendConfig, SendReport, VmError};
 
-use super::bus::{PcBus, PcEvent, PcExit};
+use super::bus::{PcBus, PcExit};
 use super::machine::{err, Console, Log, Pc, PcConfig};
 
 /// When a run migrates its guest. See the [module docs](self).
@@ -164,7 +164,8 @@ pub struct RunReport {
 /// What the console, the PCs and the timer tell the run.
 #[derive(Debug)]
 enum Ev {
-    Pc(PcEvent),
+    /// The guest ended its machine.
+    Exit(PcExit),
     Request,
     Skip,
     BeginContinuous,
@@ -242,8 +243,8 @@ fn console(out: Box<dyn Write + Send>, tx: Sender<Ev>) -> Console {
 
 fn watch(pc: &Pc, tx: &Sender<Ev>) {
     let tx = Mutex::new(tx.clone());
-    pc.set_events(Arc::new(move |e| {
-        let _ = lock(&tx).send(Ev::Pc(e));
+    pc.on_exit(Arc::new(move |e| {
+        let _ = lock(&tx).send(Ev::Exit(e));
     }));
 }
 
@@ -458,7 +459,7 @@ impl RunState<'_> {
             };
             let Some(ev) = ev else { continue };
             match ev {
-                Ev::Pc(PcEvent::Exit(e)) => return Ok(RunEnd::Exit(e)),
+                Ev::Exit(e) => return Ok(RunEnd::Exit(e)),
                 Ev::Request => {
                     if on_request && self.may_migrate() {
                         self.migrate(Trigger::Request, on_migration)?;
