@@ -328,7 +328,8 @@ impl ProgressView {
                 Phase::Bulk => "bulk".to_string(),
                 Phase::Iterating => format!("round {}", p.round),
                 Phase::Switchover => "switchover".to_string(),
-                Phase::WaitingForAck => "hash check".to_string(),
+                Phase::WaitingForAck => "checking".to_string(),
+                Phase::Verifying => "verifying".to_string(),
                 Phase::Completed => "done".to_string(),
             });
         }
@@ -608,20 +609,45 @@ pub fn print_report(r: &SendReport, out: &mut dyn Write) -> std::io::Result<()> 
             f.stats.dirty_pages, f.stats.sent_pages, f.stats.zero_pages
         )?;
     }
-    let b = &r.downtime_breakdown;
     let ms = |us: u64| us as f64 / 1000.0;
+    let phases = |b: &dirtylog_migrate::DowntimeBreakdown| {
+        format!(
+            "pause {:.1} · state {:.1} · final-round {:.1} · verify {:.1} · resume {:.1}",
+            ms(b.pause),
+            ms(b.state),
+            ms(b.final_round),
+            ms(b.verify),
+            ms(b.resume)
+        )
+    };
     writeln!(
         out,
-        "downtime breakdown: pause {:.1} ms · harvest {:.1} · vCPU and device state {:.1} · \
-         final round {:.1} (digest of all memory {:.1}, overlapped) · destination (state, \
-         check, resume, ack) {:.1}",
-        ms(b.pause),
-        ms(b.harvest),
-        ms(b.state),
-        ms(b.final_round),
-        ms(b.digest),
-        ms(b.destination)
+        "downtime {} ms (ms: {}); expected {} ms (ms: {})",
+        s.downtime,
+        phases(&r.downtime_breakdown),
+        s.expected_downtime,
+        phases(&r.expected_downtime_breakdown)
     )?;
+    match r.verify {
+        dirtylog_migrate::Verify::Strict => writeln!(
+            out,
+            "verify strict: every byte checked before the destination resumed"
+        )?,
+        dirtylog_migrate::Verify::Background => writeln!(
+            out,
+            "verify background: every byte checked {} ms after the destination resumed, \
+             before the source let go",
+            r.verify_time
+        )?,
+        dirtylog_migrate::Verify::Off => writeln!(out, "verify off: memory not checked")?,
+    }
+    if r.downtime_limit_exceeded {
+        writeln!(
+            out,
+            "downtime {} ms EXCEEDED the limit of {} ms (expected {} ms)",
+            s.downtime, r.downtime_limit, s.expected_downtime
+        )?;
+    }
     writeln!(
         out,
         "{:>5} {:>11} {:>10} {:>10} {:>12} {:>10} {:>9} {:>8} {:>16} {:>17} {:>8}",

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::stats::DowntimeBreakdown;
+
 /// What to do when pre-copy hits the round limit or the timeout without converging.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -27,6 +29,48 @@ pub fn expected_downtime(remaining_bytes: u64, bandwidth: f64) -> Duration {
         return Duration::MAX;
     }
     Duration::try_from_secs_f64(remaining_bytes as f64 / bandwidth).unwrap_or(Duration::MAX)
+}
+
+/// What the blackout costs besides sending the last dirty pages, each measured on this run
+/// (by a probe at setup: pause, save every state, resume).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BlackoutCosts {
+    /// Stopping every vCPU.
+    pub pause: Duration,
+    /// Saving the vCPU states and device sections.
+    pub state: Duration,
+    /// Resuming the vCPUs; the destination's restore is taken to cost what the save did.
+    pub resume: Duration,
+    /// Bytes per second of the source's full-memory digest (strict verification only).
+    pub digest_rate: Option<f64>,
+}
+
+/// The expected downtime, phase by phase ([`DowntimeBreakdown`], microseconds): the probe's
+/// pause, state and resume (plus a restore as long as the save), the last harvest's time plus
+/// `remaining_bytes` at `bandwidth`, and — when `digest_bytes` must be digested in the
+/// blackout — whatever of the digest the final round does not hide.
+pub fn expected_breakdown(
+    costs: &BlackoutCosts,
+    harvest: Duration,
+    remaining_bytes: u64,
+    bandwidth: f64,
+    digest_bytes: u64,
+) -> DowntimeBreakdown {
+    let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+    let final_round = harvest.saturating_add(expected_downtime(remaining_bytes, bandwidth));
+    let verify = match costs.digest_rate {
+        Some(rate) if digest_bytes > 0 => {
+            expected_downtime(digest_bytes, rate).saturating_sub(final_round)
+        }
+        _ => Duration::ZERO,
+    };
+    DowntimeBreakdown {
+        pause: us(costs.pause),
+        state: us(costs.state),
+        final_round: us(final_round),
+        verify: us(verify),
+        resume: us(costs.resume.saturating_add(costs.state)),
+    }
 }
 
 /// Pages dirtied per second: `pages` found dirty by a harvest `elapsed` after the previous one
@@ -201,6 +245,34 @@ mod tests {
             Duration::from_nanos(97_656_250)
         );
         assert_eq!(expected_downtime(300_000_000, 1e9), 300 * MS);
+    }
+
+    #[test]
+    fn the_expected_downtime_counts_every_blackout_phase() {
+        let costs = BlackoutCosts {
+            pause: 2 * MS,
+            state: 5 * MS,
+            resume: MS,
+            digest_rate: None,
+        };
+        // 100 MB at 1 GB/s: 100 ms, after a 3 ms harvest.
+        let b = expected_breakdown(&costs, 3 * MS, 100_000_000, 1e9, 1 << 30);
+        assert_eq!(
+            (b.pause, b.state, b.final_round, b.verify, b.resume),
+            (2_000, 5_000, 103_000, 0, 6_000)
+        );
+        assert_eq!(b.total(), 116_000);
+        // Strict: 1 GB digested at 5 GB/s = 200 ms, of which the final round hides 103.
+        let strict = BlackoutCosts {
+            digest_rate: Some(5e9),
+            ..costs
+        };
+        let b = expected_breakdown(&strict, 3 * MS, 100_000_000, 1e9, 1_000_000_000);
+        assert_eq!(b.verify, 97_000);
+        assert_eq!(b.total(), 213_000);
+        // Nothing left to send still pays the fixed phases.
+        let b = expected_breakdown(&costs, Duration::ZERO, 0, 0.0, 0);
+        assert_eq!(b.total(), 13_000);
     }
 
     #[test]

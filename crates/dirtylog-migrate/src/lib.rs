@@ -135,6 +135,7 @@
 
 pub mod convergence;
 pub mod device;
+pub mod digest;
 pub mod error;
 mod guestmem;
 pub mod memory;
@@ -150,6 +151,7 @@ pub mod wire;
 
 pub use convergence::{AutoConverge, SwitchoverReason, TimeoutPolicy};
 pub use device::{DeviceSection, DeviceState};
+pub use digest::Verify;
 pub use dirtylog::bitmap::VmmBitmap;
 pub use dirtylog::{DirtyTracker, TrackerError, TrackerKind};
 pub use error::{MigrateError, VmError};

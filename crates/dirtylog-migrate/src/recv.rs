@@ -21,14 +21,20 @@
 //!
 //! **Switchover.** After the last round, connection 0 carries the vCPU states, then the device
 //! sections (each validated, unique by name, handed to the target's
-//! [`DeviceState::restore_device`](crate::DeviceState::restore_device)), then one digest per
-//! region ([`wire::mem_digest`]) and `Done`. The check reads only the chunks some frame wrote
-//! (the rest is still the zero-filled memory the target started with), on every core; the
-//! source digests every byte of its paused memory, overlapped with the final round.
+//! [`DeviceState::restore_device`](crate::DeviceState::restore_device)), then either
+//! - one digest per region ([`mem_digest`](crate::digest::mem_digest)) and `Done`
+//!   ([`Verify::Strict`]): the digests are checked, then the guest resumed; or
+//! - `Resume` ([`Verify::Background`] or [`Verify::Off`]): the guest is resumed at once and
+//!   `Resumed` sent back; then the digests (if any) and `Done` follow and are checked while
+//!   the guest runs.
+//!
+//! The check never reads guest memory: a [`DigestTable`] per region records each page's hash
+//! as its frame lands, so it describes the memory as it arrived, whatever the guest has
+//! written since it resumed.
 //!
 //! **Failure.** Any error stops every thread, is reported to the source in an `Error` frame
-//! (unless the source itself gave up), and is returned; the target is dropped without ever
-//! being resumed.
+//! (unless the source itself gave up), and is returned; the target is dropped — stopped, if
+//! it had been resumed for a background check — before the source hears of it.
 
 use std::collections::HashSet;
 use std::io::BufReader;
@@ -39,6 +45,7 @@ use dirtylog::sync::lock;
 use dirtylog::DirtyBitmap;
 use std::time::{Duration, Instant};
 
+use crate::digest::{DigestTable, Verify};
 use crate::error::{code, MigrateError, VmError};
 use crate::guestmem;
 use crate::memory::{MigrationMemory, RegionMemory};
@@ -49,7 +56,7 @@ use crate::vcpu::VcpuRestore;
 use crate::vm::MigrationTarget;
 use crate::wire::{
     self, Decoder, Encoder, GuestMemoryMut, Message, PageRange, StreamHeader, WireError,
-    MAX_CONNECTIONS, MAX_DEVICE_SECTIONS, MAX_GUEST_MEMORY,
+    MAX_CONNECTIONS, MAX_DEVICE_SECTIONS, MAX_GUEST_MEMORY, RESUME_THEN_VERIFY,
 };
 
 /// Read buffer per connection.
@@ -169,9 +176,17 @@ where
         what: "setting up the reply channel".into(),
         source,
     });
-    let result = reply.and_then(|reply| {
+    let result = reply.and_then(|mut reply| {
         let _ = killer.add(&first);
-        let outcome = receive_inner(first, config, make_target, &mut next, &killer, start);
+        let outcome = receive_inner(
+            first,
+            config,
+            make_target,
+            &mut next,
+            &killer,
+            &mut reply,
+            start,
+        );
         finish(outcome, reply)
     });
     killer.kill();
@@ -224,12 +239,14 @@ fn finish<T, C: Transport>(
 
 type Outcome<T> = Result<(T, ReceiveReport, StreamHeader), (MigrateError, Option<StreamHeader>)>;
 
+#[allow(clippy::too_many_arguments)]
 fn receive_inner<C, T, F>(
     first: C,
     config: &ReceiveConfig,
     make_target: F,
     next: &mut dyn FnMut(usize) -> Result<C, MigrateError>,
     killer: &Killer,
+    reply: &mut C,
     start: Instant,
 ) -> Outcome<T>
 where
@@ -316,7 +333,7 @@ where
         target: &target,
         mems,
         claims: claim_bitmaps(&header),
-        written: claim_bitmaps(&header),
+        digests: digest_tables(&header),
         fence: Fence::new(n as usize),
         killer,
         failure: Mutex::new(None),
@@ -324,7 +341,7 @@ where
         normal: AtomicU64::new(0),
         zero: AtomicU64::new(0),
     };
-    let outcomes: Vec<Option<ConnOutcome>> = std::thread::scope(|scope| {
+    let mut outcomes: Vec<Option<(ConnOutcome, Input<C>)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = inputs
             .into_iter()
             .enumerate()
@@ -351,7 +368,7 @@ where
         return Err(fail(e));
     }
     let done_at = Instant::now();
-    let Some(Some(control)) = outcomes.first() else {
+    let Some(Some((control, _))) = outcomes.first() else {
         return Err(fail(MigrateError::protocol(
             0,
             "connection thread ended without a result",
@@ -360,7 +377,7 @@ where
     let rounds = control.rounds;
     for (i, o) in outcomes.iter().enumerate() {
         match o {
-            Some(o) if o.rounds == rounds => {}
+            Some((o, _)) if o.rounds == rounds => {}
             _ => {
                 return Err(fail(MigrateError::protocol(
                     i,
@@ -371,42 +388,78 @@ where
             }
         }
     }
+    let Some(Some((control, mut input))) = outcomes.get_mut(0).map(Option::take) else {
+        return Err(fail(MigrateError::protocol(0, "connection 0 vanished")));
+    };
+    drop(outcomes);
     let missing_vcpu = control.vcpus.iter().position(|&seen| !seen);
     if let Some(id) = missing_vcpu {
         return Err(fail(MigrateError::protocol(
             0,
-            format!("Done without the state of vCPU {id}"),
+            format!("switchover without the state of vCPU {id}"),
         )));
     }
 
-    // Every thread has ended: the memory is ours alone. Check it against the source.
+    let mut hashes = control.hashes;
+    let (verify, verify_start) = match control.resume {
+        None => (Verify::Strict, Instant::now()),
+        Some((mode, resume_at)) => {
+            // Every connection thread has ended: no frame writes guest memory any more.
+            target
+                .vcpus()
+                .resume()
+                .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
+            let resume_us = micros(resume_at.elapsed());
+            let verify_start = Instant::now();
+            let mut enc = Encoder::back_channel(&mut *reply, header.clone());
+            // If the source cannot hear this, it will not let go of the guest: stop ours
+            // (returning drops the target).
+            enc.send(Message::Resumed { resume_us })
+                .and_then(|()| enc.flush())
+                .map_err(|e| fail(MigrateError::wire(0)(e)))?;
+            let verify = if mode == RESUME_THEN_VERIFY {
+                Verify::Background
+            } else {
+                Verify::Off
+            };
+            let before = input.position();
+            let read = read_digests(&mut input, &header, &mut hashes, verify);
+            shared
+                .bytes
+                .fetch_add(input.position() - before, Ordering::Relaxed);
+            read.map_err(fail)?;
+            (verify, verify_start)
+        }
+    };
+    drop(input);
+
+    // Check the memory as it arrived against the source's paused memory.
     let t = Instant::now();
-    for (i, region) in header.regions().iter().enumerate() {
-        let Some(expected) = control.hashes[i] else {
-            return Err(fail(MigrateError::protocol(
-                0,
-                format!("Done without the hash of slot {}", region.slot),
-            )));
-        };
-        // SAFETY: every connection thread has been joined and the guest has not run: nobody
-        // writes the region while we read it (the `MigrationTarget` memory contract).
-        let bytes = unsafe { guestmem::frozen(shared.mems[i]) };
-        // Chunks no frame wrote are still zero: only the written ones are read.
-        let page = header.page_size() as usize;
-        let actual = wire::mem_digest(bytes, page, Some(&shared.written[i]));
-        if actual != expected {
-            return Err(fail(MigrateError::HashMismatch {
-                slot: region.slot,
-                expected,
-                actual,
-            }));
+    if verify != Verify::Off {
+        for (i, region) in header.regions().iter().enumerate() {
+            let Some(expected) = hashes[i] else {
+                return Err(fail(MigrateError::protocol(
+                    0,
+                    format!("Done without the hash of slot {}", region.slot),
+                )));
+            };
+            let actual = shared.digests[i].digest();
+            if actual != expected {
+                return Err(fail(MigrateError::HashMismatch {
+                    slot: region.slot,
+                    expected,
+                    actual,
+                }));
+            }
         }
     }
     let hash_check_time = t.elapsed();
-    target
-        .vcpus()
-        .resume()
-        .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
+    if verify == Verify::Strict {
+        target
+            .vcpus()
+            .resume()
+            .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
+    }
     let report = ReceiveReport {
         total_time: ms(start.elapsed()),
         transferred: shared.bytes.load(Ordering::Relaxed),
@@ -415,11 +468,63 @@ where
         rounds,
         connections: n as usize,
         devices: control.devices,
+        verify,
         hash_check_time: ms(hash_check_time),
+        verify_after_resume_time: match verify {
+            Verify::Strict => 0,
+            _ => ms(verify_start.elapsed()),
+        },
         resume_time: ms(done_at.elapsed()),
     };
     drop(shared);
     Ok((target, report, header))
+}
+
+/// After `Resume`, on connection 0: one `MemHash` per region and `Done` ([`Verify::Background`]),
+/// or `Done` alone ([`Verify::Off`]). Nothing may touch guest memory any more.
+fn read_digests<C: Transport>(
+    input: &mut Input<C>,
+    header: &StreamHeader,
+    hashes: &mut [Option<u64>],
+    verify: Verify,
+) -> Result<(), MigrateError> {
+    loop {
+        match input.next(&mut ()).map_err(MigrateError::wire(0))? {
+            Some(Message::MemHash { slot, hash }) if verify == Verify::Background => {
+                let (index, _) = header.region(slot).map_err(MigrateError::wire(0))?;
+                if hashes[index].replace(hash).is_some() {
+                    return Err(MigrateError::protocol(
+                        0,
+                        format!("hash of slot {slot} sent twice"),
+                    ));
+                }
+            }
+            Some(Message::Done) => return Ok(()),
+            Some(Message::Cancel) => return Err(MigrateError::Cancelled),
+            Some(Message::Error { code, message }) => {
+                return Err(MigrateError::Remote {
+                    side: "source",
+                    code,
+                    message: message.into(),
+                })
+            }
+            Some(other) => {
+                return Err(MigrateError::protocol(
+                    0,
+                    format!(
+                        "unexpected {} after Resume (verify {verify})",
+                        frame_name(&other)
+                    ),
+                ))
+            }
+            None => {
+                return Err(MigrateError::wire(0)(WireError::Truncated {
+                    offset: input.position(),
+                    what: "stream before its Done frame",
+                }))
+            }
+        }
+    }
 }
 
 /// The Hello frame that must follow the header on every connection.
@@ -497,6 +602,16 @@ fn target_memory<T: MigrationTarget>(
         .collect()
 }
 
+fn digest_tables(header: &StreamHeader) -> Vec<DigestTable> {
+    let page = u64::from(header.page_size());
+    header
+        .regions()
+        .iter()
+        // In range (below MAX_GUEST_MEMORY): fits in usize on 64-bit hosts.
+        .map(|r| DigestTable::new((r.size / page) as usize, page as usize))
+        .collect()
+}
+
 fn claim_bitmaps(header: &StreamHeader) -> Vec<DirtyBitmap> {
     let page = u64::from(header.page_size());
     header
@@ -512,10 +627,12 @@ struct ConnOutcome {
     rounds: u64,
     /// Connection 0: which vCPU states arrived.
     vcpus: Vec<bool>,
-    /// Connection 0: each region's hash from the source.
+    /// Connection 0: each region's hash from the source (strict mode: before `Done`).
     hashes: Vec<Option<u64>>,
     /// Connection 0: device sections restored.
     devices: usize,
+    /// Connection 0 ended with `Resume`: its verify field, and when it arrived.
+    resume: Option<(u32, Instant)>,
 }
 
 /// State shared by the connection threads.
@@ -525,9 +642,8 @@ struct Shared<'a, T> {
     mems: Vec<RegionMemory>,
     /// One bit per page: claimed in the current round.
     claims: Vec<DirtyBitmap>,
-    /// One bit per page: written at some round (never cleared). A page not written is still
-    /// the zero-filled memory the target started with, which the hash check need not read.
-    written: Vec<DirtyBitmap>,
+    /// The hash of every page as it last arrived, per region.
+    digests: Vec<DigestTable>,
     fence: Fence,
     killer: &'a Killer,
     failure: Mutex<Option<MigrateError>>,
@@ -559,7 +675,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
         &self,
         conn: usize,
         mut input: Input<C>,
-    ) -> Result<ConnOutcome, MigrateError> {
+    ) -> Result<(ConnOutcome, Input<C>), MigrateError> {
         let control = conn == 0;
         let mut memory = Claimed { shared: self };
         let mut rounds = 0u64;
@@ -601,10 +717,16 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         what: "stream before its Done frame",
                     }))
                 }
-                Some(Message::Pages { range, .. }) => {
+                Some(Message::Pages { range, data }) => {
                     if switchover {
                         return Err(late("Pages frame"));
                     }
+                    let index = self
+                        .header
+                        .check_range(range)
+                        .map_err(MigrateError::wire(conn))?;
+                    // Hashed now, while the page is still in cache; never read again.
+                    self.digests[index].record(range.first_page, data);
                     normal += range.npages;
                 }
                 Some(Message::ZeroPages(range)) => {
@@ -623,7 +745,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                     );
                     if rounds == 0 {
                         // The first time any page arrives, into zero-filled memory: nothing
-                        // to write (and nothing written, for the hash check), but the pages
+                        // to write (its digest entry is still the zero page's), but the pages
                         // are claimed all the same.
                         let claims = self
                             .claims
@@ -640,6 +762,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                                 p.fill(0);
                             }
                         }
+                        self.digests[index].record_zero(range.first_page, range.npages);
                     }
                     zero += range.npages;
                 }
@@ -739,6 +862,25 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         ));
                     }
                 }
+                Some(Message::Resume { verify }) if control => {
+                    if rounds == 0 || hashing {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            "Resume before any round or after the memory hashes",
+                        ));
+                    }
+                    let at = Instant::now();
+                    self.fence
+                        .leave(rounds)
+                        .map_err(|m| MigrateError::protocol(conn, m))?;
+                    break ConnOutcome {
+                        rounds,
+                        vcpus,
+                        hashes,
+                        devices: devices.len(),
+                        resume: Some((verify, at)),
+                    };
+                }
                 Some(Message::Done) => {
                     self.fence
                         .leave(rounds)
@@ -748,6 +890,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         vcpus,
                         hashes,
                         devices: devices.len(),
+                        resume: None,
                     };
                 }
                 Some(Message::Cancel) => return Err(MigrateError::Cancelled),
@@ -770,7 +913,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
             .fetch_add(input.position() - last_position, Ordering::Relaxed);
         self.normal.fetch_add(normal, Ordering::Relaxed);
         self.zero.fetch_add(zero, Ordering::Relaxed);
-        Ok(outcome)
+        Ok((outcome, input))
     }
 
     /// Called by the last thread to reach a round's fence, while all others wait at it.
@@ -812,9 +955,6 @@ impl<T: MigrationTarget> GuestMemoryMut for Claimed<'_, '_, T> {
             });
         }
         claim(claims, range)?;
-        if let Some(w) = s.written.get(index) {
-            w.set_range(range.first_page, range.npages);
-        }
         // SAFETY: `start..start + len` lies inside the region's mapping (checked above), which
         // the target keeps valid and which nobody else touches until resume (the
         // `MigrationTarget` memory contract). Its pages were just claimed by this thread for
@@ -939,7 +1079,13 @@ fn frame_name(msg: &Message<'_>) -> &'static str {
         Message::Cancel => "Cancel frame",
         Message::Hello { .. } => "Hello frame",
         Message::Device { .. } => "Device frame",
+        Message::Resume { .. } => "Resume frame",
+        Message::Resumed { .. } => "Resumed frame",
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
 }
 
 fn ms(d: Duration) -> u64 {

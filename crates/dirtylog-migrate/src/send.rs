@@ -5,9 +5,16 @@
 //! setup      connect N; header + Hello on each; start tracking; first harvest
 //! bulk       round 0: every page, zero pages as ZeroPages markers, the rest as Pages runs
 //! rounds     harvest (tracker ∪ VMM bitmap) → estimate → switch over, stop, or send the round
-//! switchover pause; final harvest; final round; vCPU states; device sections; MemHash per
-//!            slot; Done; wait Ack
+//! switchover pause; vCPU states; device sections; final harvest; final round; then
+//!            strict:     MemHash per slot (digested beside the final round); Done; wait Ack
+//!            background: Resume; wait Resumed; digest; MemHash per slot; Done; wait Ack
+//!            off:        Resume; wait Resumed; Done; wait Ack
 //! ```
+//!
+//! **Setup probe.** Before the bulk pass the engine pauses the guest once, saves every state,
+//! and resumes it, timing each step: the expected downtime is then the last harvest's time
+//! plus the dirty bytes at the last round's bandwidth plus these measured costs (and, in
+//! strict mode, the part of the digest the final round does not hide), so the limit holds.
 //!
 //! The frames themselves are drawn in the [protocol](crate::protocol) docs.
 //!
@@ -46,8 +53,9 @@ use dirtylog::{DirtyBitmap, DirtyTracker};
 use serde::Serialize;
 
 use crate::convergence::TimeoutPolicy;
-use crate::convergence::{self, AutoConverge, Decision, Limits, Throttle};
+use crate::convergence::{self, AutoConverge, BlackoutCosts, Decision, Limits, Throttle};
 use crate::device::{DeviceSection, DeviceState};
+use crate::digest::{self, Verify};
 use crate::error::{code, MigrateError};
 use crate::guestmem;
 use crate::memory::{MigrationMemory, RegionMemory};
@@ -57,7 +65,7 @@ use crate::vcpu::{is_unsupported, Vcpus};
 use crate::vm::MigrationSource;
 use crate::wire::{
     self, Decoder, Encoder, Message, PageRange, Region, StreamHeader, MAX_CONNECTIONS,
-    MAX_DEVICE_SECTIONS, MAX_PAGES_BYTES,
+    MAX_DEVICE_SECTIONS, MAX_PAGES_BYTES, RESUME_THEN_VERIFY, RESUME_UNVERIFIED,
 };
 
 /// Most bytes of send buffers over all connections together.
@@ -68,6 +76,8 @@ const SPAN_WORDS: usize = 64;
 const QUEUE_DEPTH: usize = 2;
 /// How long the destination gets to explain a failure before the connections are cut.
 const GRACE: Duration = Duration::from_millis(500);
+/// Bytes of guest memory the setup probe digests to time the strict mode's check.
+const PROBE_DIGEST_BYTES: usize = 32 << 20;
 /// How often the progress callback runs at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -102,8 +112,16 @@ pub struct SendConfig {
     pub connect_timeout: Duration,
     /// Timeout of each blocking socket write or read. Default 30 s.
     pub io_timeout: Duration,
-    /// How long to wait for the destination's `Ack` after `Done`. Default 60 s.
+    /// How long to wait for each of the destination's replies (`Resumed`, `Ack`). Default
+    /// 60 s.
     pub ack_timeout: Duration,
+    /// When the destination's memory is checked against the source's. Default
+    /// [`Verify::Background`].
+    pub verify: Verify,
+    /// Cap each vCPU's dirty rate at this many pages per second through
+    /// [`Vcpus::set_dirty_limit`](crate::Vcpus::set_dirty_limit) for the migration (QEMU's
+    /// dirty-limit); `None` for no cap. Default `None`.
+    pub dirty_limit: Option<u64>,
 }
 
 impl Default for SendConfig {
@@ -122,6 +140,8 @@ impl Default for SendConfig {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(60),
+            verify: Verify::default(),
+            dirty_limit: None,
         }
     }
 }
@@ -146,6 +166,9 @@ impl SendConfig {
         }
         if self.frame_bytes == 0 || self.job_bytes == 0 {
             return bad("frame and job sizes must not be zero".into());
+        }
+        if self.dirty_limit == Some(0) {
+            return bad("a dirty limit of 0 pages/s would stop the guest".into());
         }
         if self.max_bandwidth == Some(0) {
             return bad("a bandwidth limit of 0 bytes/s would never finish".into());
@@ -174,6 +197,9 @@ pub enum Phase {
     Iterating,
     /// The guest is paused; sending the rest.
     Switchover,
+    /// The guest runs at the destination; the source digests its paused memory for the
+    /// destination's check ([`Verify::Background`]).
+    Verifying,
     /// Everything is sent; waiting for the destination's acknowledgement.
     WaitingForAck,
     /// The destination runs the guest.
@@ -246,6 +272,7 @@ pub fn send_on<S: MigrationSource, T: Transport>(
         tracking: false,
         paused: false,
         throttled: false,
+        dirty_limited: false,
     };
     let result =
         Shared::new(source, &config).and_then(|shared| shared.run(streams, &mut guard, progress));
@@ -255,6 +282,9 @@ pub fn send_on<S: MigrationSource, T: Transport>(
             // failure to stop is not a failure of the migration.
             if guard.tracking {
                 let _ = source.tracker().stop();
+            }
+            if guard.dirty_limited {
+                let _ = source.vcpus().set_dirty_limit(None);
             }
             Ok(report)
         }
@@ -268,6 +298,7 @@ struct SourceGuard<'a, S: MigrationSource> {
     tracking: bool,
     paused: bool,
     throttled: bool,
+    dirty_limited: bool,
 }
 
 impl<S: MigrationSource> SourceGuard<'_, S> {
@@ -275,6 +306,14 @@ impl<S: MigrationSource> SourceGuard<'_, S> {
         let mut error = error;
         if self.throttled {
             if let Err(e) = self.source.vcpus().throttle(0) {
+                error = MigrateError::ResumeFailed {
+                    error: Box::new(error),
+                    resume: e,
+                };
+            }
+        }
+        if self.dirty_limited {
+            if let Err(e) = self.source.vcpus().set_dirty_limit(None) {
                 error = MigrateError::ResumeFailed {
                     error: Box::new(error),
                     resume: e,
@@ -296,14 +335,20 @@ impl<S: MigrationSource> SourceGuard<'_, S> {
     }
 }
 
+/// A harvest: how long it took, the dirty pages it found, when it ended.
+type Harvested = (Duration, u64, Instant);
+
 /// A piece of work for a connection's thread.
 enum Job {
     /// Send the dirty pages of a span.
     Span(Box<Span>),
     /// End the round on this connection.
     RoundEnd { round: u64, dirty_pages: u64 },
-    /// End the stream: on connection 0, first the vCPU states and the hashes.
+    /// End the stream: on connection 0, first the vCPU states, the device sections and what
+    /// [`Control::then`] says.
     Finish(Option<Arc<Control>>),
+    /// Connection 0, after `Resume`: the digests, then `Done`.
+    Verify(Vec<(u32, u64)>),
     /// Tell the destination why we give up, and stop.
     Abort { cancel: bool, message: Arc<str> },
 }
@@ -312,7 +357,15 @@ enum Job {
 struct Control {
     vcpus: Vec<Vec<u8>>,
     devices: Vec<DeviceSection>,
-    hashes: Vec<(u32, u64)>,
+    then: Then,
+}
+
+/// What follows the states on connection 0.
+enum Then {
+    /// Strict: the digests and `Done`; the connection ends.
+    Hashes(Vec<(u32, u64)>),
+    /// `Resume` with this verify field; the connection waits for [`Job::Verify`].
+    Resume(u32),
 }
 
 /// Dirty pages of a run of bitmap words of one region.
@@ -328,6 +381,8 @@ struct Span {
 /// What the threads tell the control thread.
 enum Event {
     RoundDone,
+    /// Connection 0 has sent `Resume`.
+    Switched,
     Finished,
     Failed(MigrateError),
     /// A reply from the destination, or the end of its replies.
@@ -335,11 +390,31 @@ enum Event {
 }
 
 enum Reply {
+    Resumed,
     Ack(u32),
     Error(u32, String),
     Cancel,
     Closed,
     Broken(MigrateError),
+}
+
+/// The destination's replies so far, with when they came.
+#[derive(Default)]
+struct Replies {
+    resumed: Option<Instant>,
+    acked: Option<Instant>,
+}
+
+impl Replies {
+    /// Keep `Resumed` and `Ack 0`; any other reply is the destination giving up.
+    fn take(&mut self, reply: Reply) -> Result<(), MigrateError> {
+        match reply {
+            Reply::Resumed if self.resumed.is_none() => self.resumed = Some(Instant::now()),
+            Reply::Ack(0) => self.acked = Some(Instant::now()),
+            other => return Err(reply_error(other)),
+        }
+        Ok(())
+    }
 }
 
 /// Totals the connection threads add to.
@@ -387,6 +462,7 @@ struct Engine<'s, 'a, S: MigrationSource> {
     stats: MigrationStats,
     throttle: Option<Throttle>,
     throttle_unsupported: bool,
+    dirty_limit_unsupported: bool,
     last_mbps: f64,
     last_progress: Instant,
 }
@@ -460,6 +536,7 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
             stats: MigrationStats::default(),
             throttle: self.config.auto_converge.map(Throttle::new),
             throttle_unsupported: false,
+            dirty_limit_unsupported: false,
             last_mbps: 0.0,
             last_progress: self.start,
         };
@@ -574,36 +651,65 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<SendReport, MigrateError> {
         let source = self.sh.source;
+        let config = self.sh.config;
         source
             .tracker()
             .start()
             .map_err(MigrateError::vm("start tracking"))?;
         guard.tracking = true;
+        if let Some(limit) = config.dirty_limit {
+            match source.vcpus().set_dirty_limit(Some(limit)) {
+                Ok(()) => guard.dirty_limited = true,
+                // The VM cannot limit vCPUs one by one: go on without.
+                Err(e) if is_unsupported(&e) => self.dirty_limit_unsupported = true,
+                Err(e) => return Err(MigrateError::vm("set the dirty limit")(e)),
+            }
+        }
+        let costs = self.probe(guard)?;
         let (mut harvest_time, _) = self.harvest()?;
         let mut last_harvest = Instant::now();
         self.stats.setup_time = ms(self.sh.start.elapsed());
 
-        // Round 0: all memory.
-        let mut bandwidth = self.send_round(ctl, 0, Phase::Bulk, harvest_time, 0, 0, progress)?;
+        // Round 0: all memory. Each round harvests the next one's dirty set while its last
+        // pages are still on their way.
+        let (mut bandwidth, mut next) =
+            self.send_round(ctl, 0, Phase::Bulk, harvest_time, 0, 0, progress)?;
         let limits = Limits {
-            downtime: self.sh.config.downtime_limit,
-            max_rounds: self.sh.config.max_rounds,
-            timeout: self.sh.config.timeout,
-            policy: self.sh.config.on_timeout,
+            downtime: config.downtime_limit,
+            max_rounds: config.max_rounds,
+            timeout: config.timeout,
+            policy: config.on_timeout,
+        };
+        let total_bytes = self.sh.total_pages * self.sh.page_size;
+        let digest_bytes = match config.verify {
+            Verify::Strict => total_bytes,
+            Verify::Background | Verify::Off => 0,
         };
         let mut round = 0;
-        let reason = loop {
-            let (t, pages) = self.harvest()?;
+        let (reason, expected_breakdown) = loop {
+            let (t, pages, at) = match next.take() {
+                Some(h) => h,
+                None => {
+                    let (t, pages) = self.harvest()?;
+                    (t, pages, Instant::now())
+                }
+            };
             harvest_time = t;
-            let now = Instant::now();
-            let rate = convergence::dirty_rate(pages, now - last_harvest);
-            last_harvest = now;
-            let expected = convergence::expected_downtime(pages * self.sh.page_size, bandwidth);
+            let rate = convergence::dirty_rate(pages, at - last_harvest);
+            last_harvest = at;
+            let expected_breakdown = convergence::expected_breakdown(
+                &costs,
+                harvest_time,
+                pages * self.sh.page_size,
+                bandwidth,
+                digest_bytes,
+            );
+            let expected = Duration::from_micros(expected_breakdown.total());
             self.stats.dirty_pages_rate = rate;
             self.stats.expected_downtime = ms(expected);
             self.stats.remaining = pages * self.sh.page_size;
             match limits.decide(expected, round, self.sh.start.elapsed()) {
-                Decision::Switchover(reason) => break reason,
+                Decision::Switchover(reason) => break (reason, expected_breakdown),
                 Decision::Cancel(why) => {
                     return Err(self.not_converged(round, why));
                 }
@@ -624,7 +730,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 }
             }
             round += 1;
-            bandwidth = self.send_round(
+            (bandwidth, next) = self.send_round(
                 ctl,
                 round,
                 Phase::Iterating,
@@ -635,13 +741,11 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             )?;
         };
 
-        // Switchover.
+        // Switchover: pause, save the states, send the last dirty pages.
         let pause_start = Instant::now();
         source.vcpus().pause().map_err(MigrateError::vm("pause"))?;
         guard.paused = true;
         let paused_at = Instant::now();
-        let (harvest_time, pages) = self.harvest()?;
-        let harvested_at = Instant::now();
         let vcpus = source
             .vcpus()
             .save_state()
@@ -654,19 +758,23 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             )));
         }
         let devices = save_devices(source.devices())?;
+        let device_count = devices.len();
         let saved_at = Instant::now();
+        let (harvest_time, pages) = self.harvest()?;
         self.stats.remaining = pages * self.sh.page_size;
         round += 1;
         let mems = self.sh.mems.clone();
         let regions = self.sh.header.regions().to_vec();
-        let hashes = std::thread::scope(|scope| {
-            // The guest is paused: hash its memory while the final round goes out.
-            let page = self.sh.page_size as usize;
-            let hasher = scope.spawn(move || {
-                let t = Instant::now();
-                (hash_regions(&regions, &mems, page), t.elapsed())
-            });
-            let sent = self.send_round(
+        let page = self.sh.page_size as usize;
+        let digest = move || {
+            let t = Instant::now();
+            (hash_regions(&regions, &mems, page), t.elapsed())
+        };
+        let phases = std::thread::scope(|scope| -> Result<_, MigrateError> {
+            // Strict: digest the paused memory while the final round goes out. Otherwise the
+            // blackout does not wait for it, nor share the CPUs with it.
+            let hasher = (config.verify == Verify::Strict).then(|| scope.spawn(digest.clone()));
+            self.send_round(
                 ctl,
                 round,
                 Phase::Switchover,
@@ -674,66 +782,53 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 pages,
                 self.stats.dirty_pages_rate,
                 progress,
-            );
-            let hashes = hasher
-                .join()
-                .map_err(|_| MigrateError::Config("hashing guest memory panicked".into()));
-            sent.and(hashes)
+            )?;
+            let final_at = Instant::now();
+            let mut replies = Replies::default();
+            if let Some(hasher) = hasher {
+                let (hashes, _) = join(hasher)?;
+                let digested_at = Instant::now();
+                let control = Control {
+                    vcpus,
+                    devices,
+                    then: Then::Hashes(hashes),
+                };
+                ctl.finish(self.sh, control, &mut replies)?;
+                self.report(progress, Phase::WaitingForAck, round, 0, 0, true);
+                let acked_at = ctl.wait_reply(self.sh, &mut replies, |r| r.acked)?;
+                return Ok((final_at, digested_at, acked_at, None));
+            }
+            let resume = match config.verify {
+                Verify::Off => RESUME_UNVERIFIED,
+                _ => RESUME_THEN_VERIFY,
+            };
+            let control = Control {
+                vcpus,
+                devices,
+                then: Then::Resume(resume),
+            };
+            ctl.finish(self.sh, control, &mut replies)?;
+            let resumed_at = ctl.wait_reply(self.sh, &mut replies, |r| r.resumed)?;
+            // The guest runs at the destination; ours stays paused until the check passes.
+            self.report(progress, Phase::Verifying, round, 0, 0, true);
+            let hashes = match config.verify {
+                Verify::Off => Vec::new(),
+                _ => digest().0,
+            };
+            ctl.verify(self.sh, hashes, &mut replies)?;
+            let acked_at = ctl.wait_reply(self.sh, &mut replies, |r| r.acked)?;
+            Ok((final_at, final_at, resumed_at, Some(acked_at)))
         })?;
-        let (hashes, digest_time) = hashes;
-        let final_at = Instant::now();
-        let device_count = devices.len();
-        let control = Arc::new(Control {
-            vcpus,
-            devices,
-            hashes,
-        });
-        for (conn, queue) in ctl.queues.iter().enumerate() {
-            let job = Job::Finish((conn == 0).then(|| control.clone()));
-            if queue.send(job).is_err() {
-                return Err(ctl.wait_failure(self.sh));
-            }
-        }
-        // The destination may acknowledge before every connection thread here has reported
-        // its end: its Ack then arrives first, and counts.
-        let mut acked = false;
-        ctl.wait_for(
-            self.sh,
-            ctl.queues.len(),
-            |e| matches!(e, Event::Finished),
-            Some(&mut acked),
-        )?;
-        self.report(progress, Phase::WaitingForAck, round, 0, 0, true);
-        let deadline = Instant::now() + self.sh.config.ack_timeout;
-        while !acked {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match ctl.events.recv_timeout(left) {
-                Ok(Event::Reply(Reply::Ack(0))) => acked = true,
-                Ok(Event::Reply(reply)) => return Err(reply_error(reply)),
-                Ok(Event::Failed(e)) => return Err(e),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(MigrateError::Timeout(
-                        self.sh.config.ack_timeout,
-                        "waiting for the destination's acknowledgement",
-                    ))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(reply_error(Reply::Closed));
-                }
-            }
-        }
-        let acked_at = Instant::now();
+        let (final_at, digested_at, resumed_at, acked_at) = phases;
         let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
         let breakdown = DowntimeBreakdown {
             pause: us(paused_at - pause_start),
-            harvest: us(harvested_at - paused_at),
-            state: us(saved_at - harvested_at),
+            state: us(saved_at - paused_at),
             final_round: us(final_at - saved_at),
-            digest: us(digest_time),
-            destination: us(acked_at - final_at),
+            verify: us(digested_at - final_at),
+            resume: us(resumed_at - digested_at),
         };
-        self.stats.downtime = ms(acked_at - pause_start);
+        self.stats.downtime = ms(resumed_at - pause_start);
         self.stats.total_time = ms(self.sh.start.elapsed());
         self.stats.remaining = 0;
         let (bytes, normal, zero) = self.sh.counters.snapshot();
@@ -747,17 +842,70 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             .max(1);
         self.stats.mbps = bytes as f64 * 8.0 / (transfer_ms as f64 / 1000.0) / 1e6;
         self.report(progress, Phase::Completed, round, 0, 0, true);
+        let limit = ms(config.downtime_limit);
         Ok(SendReport {
             stats: self.stats.clone(),
             switchover: reason,
             cpu_throttle_percentage: self.throttle.as_ref().map_or(0, Throttle::percent),
             throttle_unsupported: self.throttle_unsupported,
+            dirty_limit_unsupported: self.dirty_limit_unsupported,
             devices: device_count,
             connections: ctl.queues.len(),
             page_size: self.sh.header.page_size(),
-            total: self.sh.total_pages * self.sh.page_size,
+            total: total_bytes,
             rounds: std::mem::take(&mut self.rounds),
             downtime_breakdown: breakdown,
+            expected_downtime_breakdown: expected_breakdown,
+            downtime_limit: limit,
+            downtime_limit_exceeded: self.stats.downtime > limit,
+            verify: config.verify,
+            verify_time: acked_at.map_or(0, |a| ms(a - resumed_at)),
+        })
+    }
+
+    /// Measure what the blackout will cost besides the last pages, on this VM, now: pause,
+    /// save every state, (strict: digest a sample of memory), resume. The guest stops for
+    /// about as long as the switchover's fixed part; the states are discarded.
+    fn probe(&mut self, guard: &mut SourceGuard<'_, S>) -> Result<BlackoutCosts, MigrateError> {
+        let source = self.sh.source;
+        let t0 = Instant::now();
+        source
+            .vcpus()
+            .pause()
+            .map_err(MigrateError::vm("pause (probe)"))?;
+        guard.paused = true;
+        let t1 = Instant::now();
+        source
+            .vcpus()
+            .save_state()
+            .map_err(MigrateError::vm("save vCPU state (probe)"))?;
+        save_devices(source.devices())?;
+        let t2 = Instant::now();
+        let digest_rate = (self.sh.config.verify == Verify::Strict).then(|| {
+            // SAFETY: the guest is paused: nobody writes its memory (the `MigrationSource`
+            // memory contract); the connection threads are idle.
+            let sample = self
+                .sh
+                .mems
+                .first()
+                .map(|&m| unsafe { guestmem::frozen(m) })
+                .unwrap_or(&[]);
+            let sample = &sample[..sample.len().min(PROBE_DIGEST_BYTES)];
+            let t = Instant::now();
+            std::hint::black_box(digest::mem_digest(sample, self.sh.page_size as usize));
+            convergence::bandwidth(sample.len() as u64, t.elapsed())
+        });
+        let t3 = Instant::now();
+        source
+            .vcpus()
+            .resume()
+            .map_err(MigrateError::vm("resume (probe)"))?;
+        guard.paused = false;
+        Ok(BlackoutCosts {
+            pause: t1 - t0,
+            state: t2 - t1,
+            resume: t3.elapsed(),
+            digest_rate,
         })
     }
 
@@ -799,7 +947,9 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
     }
 
     /// Send one round: every page in the bulk pass (round 0), the dirty set otherwise. Returns
-    /// the round's bandwidth in bytes per second.
+    /// the round's bandwidth in bytes per second and, but for the final round, the next
+    /// harvest (its time, its dirty pages, when it ended), taken once every page of this
+    /// round has been handed out, while the connections still send the last ones.
     #[allow(clippy::too_many_arguments)]
     fn send_round(
         &mut self,
@@ -810,7 +960,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         dirty_pages: u64,
         rate: u64,
         progress: &mut dyn FnMut(&Progress),
-    ) -> Result<f64, MigrateError> {
+    ) -> Result<(f64, Option<Harvested>), MigrateError> {
         let t = Instant::now();
         let bulk = round == 0;
         let is_final = phase == Phase::Switchover;
@@ -910,6 +1060,14 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 return Err(ctl.wait_failure(self.sh));
             }
         }
+        // Every dirty bit has been taken (and its chunk re-armed): the dirty set is empty, and
+        // the next harvest may fill it while the connections finish.
+        let next = if is_final {
+            None
+        } else {
+            let (time, pages) = self.harvest()?;
+            Some((time, pages, Instant::now()))
+        };
         ctl.wait_for(
             self.sh,
             ctl.queues.len(),
@@ -947,7 +1105,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             is_final,
         });
         self.report(progress, phase, round, round_pages, round_pages, true);
-        Ok(bandwidth)
+        Ok((bandwidth, next))
     }
 
     fn report(
@@ -1089,14 +1247,14 @@ impl Conns {
 
     /// Wait for `count` events matching `want`, failing on the first failure, or when no
     /// byte has gone out for twice the I/O timeout (every blocking write is bounded by it).
-    /// With `acked`, the destination's `Ack(0)` may come first and sets it; any other reply
-    /// fails the wait.
+    /// With `replies`, the destination's `Resumed` and `Ack 0` may come first and are kept
+    /// there; any other reply fails the wait.
     fn wait_for<S: MigrationSource>(
         &mut self,
         sender: &Shared<'_, S>,
         count: usize,
         want: impl Fn(&Event) -> bool,
-        mut acked: Option<&mut bool>,
+        mut replies: Option<&mut Replies>,
     ) -> Result<(), MigrateError> {
         let mut seen = 0;
         let stall = sender.config.io_timeout * 2;
@@ -1105,12 +1263,10 @@ impl Conns {
         while seen < count {
             match self.events.recv_timeout(Duration::from_millis(100)) {
                 Ok(Event::Failed(e)) => return Err(e),
-                Ok(Event::Reply(Reply::Ack(0))) if acked.is_some() => {
-                    if let Some(a) = acked.as_deref_mut() {
-                        *a = true;
-                    }
-                }
-                Ok(Event::Reply(r)) => return Err(reply_error(r)),
+                Ok(Event::Reply(r)) => match replies.as_deref_mut() {
+                    Some(replies) => replies.take(r)?,
+                    None => return Err(reply_error(r)),
+                },
                 Ok(e) if want(&e) => seen += 1,
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {
@@ -1130,6 +1286,74 @@ impl Conns {
             }
         }
         Ok(())
+    }
+
+    /// Send the switchover frames (on connection 0) and `Done` (on the others), and wait until
+    /// every connection has written them. Replies that arrive meanwhile are kept.
+    fn finish<S: MigrationSource>(
+        &mut self,
+        sender: &Shared<'_, S>,
+        control: Control,
+        replies: &mut Replies,
+    ) -> Result<(), MigrateError> {
+        let control = Arc::new(control);
+        for (conn, queue) in self.queues.iter().enumerate() {
+            let job = Job::Finish((conn == 0).then(|| control.clone()));
+            if queue.send(job).is_err() {
+                return Err(self.wait_failure(sender));
+            }
+        }
+        self.wait_for(
+            sender,
+            self.queues.len(),
+            |e| matches!(e, Event::Finished | Event::Switched),
+            Some(replies),
+        )
+    }
+
+    /// After `Resume`: send the digests and `Done` on connection 0.
+    fn verify<S: MigrationSource>(
+        &mut self,
+        sender: &Shared<'_, S>,
+        hashes: Vec<(u32, u64)>,
+        replies: &mut Replies,
+    ) -> Result<(), MigrateError> {
+        if self.queues[0].send(Job::Verify(hashes)).is_err() {
+            return Err(self.wait_failure(sender));
+        }
+        self.wait_for(sender, 1, |e| matches!(e, Event::Finished), Some(replies))
+    }
+
+    /// Wait, at most the acknowledgement timeout, until `pick` finds the reply it wants;
+    /// return when it came. Any other reply than `Resumed` or `Ack 0` fails.
+    fn wait_reply<S: MigrationSource>(
+        &mut self,
+        sender: &Shared<'_, S>,
+        replies: &mut Replies,
+        pick: impl Fn(&Replies) -> Option<Instant>,
+    ) -> Result<Instant, MigrateError> {
+        let timeout = sender.config.ack_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = pick(replies) {
+                return Ok(at);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Reply(reply)) => replies.take(reply)?,
+                Ok(Event::Failed(e)) => return Err(e),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(MigrateError::Timeout(
+                        timeout,
+                        "waiting for the destination's reply",
+                    ))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(reply_error(Reply::Closed));
+                }
+            }
+        }
     }
 
     /// A queue was closed: its thread failed; find out why.
@@ -1187,14 +1411,18 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
                             bytes: d.bytes(),
                         })?;
                     }
-                    for &(slot, hash) in &control.hashes {
-                        self.send(Message::MemHash { slot, hash })?;
+                    match &control.then {
+                        Then::Hashes(hashes) => return self.done(hashes).map(Some),
+                        Then::Resume(verify) => {
+                            self.send(Message::Resume { verify: *verify })?;
+                            self.flush()?;
+                            return Ok(Some(Event::Switched));
+                        }
                     }
                 }
-                self.send(Message::Done)?;
-                self.flush()?;
-                Some(Event::Finished)
+                Some(self.done(&[])?)
             }
+            Job::Verify(hashes) => Some(self.done(&hashes)?),
             Job::Abort { cancel, message } => {
                 let msg = if cancel {
                     Message::Cancel
@@ -1210,6 +1438,16 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
             }
         };
         Ok(event)
+    }
+
+    /// The digests, then `Done`: the end of this connection's stream.
+    fn done(&mut self, hashes: &[(u32, u64)]) -> Result<Event, MigrateError> {
+        for &(slot, hash) in hashes {
+            self.send(Message::MemHash { slot, hash })?;
+        }
+        self.send(Message::Done)?;
+        self.flush()?;
+        Ok(Event::Finished)
     }
 
     fn send(&mut self, msg: Message<'_>) -> Result<(), MigrateError> {
@@ -1321,16 +1559,29 @@ fn read_replies<T: Transport>(
     // Replies come at the end, after the last round: no read timeout while we send.
     let _ = stream.set_read_timeout(None);
     let mut decoder = Decoder::back_channel(std::io::BufReader::new(stream), header);
-    let reply = match decoder.next(&mut ()) {
-        Ok(Some(Message::Ack { code })) => Reply::Ack(code),
-        Ok(Some(Message::Error { code, message })) => Reply::Error(code, message.into()),
-        Ok(Some(Message::Cancel)) => Reply::Cancel,
-        Ok(Some(other)) => Reply::Broken(MigrateError::protocol(
-            0,
-            format!("the destination replied with {other:?}"),
-        )),
-        Ok(None) => Reply::Closed,
-        Err(e) => Reply::Broken(MigrateError::wire(0)(e)),
+    let mut no_memory = ();
+    let reply = loop {
+        let reply = match decoder.next(&mut no_memory) {
+            Ok(Some(Message::Resumed { .. })) => Reply::Resumed,
+            Ok(Some(Message::Ack { code })) => Reply::Ack(code),
+            Ok(Some(Message::Error { code, message })) => Reply::Error(code, message.into()),
+            Ok(Some(Message::Cancel)) => Reply::Cancel,
+            Ok(Some(other)) => Reply::Broken(MigrateError::protocol(
+                0,
+                format!("the destination replied with {other:?}"),
+            )),
+            Ok(None) => Reply::Closed,
+            Err(e) => Reply::Broken(MigrateError::wire(0)(e)),
+        };
+        match reply {
+            // The guest runs at the destination; the acknowledgement of the check follows.
+            Reply::Resumed => {
+                if events.send(Event::Reply(Reply::Resumed)).is_err() {
+                    return;
+                }
+            }
+            other => break other,
+        }
     };
     let failed = !matches!(reply, Reply::Ack(0));
     let _ = events.send(Event::Reply(reply));
@@ -1342,6 +1593,7 @@ fn read_replies<T: Transport>(
 
 fn reply_error(reply: Reply) -> MigrateError {
     match reply {
+        Reply::Resumed => MigrateError::protocol(0, "the destination said Resumed twice"),
         Reply::Ack(code) => MigrateError::Remote {
             side: "destination",
             code,
@@ -1408,7 +1660,8 @@ pub(crate) fn check_region_memory(
     Ok(())
 }
 
-/// The [`wire::mem_digest`] of every region (every byte read), in header order, with its slot.
+/// The [`digest::mem_digest`] of every region (every byte read), in header order, with its
+/// slot.
 fn hash_regions(regions: &[Region], mems: &[RegionMemory], page: usize) -> Vec<(u32, u64)> {
     regions
         .iter()
@@ -1418,7 +1671,7 @@ fn hash_regions(regions: &[Region], mems: &[RegionMemory], page: usize) -> Vec<(
             // guest's memory (the `MigrationSource` memory contract); the connection threads
             // only read it.
             let bytes = unsafe { guestmem::frozen(mem) };
-            (r.slot, wire::mem_digest(bytes, page, None))
+            (r.slot, digest::mem_digest(bytes, page))
         })
         .collect()
 }
@@ -1442,6 +1695,12 @@ fn lowest_bits(mut bits: u64, n: u32) -> u64 {
         bits &= !low;
     }
     out
+}
+
+/// The result of a scoped thread; a panic in it is an error of the migration.
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> Result<T, MigrateError> {
+    h.join()
+        .map_err(|_| MigrateError::Config("hashing guest memory panicked".into()))
 }
 
 fn truncate(s: &str, max: usize) -> &str {

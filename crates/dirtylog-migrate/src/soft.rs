@@ -464,6 +464,12 @@ impl SoftVm {
         self.inner.resumes.load(Ordering::Relaxed)
     }
 
+    /// Tests: a handle that outlives the VM and tells whether it was ever resumed and whether
+    /// it has been stopped (dropped) since.
+    pub fn watch(&self) -> Watch {
+        Watch(self.inner.clone())
+    }
+
     /// Writes made by the VMM's device thread.
     pub fn vmm_writes(&self) -> u64 {
         self.inner.vmm_writes.load(Ordering::Relaxed)
@@ -504,6 +510,36 @@ impl SoftVm {
         self.inner.resumes.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.gate).paused = false;
         self.inner.gate_cv.notify_all();
+    }
+}
+
+/// See [`SoftVm::watch`].
+#[derive(Clone)]
+pub struct Watch(Arc<Inner>);
+
+impl Watch {
+    /// Times the VM's vCPUs were resumed.
+    pub fn resume_count(&self) -> usize {
+        self.0.resumes.load(Ordering::Relaxed)
+    }
+
+    /// The VM has been stopped for good (shut down or dropped).
+    pub fn stopped(&self) -> bool {
+        self.0.stop.load(Ordering::Acquire)
+    }
+
+    /// The VM was resumed and has not been stopped since: its guest runs.
+    pub fn running(&self) -> bool {
+        self.resume_count() > 0 && !self.stopped()
+    }
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("resumes", &self.resume_count())
+            .field("stopped", &self.stopped())
+            .finish()
     }
 }
 

@@ -74,26 +74,37 @@ pub struct RoundReport {
     pub is_final: bool,
 }
 
-/// Where the source's downtime went, in microseconds, phase by phase from the pause to the
-/// destination's acknowledgement (the phases add up to the downtime; `digest` runs inside
-/// `final_round`, on its own threads).
+/// Where the source's downtime went — or, as expected before switchover, would go — in
+/// microseconds, phase by phase from the pause to the guest running at the destination. The
+/// phases add up to the downtime.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DowntimeBreakdown {
-    /// Stopping every vCPU ([`Vcpus::pause`](crate::Vcpus::pause)).
+    /// Stopping every vCPU ([`Vcpus::pause`](crate::Vcpus::pause); `downtime-pause`).
     pub pause: u64,
-    /// The last harvest of the dirty log.
-    pub harvest: u64,
-    /// Saving the vCPU states and the device sections.
+    /// Saving the vCPU states and the device sections (`downtime-state`).
     pub state: u64,
-    /// Sending the last dirty pages, while the source digests its paused memory.
+    /// The last harvest of the dirty log and sending the last dirty pages
+    /// (`downtime-final-round`).
     pub final_round: u64,
-    /// The source's digest of all its memory ([`wire::mem_digest`](crate::wire::mem_digest)),
-    /// overlapped with `final_round`.
-    pub digest: u64,
-    /// From the end of the final round to the acknowledgement: the state, the digests, the
-    /// destination's restore, its check of the memory it wrote and its resume.
-    pub destination: u64,
+    /// Waiting for the source's digest of its paused memory after the final round
+    /// ([`Verify::Strict`](crate::Verify::Strict) only: the digest runs beside the final round,
+    /// and in the other modes after the guest resumed; `downtime-verify`).
+    pub verify: u64,
+    /// From the end of the final round to the guest running at the destination: the states,
+    /// the digests, the destination's restore and resume, and the reply (`downtime-resume`).
+    pub resume: u64,
+}
+
+impl DowntimeBreakdown {
+    /// The phases' sum, in microseconds.
+    pub fn total(&self) -> u64 {
+        self.pause
+            .saturating_add(self.state)
+            .saturating_add(self.final_round)
+            .saturating_add(self.verify)
+            .saturating_add(self.resume)
+    }
 }
 
 /// What the source reports at the end of a successful migration.
@@ -110,6 +121,10 @@ pub struct SendReport {
     /// Auto-converge wanted to throttle, but the VM's [`Vcpus::throttle`](crate::Vcpus::throttle)
     /// is [`Unsupported`](crate::Unsupported): the migration went on without throttling.
     pub throttle_unsupported: bool,
+    /// A dirty limit was asked for, but the VM's
+    /// [`Vcpus::set_dirty_limit`](crate::Vcpus::set_dirty_limit) is
+    /// [`Unsupported`](crate::Unsupported): the migration went on without it.
+    pub dirty_limit_unsupported: bool,
     /// Device sections sent at switchover.
     pub devices: usize,
     /// Connections used.
@@ -123,6 +138,20 @@ pub struct SendReport {
     /// Where the downtime went (`downtime-breakdown-us`).
     #[serde(rename = "downtime-breakdown-us")]
     pub downtime_breakdown: DowntimeBreakdown,
+    /// The last estimate before switchover, phase by phase, each phase measured on this run
+    /// (`expected-downtime-breakdown-us`; its total is `expected-downtime`).
+    #[serde(rename = "expected-downtime-breakdown-us")]
+    pub expected_downtime_breakdown: DowntimeBreakdown,
+    /// The downtime limit, in milliseconds (`downtime-limit`).
+    pub downtime_limit: u64,
+    /// The measured downtime exceeded the limit (`downtime-limit-exceeded`).
+    pub downtime_limit_exceeded: bool,
+    /// How the memory was checked (`verify`).
+    pub verify: crate::Verify,
+    /// Milliseconds from the guest running at the destination to its acknowledgement of the
+    /// memory check, with the source's guest still paused and kept
+    /// ([`Verify::Background`](crate::Verify::Background); 0 otherwise; `verify-time`).
+    pub verify_time: u64,
 }
 
 /// What the destination reports once the guest runs.
@@ -143,8 +172,13 @@ pub struct ReceiveReport {
     pub connections: usize,
     /// Device sections received and restored.
     pub devices: usize,
-    /// Milliseconds spent checking the memory hashes (`hash-check-time`).
+    /// How the source asked for the memory to be checked (`verify`).
+    pub verify: crate::Verify,
+    /// Milliseconds spent checking the memory digests (`hash-check-time`).
     pub hash_check_time: u64,
+    /// Milliseconds from resuming the guest to the end of the memory check (background and
+    /// off modes; `verify-after-resume-time`).
+    pub verify_after_resume_time: u64,
     /// Milliseconds from the sender's `Done` to the guest running (`resume-time`).
     pub resume_time: u64,
 }

@@ -47,6 +47,14 @@ pub trait Vcpus: Sync {
         let _ = percent;
         Err(Box::new(Unsupported("vCPU throttling")))
     }
+    /// Cap every vCPU's dirty rate at `pages_per_second` (`None`: lift the cap), slowing
+    /// only the vCPUs that dirty faster (QEMU's dirty-limit, `set-vcpu-dirty-limit`). The
+    /// default returns [`Unsupported`]: the engine then migrates without it and says so in
+    /// its report.
+    fn set_dirty_limit(&self, pages_per_second: Option<u64>) -> Result<(), VmError> {
+        let _ = pages_per_second;
+        Err(Box::new(Unsupported("a per-vCPU dirty limit")))
+    }
     /// The saved state of each vCPU, in vCPU order; called while paused. Each blob is at most
     /// [`MAX_VCPU_BLOB`](crate::wire::MAX_VCPU_BLOB) bytes.
     fn save_state(&self) -> Result<Vec<Vec<u8>>, VmError>;
@@ -58,6 +66,8 @@ pub trait VcpuRestore: Sync {
     /// source's [`Vcpus::save_state`].
     fn restore_state(&self, vcpu: u32, blob: &[u8]) -> Result<(), VmError>;
     /// Start the guest. Called at most once, after every vCPU state and device section has
-    /// been restored and every region's hash has matched the source's.
+    /// been restored and — in [`Verify::Strict`](crate::Verify::Strict) — every region's
+    /// digest has matched the source's. In the other modes the check follows while the guest
+    /// runs: if it fails, the engine drops the target, whose `Drop` must stop the guest.
     fn resume(&self) -> Result<(), VmError>;
 }

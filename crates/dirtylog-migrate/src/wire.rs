@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! stream   = preamble header-frame frame*
-//! preamble = magic "DIRTYLG\0" (8 bytes) | version u32 (= 2)
+//! preamble = magic "DIRTYLG\0" (8 bytes) | version u32 (= 4)
 //! frame    = type u8 | flags u8 (= 0) | length u32 | payload[length] | crc32c u32
 //! ```
 //!
@@ -24,6 +24,8 @@
 //! | 10   | `Cancel`    |                                             |                          |
 //! | 11   | `Hello`     | connection u32, connections u32, session u64 |                         |
 //! | 12   | `Device`    | version u32, name_len u32                   | name, then state bytes   |
+//! | 13   | `Resume`    | verify u32                                  |                          |
+//! | 14   | `Resumed`   | resume_us u64                               |                          |
 //!
 //! A region entry is slot u32, gpa u64, size u64. A `Device` name is 1 to
 //! [`MAX_DEVICE_NAME`] bytes of ASCII letters, digits and `-_.:/`; its state at most
@@ -73,9 +75,10 @@ pub use header::{PageRange, Region, StreamHeader};
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"DIRTYLG\0";
-/// The format version this build writes and reads. Version 3: `MemHash` carries
-/// [`mem_digest`] (chunked) instead of one XXH3 of the whole region.
-pub const VERSION: u32 = 3;
+/// The format version this build writes and reads. Version 4: `MemHash` carries
+/// [`mem_digest`](crate::digest::mem_digest) over page hashes, and `Resume`/`Resumed` let the
+/// destination run the guest before the memory check.
+pub const VERSION: u32 = 4;
 /// Smallest page size a header may declare.
 pub const MIN_PAGE_SIZE: u32 = 4096;
 /// Largest page size a header may declare (tracking at 2 MiB huge-page granularity).
@@ -115,73 +118,6 @@ const DEVICE_FIXED: usize = 8;
 /// slice).
 const FIXED_MAX: usize = DEVICE_FIXED + MAX_DEVICE_NAME;
 
-/// The content hash carried by [`Message::MemHash`]: XXH3-64 of the region's bytes.
-///
-/// The hash is an end-to-end check against bugs in the migration (a page never sent, sent
-/// from the wrong round, written to the wrong place), not against an adversary: the stream
-/// itself is only CRC-protected. XXH3 hashes at memory bandwidth, so checking a large slot
-/// costs about as much as reading it, and 64 bits make a chance collision (2^-64 per slot)
-/// irrelevant next to the bugs it is there to catch. A cryptographic hash such as BLAKE3
-/// would be several times slower per core for no benefit here.
-pub fn mem_hash(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
-}
-
-/// Pages per chunk of [`mem_digest`]: one 64-bit word of a page bitmap.
-pub const DIGEST_CHUNK_PAGES: usize = 64;
-
-/// Regions smaller than this are digested on the calling thread alone.
-const PARALLEL_DIGEST_MIN: usize = 16 << 20;
-
-/// The content digest carried by [`Message::MemHash`]: [`mem_hash`] (XXH3-64) over the
-/// little-endian [`mem_hash`]es of the region's chunks of [`DIGEST_CHUNK_PAGES`] pages of
-/// `page_size` bytes (the last chunk may be shorter).
-///
-/// Chunking lets both ends spread the work over every core (the chunk digests of a large
-/// region are computed on [`std::thread::available_parallelism`] threads), and lets the
-/// destination skip what it knows: with `written` (one bit per page, set for every page the
-/// destination wrote), a whole chunk none of whose pages was written is still the zero-filled
-/// memory it started as, and takes the zero chunk's digest without being read. The source
-/// passes `None` and reads every byte: a write its tracker missed must change the digest.
-pub fn mem_digest(bytes: &[u8], page_size: usize, written: Option<&dirtylog::DirtyBitmap>) -> u64 {
-    let chunk = page_size.max(1).saturating_mul(DIGEST_CHUNK_PAGES);
-    let n = bytes.len().div_ceil(chunk);
-    let zero = std::sync::OnceLock::new();
-    let digest = |i: usize| -> u64 {
-        let c = &bytes[i * chunk..((i + 1) * chunk).min(bytes.len())];
-        match written {
-            Some(w) if c.len() == chunk && w.load_word(i) == 0 => {
-                *zero.get_or_init(|| mem_hash(&vec![0u8; chunk]))
-            }
-            _ => mem_hash(c),
-        }
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut digests = vec![0u64; n];
-    if bytes.len() < PARALLEL_DIGEST_MIN || threads < 2 {
-        for (i, d) in digests.iter_mut().enumerate() {
-            *d = digest(i);
-        }
-    } else {
-        let per = n.div_ceil(threads);
-        std::thread::scope(|s| {
-            for (t, part) in digests.chunks_mut(per).enumerate() {
-                let digest = &digest;
-                s.spawn(move || {
-                    for (j, d) in part.iter_mut().enumerate() {
-                        *d = digest(t * per + j);
-                    }
-                });
-            }
-        });
-    }
-    let mut all = Vec::with_capacity(n * 8);
-    for d in digests {
-        all.extend_from_slice(&d.to_le_bytes());
-    }
-    mem_hash(&all)
-}
-
 /// One message of the stream. Borrowed data lets the sender frame guest memory in place and
 /// the receiver hand out its buffers without copying.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,11 +146,12 @@ pub enum Message<'a> {
         /// Its state, at most [`MAX_VCPU_BLOB`] bytes.
         blob: &'a [u8],
     },
-    /// The [`mem_digest`] of a whole region, for the receiver to compare with its copy.
+    /// The [`mem_digest`](crate::digest::mem_digest) of a whole region, for the receiver to
+    /// compare with its copy.
     MemHash {
         /// The region's slot id.
         slot: u32,
-        /// XXH3-64 of the region's bytes.
+        /// The region's digest.
         hash: u64,
     },
     /// The sender has sent everything.
@@ -254,7 +191,25 @@ pub enum Message<'a> {
         /// The state, at most [`MAX_DEVICE_STATE`] bytes.
         bytes: &'a [u8],
     },
+    /// Sender to receiver, at switchover after the vCPU states and device sections: resume
+    /// the guest now, before the memory check. `verify` is [`RESUME_THEN_VERIFY`] when
+    /// `MemHash` frames follow (checked while the guest runs), [`RESUME_UNVERIFIED`] when
+    /// only `Done` does.
+    Resume {
+        /// [`RESUME_THEN_VERIFY`] or [`RESUME_UNVERIFIED`].
+        verify: u32,
+    },
+    /// Receiver to sender, on the reply channel: the guest runs here (after a `Resume`).
+    Resumed {
+        /// Microseconds from the `Resume` frame to the guest running.
+        resume_us: u64,
+    },
 }
+
+/// [`Message::Resume`]: `MemHash` frames follow, then `Done`.
+pub const RESUME_THEN_VERIFY: u32 = 1;
+/// [`Message::Resume`]: only `Done` follows; the memory is not checked.
+pub const RESUME_UNVERIFIED: u32 = 0;
 
 /// Check a device name: 1 to [`MAX_DEVICE_NAME`] bytes of ASCII letters, digits and `-_.:/`.
 pub fn check_device_name(name: &[u8]) -> Result<(), WireError> {
@@ -304,10 +259,12 @@ enum Kind {
     Cancel,
     Hello,
     Device,
+    Resume,
+    Resumed,
 }
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 14] = [
         Kind::Header,
         Kind::Pages,
         Kind::ZeroPages,
@@ -320,6 +277,8 @@ impl Kind {
         Kind::Cancel,
         Kind::Hello,
         Kind::Device,
+        Kind::Resume,
+        Kind::Resumed,
     ];
 
     fn from_u8(byte: u8) -> Option<Kind> {
@@ -340,6 +299,8 @@ impl Kind {
             Kind::Cancel => "Cancel frame",
             Kind::Hello => "Hello frame",
             Kind::Device => "Device frame",
+            Kind::Resume => "Resume frame",
+            Kind::Resumed => "Resumed frame",
         }
     }
 
@@ -357,6 +318,8 @@ impl Kind {
             Kind::Ack => (4, 0),
             Kind::Hello => (16, 0),
             Kind::Device => (DEVICE_FIXED, MAX_DEVICE_NAME + MAX_DEVICE_STATE),
+            Kind::Resume => (4, 0),
+            Kind::Resumed => (8, 0),
         }
     }
 
@@ -469,6 +432,8 @@ fn encode_fields<'a>(msg: Message<'a>) -> (Kind, Fixed, &'a [u8]) {
         Message::Error { code, message } => (Kind::Error, f.u32(code), message.as_bytes()),
         Message::Ack { code } => (Kind::Ack, f.u32(code), &[]),
         Message::Cancel => (Kind::Cancel, f, &[]),
+        Message::Resume { verify } => (Kind::Resume, f.u32(verify), &[]),
+        Message::Resumed { resume_us } => (Kind::Resumed, f.u64(resume_us), &[]),
         Message::Hello {
             connection,
             connections,
@@ -514,6 +479,8 @@ fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message
         },
         Kind::Ack => Message::Ack { code: f.u32() },
         Kind::Cancel => Message::Cancel,
+        Kind::Resume => Message::Resume { verify: f.u32() },
+        Kind::Resumed => Message::Resumed { resume_us: f.u64() },
         Kind::Hello => Message::Hello {
             connection: f.u32(),
             connections: f.u32(),
@@ -555,6 +522,9 @@ impl StreamHeader {
                 })
             }
             Message::MemHash { slot, .. } => self.region(slot).map(drop),
+            Message::Resume { verify } if verify > RESUME_THEN_VERIFY => {
+                Err(WireError::ResumeMode(verify))
+            }
             Message::Device { name, bytes, .. } => check_device(name.as_bytes(), bytes.len()),
             Message::Hello {
                 connection,

@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use common::*;
 use dirtylog_migrate::soft::SoftVm;
+use dirtylog_migrate::soft::Watch;
 use dirtylog_migrate::wire::{Decoder, Encoder, Message, Region, StreamHeader};
 use dirtylog_migrate::TrackerKind;
-use dirtylog_migrate::{send, MigrateError, Phase, Progress, SendConfig, TimeoutPolicy};
+use dirtylog_migrate::{
+    send, MigrateError, Phase, Progress, SendConfig, SendReport, TimeoutPolicy, Verify,
+};
 
 fn source() -> SoftVm {
     soft(
@@ -23,6 +26,28 @@ fn source() -> SoftVm {
     )
 }
 
+/// Every verify mode, for the fault tests that must hold in each.
+const MODES: [Verify; 3] = [Verify::Strict, Verify::Background, Verify::Off];
+
+/// Migrate through a proxy applying `fault`, in every verify mode, each with a fresh
+/// [`source`]; `arm` sets the proxy's flag from the progress callback. Returns the source's
+/// error and the receiver's of each mode, with the source.
+fn faulty_in_every_mode(
+    connections: usize,
+    fault: Fault,
+    arm: impl Fn(&Progress) -> bool,
+) -> Vec<(Verify, SoftVm, MigrateError, MigrateError)> {
+    MODES
+        .into_iter()
+        .map(|verify| {
+            let src = source();
+            let (err, rerr) = faulty_with(&src, connections, fault.clone(), &arm, verify);
+            eprintln!("{verify}: source: {err}\n{verify}: receiver: {rerr}");
+            (verify, src, err, rerr)
+        })
+        .collect()
+}
+
 /// Migrate through a proxy applying `fault`; `arm` sets the proxy's flag from the progress
 /// callback. Returns the source's error and the receiver's.
 fn faulty(
@@ -31,6 +56,16 @@ fn faulty(
     fault: Fault,
     arm: impl Fn(&Progress) -> bool,
 ) -> (MigrateError, MigrateError) {
+    faulty_with(src, connections, fault, &arm, Verify::default())
+}
+
+fn faulty_with(
+    src: &SoftVm,
+    connections: usize,
+    fault: Fault,
+    arm: &dyn Fn(&Progress) -> bool,
+    verify: Verify,
+) -> (MigrateError, MigrateError) {
     let (addr, receiver, resumed) = spawn_receiver(recv_config());
     let proxy = proxy(addr, fault);
     let config = SendConfig {
@@ -38,6 +73,7 @@ fn faulty(
         max_bandwidth: Some(32 << 20),
         io_timeout: Duration::from_secs(5),
         ack_timeout: Duration::from_secs(5),
+        verify,
         ..send_config(connections)
     };
     let flag = proxy.flag.clone();
@@ -53,7 +89,7 @@ fn faulty(
         .expect_err("the receiver must fail");
     assert!(
         !resumed.load(Ordering::SeqCst),
-        "the receiver resumed a guest"
+        "the receiver left a guest running ({verify})"
     );
     assert_source_recovered(src);
     (err, rerr)
@@ -67,31 +103,27 @@ fn assert_source_recovered(src: &SoftVm) {
 
 #[test]
 fn connection_cut_during_bulk_pass() {
-    let src = source();
-    let (err, rerr) = faulty(&src, 1, Fault::CutAfter(300_000), |_| false);
-    eprintln!("source: {err}\nreceiver: {rerr}");
-    assert!(err.to_string().starts_with("connection 0:"), "{err}");
-    assert!(rerr.to_string().starts_with("connection 0:"), "{rerr}");
+    for (_, _, err, rerr) in faulty_in_every_mode(1, Fault::CutAfter(300_000), |_| false) {
+        assert!(err.to_string().starts_with("connection 0:"), "{err}");
+        assert!(rerr.to_string().starts_with("connection 0:"), "{rerr}");
+    }
 }
 
 #[test]
 fn connection_cut_during_a_round_three_connections() {
-    let src = source();
-    let (err, rerr) = faulty(&src, 3, Fault::CutAfterFlag(20_000), |p| {
+    faulty_in_every_mode(3, Fault::CutAfterFlag(20_000), |p| {
         p.phase == Phase::Iterating
     });
-    eprintln!("source: {err}\nreceiver: {rerr}");
 }
 
 #[test]
 fn connection_cut_during_switchover() {
-    let src = source();
-    let (err, rerr) = faulty(&src, 2, Fault::CutAfterFlag(0), |p| {
-        p.phase == Phase::Switchover
-    });
-    eprintln!("source: {err}\nreceiver: {rerr}");
-    // The source had paused its guest for the final round; it runs again.
-    assert_eq!(src.resume_count(), 1);
+    let runs = faulty_in_every_mode(2, Fault::CutAfterFlag(0), |p| p.phase == Phase::Switchover);
+    for (verify, src, ..) in runs {
+        // The source paused its guest for the setup probe and for the final round; it runs
+        // again after each.
+        assert_eq!(src.resume_count(), 2, "{verify}");
+    }
 }
 
 #[test]
@@ -152,8 +184,55 @@ fn receiver_dropped_mid_stream() {
     assert_source_recovered(&src);
 }
 
+/// In every verify mode but off, a write the tracker missed is caught before the source lets
+/// go of its guest, and the source runs on; in background mode the destination had resumed
+/// and is stopped again.
 #[test]
 fn untracked_write_is_caught_by_the_hash() {
+    for verify in [Verify::Strict, Verify::Background] {
+        let (src, sent, received, watch) = untracked_write(verify);
+        let err = sent.unwrap_err();
+        eprintln!("{verify}: source: {err}");
+        assert!(
+            matches!(&err, MigrateError::Remote { code: 3, message, .. }
+                if message.contains("memory hash mismatch in slot 0")),
+            "{verify}: {err}"
+        );
+        let rerr = received.unwrap_err();
+        assert!(
+            matches!(rerr, MigrateError::HashMismatch { slot: 0, .. }),
+            "{verify}: {rerr}"
+        );
+        let watch = watch.expect("a target was built");
+        let resumes = usize::from(verify == Verify::Background);
+        assert_eq!(watch.resume_count(), resumes, "{verify}: {watch:?}");
+        assert!(watch.stopped(), "{verify}: the destination guest runs on");
+        assert_source_recovered(&src);
+    }
+    // Off: nothing checks. The write really is lost on the way (so the two above can only
+    // pass by catching it).
+    let (src, sent, received, watch) = untracked_write(Verify::Off);
+    sent.expect("verify off: nothing fails");
+    let (dst, _) = received.expect("verify off: the receiver succeeds");
+    assert!(watch.expect("a target was built").running());
+    let image = dst.resume_image().expect("the target kept its image");
+    let at = 1000 * PAGE as usize;
+    assert_ne!(
+        image[0][at..at + 8],
+        src.snapshot(0)[at..at + 8],
+        "the untracked write reached the destination anyway"
+    );
+}
+
+/// Migrate a busy guest while writing page 1000 behind the tracker's back.
+fn untracked_write(
+    verify: Verify,
+) -> (
+    SoftVm,
+    Result<SendReport, MigrateError>,
+    Received,
+    Option<Watch>,
+) {
     // A dirtier fast enough that every round finds dirty pages: at 2000 pages/s it writes in
     // batches of 64 every 32 ms, and a round that found none "converged" at once (0 expected
     // downtime) before any pre-copy round ran (seen on a loaded machine).
@@ -163,7 +242,7 @@ fn untracked_write_is_caught_by_the_hash() {
         TrackerKind::ClearLog,
         workload(256, Some(50_000), true),
     );
-    let (addr, receiver, resumed) = spawn_receiver(recv_config());
+    let (addr, receiver, _, watch) = spawn_watched_receiver(recv_config());
     // A zero downtime budget never converges, so at least one round runs before the round
     // limit forces the switchover: the write below lands after that round's harvest, outside
     // the dirtier's working set, so no later round sends it.
@@ -171,30 +250,20 @@ fn untracked_write_is_caught_by_the_hash() {
         downtime_limit: Duration::ZERO,
         max_rounds: 2,
         on_timeout: TimeoutPolicy::Switchover,
+        verify,
         ..send_config(1)
     };
     let mut done = false;
-    let err = send(&src, addr, &config, &mut |p| {
+    let sent = send(&src, addr, &config, &mut |p| {
         if p.phase == Phase::Iterating && !done {
             done = true;
             src.write_untracked(1000, 0xbad);
         }
-    })
-    .unwrap_err();
-    eprintln!("source: {err}");
+    });
     assert!(done, "no pre-copy round ran");
-    assert!(
-        matches!(&err, MigrateError::Remote { code: 3, message, .. }
-            if message.contains("memory hash mismatch in slot 0")),
-        "{err}"
-    );
-    let rerr = receiver.join().unwrap().unwrap_err();
-    assert!(
-        matches!(rerr, MigrateError::HashMismatch { slot: 0, .. }),
-        "{rerr}"
-    );
-    assert!(!resumed.load(Ordering::SeqCst));
-    assert_source_recovered(&src);
+    let received = receiver.join().unwrap();
+    let watch = watch.lock().unwrap().clone();
+    (src, sent, received, watch)
 }
 
 // Hand-made streams against the receiver alone.

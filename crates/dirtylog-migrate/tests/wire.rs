@@ -4,8 +4,9 @@ use std::cell::RefCell;
 use std::io::{self, IoSlice, Write};
 use std::sync::OnceLock;
 
+use dirtylog_migrate::digest::mem_hash;
 use dirtylog_migrate::wire::{
-    mem_hash, Decoder, Encoder, Frame, Message, PageRange, Region, StreamHeader, WireError, MAGIC,
+    Decoder, Encoder, Frame, Message, PageRange, Region, StreamHeader, WireError, MAGIC,
     MAX_DEVICE_STATE, MAX_ERROR_MESSAGE, MAX_REGIONS, MAX_VCPU_BLOB,
 };
 use proptest::prelude::*;
@@ -261,17 +262,45 @@ fn wrong_magic_and_version_are_rejected() {
     assert!(matches!(err, WireError::BadMagic(m) if m[0] == b'X'));
 
     let mut s = stream_with(&[]);
-    // Version 1 had no Device frame, version 2 one hash of the whole region: refused, as any
-    // other version.
-    for v in [1u32, 2, 4] {
+    // Version 1 had no Device frame, version 2 one hash of the whole region, version 3 a
+    // digest of 64-page chunks and no Resume: refused, as any other version.
+    for v in [1u32, 2, 3, 5] {
         s[8..12].copy_from_slice(&v.to_le_bytes());
         let err = Decoder::new(s.as_slice()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("unsupported stream version {v} (this build speaks version 3)")
+            format!("unsupported stream version {v} (this build speaks version 4)")
         );
     }
     assert_eq!(&s[..8], &MAGIC);
+}
+
+/// The switchover frames of the background check: `Resume` carries a known verify mode,
+/// `Resumed` the destination's resume time.
+#[test]
+fn resume_frames_round_trip_and_unknown_modes_are_refused() {
+    use dirtylog_migrate::wire::{RESUME_THEN_VERIFY, RESUME_UNVERIFIED};
+    for msg in [
+        Message::Resume {
+            verify: RESUME_THEN_VERIFY,
+        },
+        Message::Resume {
+            verify: RESUME_UNVERIFIED,
+        },
+        Message::Resumed { resume_us: 1234 },
+    ] {
+        let mut stream = Vec::new();
+        let mut enc = Encoder::new(&mut stream, header()).unwrap();
+        enc.send(msg).unwrap();
+        let mut dec = Decoder::new(stream.as_slice()).unwrap();
+        assert_eq!(dec.next(&mut ()).unwrap(), Some(msg));
+    }
+    let mut stream = Vec::new();
+    let mut enc = Encoder::new(&mut stream, header()).unwrap();
+    let err = enc.send(Message::Resume { verify: 2 }).unwrap_err();
+    assert_eq!(err.to_string(), "Resume frame with unknown verify mode 2");
+    let err = next_error(&stream_with(&raw_frame(13, &7u32.to_le_bytes())));
+    assert_eq!(err.to_string(), "Resume frame with unknown verify mode 7");
 }
 
 #[test]
@@ -378,14 +407,14 @@ fn absurd_lengths_fail_before_reading_or_allocating() {
 
 #[test]
 fn unknown_types_flags_and_misplaced_headers_are_rejected() {
-    let err = next_error(&stream_with(&raw_frame(13, &[])));
-    assert_eq!(err.to_string(), "unknown frame type 13");
+    let err = next_error(&stream_with(&raw_frame(15, &[])));
+    assert_eq!(err.to_string(), "unknown frame type 15");
 
     let mut done = raw_frame(7, &[]);
     done[1] = 0x40;
     assert_eq!(
         next_error(&stream_with(&done)).to_string(),
-        "Done frame has flags 0x40; version 3 defines none"
+        "Done frame has flags 0x40; version 4 defines none"
     );
 
     let header_frame = stream_with(&[])[12..].to_vec();
@@ -667,16 +696,14 @@ fn mem_hash_is_xxh3_64() {
     assert_ne!(mem_hash(&[0; 4096]), mem_hash(&[1; 4096]));
 }
 
-/// `mem_digest` is XXH3 over the chunks' XXH3s, the same on one thread and on many, and the
-/// destination's shortcut (chunks it never wrote are zero) gives the source's digest of the
-/// same bytes.
+/// `mem_digest` is XXH3 over the pages' XXH3s, the same on one thread and on many, and the
+/// destination's table of the pages as they arrived gives the source's digest of the same
+/// bytes without reading them.
 #[test]
-fn mem_digest_is_a_hash_of_chunk_hashes() {
-    use dirtylog::DirtyBitmap;
-    use dirtylog_migrate::wire::{mem_digest, DIGEST_CHUNK_PAGES};
+fn mem_digest_is_a_hash_of_page_hashes() {
+    use dirtylog_migrate::digest::{mem_digest, DigestTable};
     let page = 4096;
-    let chunk = page * DIGEST_CHUNK_PAGES;
-    // 40 MiB and 3 pages: digested in parallel, with a short last chunk.
+    // 40 MiB and 3 pages: digested in parallel.
     let len = (40 << 20) + 3 * page;
     let mut mem = vec![0u8; len];
     for (i, b) in mem.iter_mut().enumerate().step_by(4093) {
@@ -684,30 +711,25 @@ fn mem_digest_is_a_hash_of_chunk_hashes() {
     }
     let manual = {
         let all: Vec<u8> = mem
-            .chunks(chunk)
+            .chunks(page)
             .flat_map(|c| mem_hash(c).to_le_bytes())
             .collect();
         mem_hash(&all)
     };
-    assert_eq!(mem_digest(&mem, page, None), manual);
+    assert_eq!(mem_digest(&mem, page), manual);
 
-    // The destination wrote pages 0..64 and the last 3; everything else stayed zero.
+    // The destination got pages 0..64 and the last 3; everything else stayed zero.
+    let npages = len / page;
     let mut sparse = vec![0u8; len];
-    sparse[..chunk].copy_from_slice(&mem[..chunk]);
+    sparse[..64 * page].copy_from_slice(&mem[..64 * page]);
     sparse[len - 3 * page..].copy_from_slice(&mem[len - 3 * page..]);
-    let written = DirtyBitmap::new((len / page) as u64);
-    written.set_range(0, 64);
-    written.set_range((len / page - 3) as u64, 3);
-    assert_eq!(
-        mem_digest(&sparse, page, Some(&written)),
-        mem_digest(&sparse, page, None)
-    );
-    // A byte changed in a written chunk changes the digest.
+    let table = DigestTable::new(npages, page);
+    table.record(0, &mem[..64 * page]);
+    table.record((npages - 3) as u64, &mem[len - 3 * page..]);
+    assert_eq!(table.digest(), mem_digest(&sparse, page));
+    // A byte the table never saw makes the digests differ.
     sparse[5] ^= 1;
-    assert_ne!(
-        mem_digest(&sparse, page, Some(&written)),
-        mem_digest(&mem[..], page, None)
-    );
+    assert_ne!(table.digest(), mem_digest(&sparse, page));
 }
 
 /// Records each vectored write. With a `limit`, accepts at most that many bytes per call and

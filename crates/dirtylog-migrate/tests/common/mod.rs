@@ -4,11 +4,11 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dirtylog_migrate::soft::{SoftConfig, SoftVm, Workload};
+use dirtylog_migrate::soft::{SoftConfig, SoftVm, Watch, Workload};
 use dirtylog_migrate::wire::Region;
 use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{
@@ -77,26 +77,44 @@ pub fn send_config(connections: usize) -> SendConfig {
 pub type Received = Result<(SoftVm, ReceiveReport), MigrateError>;
 
 /// A receiver thread on a fresh loopback port, building a `SoftVm` target; the flag says
-/// whether it ever resumed a target (it must not, on failure).
+/// whether a target guest runs once `receive` has returned (it must not, on failure: a target
+/// resumed before a background check must have been stopped).
 pub fn spawn_receiver(
     config: ReceiveConfig,
 ) -> (SocketAddr, JoinHandle<Received>, Arc<AtomicBool>) {
+    let (addr, handle, running, _) = spawn_watched_receiver(config);
+    (addr, handle, running)
+}
+
+/// [`spawn_receiver`], with a watch on the target it built (set once built).
+pub fn spawn_watched_receiver(
+    config: ReceiveConfig,
+) -> (
+    SocketAddr,
+    JoinHandle<Received>,
+    Arc<AtomicBool>,
+    Arc<Mutex<Option<Watch>>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let resumed = Arc::new(AtomicBool::new(false));
-    let flag = resumed.clone();
+    let running = Arc::new(AtomicBool::new(false));
+    let watch = Arc::new(Mutex::new(None));
+    let (flag, w) = (running.clone(), watch.clone());
     let handle = std::thread::spawn(move || {
         let r = receive(&listener, &config, |h| {
             let vm = SoftVm::target(h, TrackerKind::DirtyLog)?;
             vm.keep_resume_image();
+            *w.lock().unwrap() = Some(vm.watch());
             Ok(vm)
         });
-        if let Ok((vm, _)) = &r {
-            flag.store(vm.resume_count() > 0, Ordering::SeqCst);
-        }
+        let guest_runs = match &r {
+            Ok((vm, _)) => vm.resume_count() > 0,
+            Err(_) => w.lock().unwrap().as_ref().is_some_and(Watch::running),
+        };
+        flag.store(guest_runs, Ordering::SeqCst);
         r
     });
-    (addr, handle, resumed)
+    (addr, handle, running, watch)
 }
 
 /// Migrate `source` to a fresh loopback receiver.
