@@ -113,6 +113,9 @@ pub enum SwitchoverReason {
     RoundLimit,
     /// The timeout expired and the policy is to switch over.
     Timeout,
+    /// The blackout's fixed costs alone (pause, state, resume, strict verification) exceed the
+    /// limit, nothing was left to gain from another round, and the policy is to switch over.
+    LimitUnreachable,
 }
 
 /// The limits pre-copy runs under.

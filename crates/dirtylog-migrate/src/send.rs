@@ -53,7 +53,9 @@ use dirtylog::{DirtyBitmap, DirtyTracker};
 use serde::Serialize;
 
 use crate::convergence::TimeoutPolicy;
-use crate::convergence::{self, AutoConverge, BlackoutCosts, Decision, Limits, Throttle};
+use crate::convergence::{
+    self, AutoConverge, BlackoutCosts, Decision, Limits, SwitchoverReason, Throttle,
+};
 use crate::device::{DeviceSection, DeviceState};
 use crate::digest::{self, Verify};
 use crate::error::{code, MigrateError};
@@ -665,7 +667,6 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 Err(e) => return Err(MigrateError::vm("set the dirty limit")(e)),
             }
         }
-        let costs = self.probe(guard)?;
         let (mut harvest_time, _) = self.harvest()?;
         let mut last_harvest = Instant::now();
         self.stats.setup_time = ms(self.sh.start.elapsed());
@@ -674,6 +675,9 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         // pages are still on their way.
         let (mut bandwidth, mut next) =
             self.send_round(ctl, 0, Phase::Bulk, harvest_time, 0, 0, progress)?;
+        // After the bulk pass, which has read (and so mapped) every page, as the switchover's
+        // digest will find them.
+        let costs = self.probe(guard)?;
         let limits = Limits {
             downtime: config.downtime_limit,
             max_rounds: config.max_rounds,
@@ -708,6 +712,31 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             self.stats.dirty_pages_rate = rate;
             self.stats.expected_downtime = ms(expected);
             self.stats.remaining = pages * self.sh.page_size;
+            // What the blackout costs with nothing left to send: if that alone exceeds the
+            // limit, more rounds cannot meet it.
+            let floor = convergence::expected_breakdown(
+                &costs,
+                harvest_time,
+                0,
+                bandwidth,
+                digest_bytes,
+            );
+            if Duration::from_micros(floor.total()) > limits.downtime {
+                match config.on_timeout {
+                    TimeoutPolicy::Cancel => {
+                        return Err(self.not_converged(
+                            round,
+                            "the pause, state save, resume and strict verification measured \
+                             alone exceed the limit: raise it, or verify in the background",
+                        ))
+                    }
+                    // Rounds help while they shrink the final one; with nothing dirty, go.
+                    TimeoutPolicy::Switchover if pages == 0 => {
+                        break (SwitchoverReason::LimitUnreachable, expected_breakdown)
+                    }
+                    TimeoutPolicy::Switchover => {}
+                }
+            }
             match limits.decide(expected, round, self.sh.start.elapsed()) {
                 Decision::Switchover(reason) => break (reason, expected_breakdown),
                 Decision::Cancel(why) => {
@@ -884,10 +913,12 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         let digest_rate = (self.sh.config.verify == Verify::Strict).then(|| {
             // SAFETY: the guest is paused: nobody writes its memory (the `MigrationSource`
             // memory contract); the connection threads are idle.
+            // The largest region: hashed on as many threads as the switchover's digest of it.
             let sample = self
                 .sh
                 .mems
-                .first()
+                .iter()
+                .max_by_key(|m| m.len())
                 .map(|&m| unsafe { guestmem::frozen(m) })
                 .unwrap_or(&[]);
             let sample = &sample[..sample.len().min(PROBE_DIGEST_BYTES)];
