@@ -180,6 +180,9 @@ pub struct SoftVm {
     devices: Mutex<Vec<DeviceSection>>,
     /// Target: the device sections restored, in arrival order.
     restored_devices: Mutex<Vec<String>>,
+    /// Tests: how long `pause` and `save_state` take at least, as a VM with slow vCPU kicks
+    /// or large device states would.
+    slow: Mutex<(Duration, Duration)>,
 }
 
 /// The state of one vCPU thread, as migrated.
@@ -353,6 +356,7 @@ impl SoftVm {
             resume_image: Mutex::new(None),
             devices: Mutex::new(Vec::new()),
             restored_devices: Mutex::new(Vec::new()),
+            slow: Mutex::new((Duration::ZERO, Duration::ZERO)),
         })
     }
 
@@ -427,11 +431,12 @@ impl SoftVm {
 
     /// A copy of region `index`'s bytes (word-atomic, so consistent only while paused).
     pub fn snapshot(&self, index: usize) -> Vec<u8> {
-        self.inner.memory[index]
-            .words()
-            .iter()
-            .flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes())
-            .collect()
+        let words = self.inner.memory[index].words();
+        let mut bytes = Vec::with_capacity(words.len() * 8);
+        for w in words {
+            bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        bytes
     }
 
     /// For tests: on [`VcpuRestore::resume`], copy the whole memory first (it costs a
@@ -462,6 +467,12 @@ impl SoftVm {
     /// How many times [`VcpuRestore::resume`] or [`Vcpus::resume`] ran.
     pub fn resume_count(&self) -> usize {
         self.inner.resumes.load(Ordering::Relaxed)
+    }
+
+    /// Tests: make every `pause` take at least `pause` and every `save_state` at least
+    /// `save`, so that the blackout's fixed costs are known.
+    pub fn set_slow_switchover(&self, pause: Duration, save: Duration) {
+        *lock(&self.slow) = (pause, save);
     }
 
     /// Tests: a handle that outlives the VM and tells whether it was ever resumed and whether
@@ -883,7 +894,11 @@ impl Vcpus for SoftVm {
     }
 
     fn pause(&self) -> Result<(), VmError> {
-        self.do_pause()
+        let delay = lock(&self.slow).0;
+        let start = Instant::now();
+        self.do_pause()?;
+        std::thread::sleep(delay.saturating_sub(start.elapsed()));
+        Ok(())
     }
 
     fn resume(&self) -> Result<(), VmError> {
@@ -903,6 +918,7 @@ impl Vcpus for SoftVm {
         if !lock(&self.inner.gate).paused {
             return Err("save_state while the vCPUs run".into());
         }
+        std::thread::sleep(lock(&self.slow).1);
         self.inner
             .live
             .iter()
