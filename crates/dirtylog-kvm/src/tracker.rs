@@ -816,6 +816,13 @@ impl<V: Borrow<VmFd>> KvmDirtyTracker<V> {
             .is_some_and(|w| w.holds_at_least(self.soft_full))
     }
 
+    /// Ring: each vCPU's ring and how far it has been harvested, in vCPU order, for reading
+    /// per-vCPU fill levels and dirty rates from another thread (a dirty limit); empty before
+    /// the first [`start`](Self::start) and for other trackers.
+    pub fn ring_watches(&self) -> &[RingWatch] {
+        self.watches.get().map_or(&[], |w| w)
+    }
+
     /// Ring: does some vCPU's ring hold at least `n` (≥ 1) entries not yet harvested?
     /// Lock-free; false before [`start`](Self::start) and for other trackers.
     pub fn rings_hold_at_least(&self, n: u32) -> bool {

@@ -50,10 +50,19 @@ pub trait Vcpus: Sync {
     /// Cap every vCPU's dirty rate at `pages_per_second` (`None`: lift the cap), slowing
     /// only the vCPUs that dirty faster (QEMU's dirty-limit, `set-vcpu-dirty-limit`). The
     /// default returns [`Unsupported`]: the engine then migrates without it and says so in
-    /// its report.
+    /// its report. `None` is QEMU's `cancel-vcpu-dirty-limit`. A VM that measures the rate
+    /// from its dirty rings (as QEMU does) returns [`Unsupported`] when it tracks with a
+    /// bitmap, which gives no per-vCPU rate.
     fn set_dirty_limit(&self, pages_per_second: Option<u64>) -> Result<(), VmError> {
         let _ = pages_per_second;
         Err(Box::new(Unsupported("a per-vCPU dirty limit")))
+    }
+    /// Each vCPU's throttle set by the dirty limit in force, in vCPU order: the percentage of
+    /// the time it is held out of the guest (what QEMU's dirtylimit reports as the vCPU's
+    /// sleep share; `query-vcpu-dirty-limit` gives the limit and current rate). Empty when no
+    /// limit is in force, and by default.
+    fn dirty_limit_throttle(&self) -> Vec<u8> {
+        Vec::new()
     }
     /// The saved state of each vCPU, in vCPU order; called while paused. Each blob is at most
     /// [`MAX_VCPU_BLOB`](crate::wire::MAX_VCPU_BLOB) bytes.

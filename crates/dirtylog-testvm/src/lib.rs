@@ -16,6 +16,8 @@
 //! - [`perf`]: the kernel's `dirty_log_perf_test` on KVM ([`KvmPerf`], through
 //!   [`dirtylog::perf::run`]), timing our API against the bare ioctls.
 //! - [`migrate`]: the live-migration demo's source and target on these guests.
+//! - [`reaper`], [`dirty_limit`]: a migration source's dirty-ring reaper and its per-vCPU
+//!   dirty limit (QEMU's dirty-limit), shared by the demo's source and the [`pc`].
 //!
 //! ## Host quirks handled here (measured on the project's PVM host, Linux 6.18)
 //!
@@ -33,6 +35,7 @@
 pub use dirtylog_kvm::{error, ring, sys, vcpu_state};
 
 pub mod caps;
+pub mod dirty_limit;
 pub mod guest;
 pub mod kernels;
 pub mod machine;

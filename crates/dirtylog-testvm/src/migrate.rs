@@ -64,7 +64,9 @@
 //! registers, segments, control registers, EFER and the other MSRs, XSAVE, XCR0, events, MP
 //! state, debug registers), plus the pacer's rate as a VMM section. The
 //! throttle holds vCPU threads out of `KVM_RUN` for a share of every 10 ms
-//! ([`Runner::set_throttle`](crate::Runner::set_throttle)).
+//! ([`Runner::set_throttle`](crate::Runner::set_throttle)). With the ring tracker, a dirty
+//! limit ([`Vcpus::set_dirty_limit`]) throttles each vCPU on its own, from its ring's rate
+//! ([`dirty_limit`](crate::dirty_limit)); with a bitmap tracker it is [`Unsupported`](dirtylog_migrate::Unsupported).
 //!
 //! # The target
 //!
@@ -80,6 +82,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::dirty_limit::DirtyLimiter;
 use crate::guest::{control, ports};
 use crate::machine::SYSTEM_SLOT;
 use crate::runner::PortHandler;
@@ -292,6 +295,7 @@ struct SourceInner {
 pub struct KvmSource {
     inner: Arc<SourceInner>,
     reaper: crate::reaper::Reaper,
+    dirty_limit: DirtyLimiter,
     track_vmm: Arc<AtomicBool>,
 }
 
@@ -442,6 +446,7 @@ impl KvmSource {
         Ok(KvmSource {
             inner: Arc::new(inner),
             reaper: Default::default(),
+            dirty_limit: Default::default(),
             track_vmm,
         })
     }
@@ -471,6 +476,19 @@ impl KvmSource {
         lock(&self.inner.machine).runner().throttle()
     }
 
+    /// Each vCPU's dirty rate over the last window, ring entries per second, as the dirty
+    /// limit measures it (QEMU's `current-rate`); empty when no limit is in force.
+    pub fn dirty_limit_rates(&self) -> Vec<u64> {
+        self.dirty_limit.rates()
+    }
+
+    /// Ring tracker: entries KVM has pushed into each vCPU's dirty ring since tracking first
+    /// started (wrapping), in vCPU order; empty before that and for other trackers. On this
+    /// project's PVM host, one per guest write to a write-protected page.
+    pub fn dirty_ring_pushed(&self) -> Vec<u32> {
+        crate::dirty_limit::rings_pushed(&self.inner.tracker)
+    }
+
     /// Where each vCPU thread is.
     pub fn vcpu_states(&self) -> Vec<VcpuRunState> {
         lock(&self.inner.machine).runner().states()
@@ -492,6 +510,7 @@ impl KvmSource {
 
     /// Stop the guest and its threads; the first vCPU error, if any.
     pub fn shutdown(self) -> Result<(), VmError> {
+        self.dirty_limit.stop();
         self.reaper.stop();
         let r = lock(&self.inner.machine).runner().check();
         // Dropping the machine stops and joins the vCPU threads.
@@ -559,8 +578,37 @@ fn track_test_slots(
     Ok(tracker)
 }
 
+/// [`Vcpus::set_dirty_limit`] of a source tracking with `tracker`, throttling through
+/// `throttle` (shared with the [`Pc`](crate::pc::Pc)).
+pub(crate) fn set_dirty_limit(
+    limiter: &DirtyLimiter,
+    tracker: &Arc<KvmDirtyTracker>,
+    throttle: crate::runner::VcpuThrottle,
+    pages_per_second: Option<u64>,
+) -> Result<(), VmError> {
+    let Some(limit) = pages_per_second else {
+        limiter.stop();
+        return Ok(());
+    };
+    if tracker.kind().ring_entries().is_none() {
+        return Err(Box::new(dirtylog_migrate::Unsupported(
+            "a per-vCPU dirty limit without the dirty ring (it measures each vCPU's rate from \
+             its ring: track with --tracker ring)",
+        )));
+    }
+    if limit == 0 {
+        return Err(err(
+            "a dirty limit of 0 pages/s would stop the vCPUs: give at least 1",
+        ));
+    }
+    limiter
+        .start(tracker.clone(), throttle, limit)
+        .map_err(|e| err(format!("spawning the dirty-limit controller: {e}")))
+}
+
 impl Drop for KvmSource {
     fn drop(&mut self) {
+        self.dirty_limit.stop();
         self.reaper.stop();
     }
 }
@@ -704,6 +752,20 @@ impl Vcpus for KvmSource {
     fn throttle(&self, percent: u8) -> Result<(), VmError> {
         lock(&self.inner.machine).runner().set_throttle(percent)?;
         Ok(())
+    }
+
+    fn set_dirty_limit(&self, pages_per_second: Option<u64>) -> Result<(), VmError> {
+        let throttle = lock(&self.inner.machine).runner().vcpu_throttle();
+        set_dirty_limit(
+            &self.dirty_limit,
+            &self.inner.tracker,
+            throttle,
+            pages_per_second,
+        )
+    }
+
+    fn dirty_limit_throttle(&self) -> Vec<u8> {
+        self.dirty_limit.throttle_percent()
     }
 
     fn save_state(&self) -> Result<Vec<Vec<u8>>, VmError> {

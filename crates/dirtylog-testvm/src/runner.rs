@@ -28,7 +28,8 @@
 //! never holds a half-done `out`. Threads parked elsewhere (sync, full ring, halted) count as
 //! paused and park as paused when released. [`Runner::with_paused_vcpu`] runs a closure on a
 //! parked vCPU's own thread, with its `VcpuFd` (saving and restoring vCPU state).
-//! Throttling ([`Runner::set_throttle`]) and shutdown kick the same way.
+//! Throttling ([`Runner::set_throttle`], and per vCPU [`Runner::vcpu_throttle`]) and shutdown
+//! kick the same way.
 //!
 //! # Dirty rings on late hosts
 //!
@@ -62,7 +63,7 @@ mod throttle;
 pub use devices::{IoAction, IoBus, PortHandler};
 pub use kick::kick_signal;
 pub use pause::PAUSE_REKICK;
-pub use throttle::THROTTLE_PERIOD;
+pub use throttle::{VcpuThrottle, MAX_VCPU_THROTTLE_PERMILLE, THROTTLE_PERIOD};
 
 /// How often the ring watchdog looks at the rings. With the 64 reserved entries, a guest
 /// faulting every 10 µs leaves the watchdog about 600 µs after the soft limit.

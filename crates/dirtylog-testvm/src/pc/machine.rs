@@ -166,6 +166,7 @@ pub struct Pc {
     /// Bytes the guest transmitted on COM1 here (its progress, as far as a VMM can tell).
     pub(super) serial_bytes: Arc<AtomicU64>,
     pub(super) reaper: crate::reaper::Reaper,
+    pub(super) dirty_limit: crate::dirty_limit::DirtyLimiter,
     // Dropped last: the memslots' owner (the runner and tracker go first, in field order).
     pub(super) vm: KvmVm,
 }
@@ -366,6 +367,7 @@ impl Pc {
             tracking: AtomicBool::new(false),
             serial_bytes,
             reaper: Default::default(),
+            dirty_limit: Default::default(),
             vm,
         })
     }
@@ -485,6 +487,7 @@ impl Pc {
 
     /// Stop the vCPU threads; the first vCPU error, if any.
     pub fn shutdown(self) -> Result<(), VmError> {
+        self.dirty_limit.stop();
         self.reaper.stop();
         let r = lock(&self.runner).shutdown(STOP_TIMEOUT);
         r.map_err(Into::into)
@@ -493,6 +496,7 @@ impl Pc {
 
 impl Drop for Pc {
     fn drop(&mut self) {
+        self.dirty_limit.stop();
         self.reaper.stop();
     }
 }

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`MigrationMemory`] | the RAM regions of the [memory map](super::machine) (no VMM writes: the VMM writes guest RAM only when loading the kernel, before any tracking) |
 //! | [`DirtyTracker`] | the VM's [`KvmDirtyTracker`], enabled when the PC was built; with rings, a [reaper](crate::reaper) while tracking |
-//! | [`Vcpus`], [`VcpuRestore`] | the runner's VMM-driven pause; the full vCPU state ([`VcpuSnapshot`]: registers, FPU/XSAVE, XCRs, debug registers, events, MP state, LAPIC, the saveable MSRs) saved and restored on each vCPU's own thread |
+//! | [`Vcpus`], [`VcpuRestore`] | with rings, a per-vCPU [dirty limit](crate::dirty_limit); the runner's VMM-driven pause; the full vCPU state ([`VcpuSnapshot`]: registers, FPU/XSAVE, XCRs, debug registers, events, MP state, LAPIC, the saveable MSRs) saved and restored on each vCPU's own thread |
 //! | [`DeviceState`] | `serial0` (the UART, with queued input), `fw_cfg`, and `kvm-vm`: the in-kernel PIC, IOAPIC, PIT and kvmclock ([`VmSnapshot`]) |
 //!
 //! A target is a fresh PC of the stream's shape ([`Pc::for_stream`]): its vCPU threads are
@@ -80,6 +80,18 @@ impl Pc {
             )));
         }
         Pc::new(&cfg, console, log)
+    }
+
+    /// Ring tracker: entries KVM has pushed into each vCPU's dirty ring since tracking first
+    /// started (wrapping), in vCPU order; empty before that and for other trackers.
+    pub fn dirty_ring_pushed(&self) -> Vec<u32> {
+        crate::dirty_limit::rings_pushed(&self.tracker)
+    }
+
+    /// Each vCPU's dirty rate over the last window, ring entries per second, as the dirty
+    /// limit measures it (QEMU's `current-rate`); empty when no limit is in force.
+    pub fn dirty_limit_rates(&self) -> Vec<u64> {
+        self.dirty_limit.rates()
     }
 
     fn save_vm_devices(&self) -> Result<Vec<DeviceSection>, VmError> {
@@ -238,6 +250,20 @@ impl Vcpus for Pc {
     fn throttle(&self, percent: u8) -> Result<(), VmError> {
         lock(&self.runner).set_throttle(percent)?;
         Ok(())
+    }
+
+    fn set_dirty_limit(&self, pages_per_second: Option<u64>) -> Result<(), VmError> {
+        let throttle = lock(&self.runner).vcpu_throttle();
+        crate::migrate::set_dirty_limit(
+            &self.dirty_limit,
+            &self.tracker,
+            throttle,
+            pages_per_second,
+        )
+    }
+
+    fn dirty_limit_throttle(&self) -> Vec<u8> {
+        self.dirty_limit.throttle_percent()
     }
 
     fn save_state(&self) -> Result<Vec<Vec<u8>>, VmError> {
