@@ -115,6 +115,7 @@
 //!         })
 //!     });
 //!     let config = SendConfig {
+//!         downtime_limit: std::time::Duration::ZERO, // never met: stop at the round limit
 //!         max_rounds: 1,
 //!         on_timeout: TimeoutPolicy::Switchover,
 //!         ..SendConfig::default()
@@ -133,6 +134,7 @@
 
 #![warn(missing_docs)]
 
+pub mod compress;
 pub mod convergence;
 pub mod device;
 pub mod digest;
@@ -149,6 +151,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod wire;
 
+pub use compress::Compression;
 pub use convergence::{AutoConverge, SwitchoverReason, TimeoutPolicy};
 pub use device::{DeviceSection, DeviceState};
 pub use digest::Verify;
@@ -158,7 +161,9 @@ pub use error::{MigrateError, VmError};
 pub use memory::{MigrationMemory, RegionBitmap, RegionMemory, SlotTable};
 pub use recv::{receive, receive_on, ReceiveConfig};
 pub use send::{send, send_on, Phase, Progress, SendConfig};
-pub use stats::{DowntimeBreakdown, MigrationStats, ReceiveReport, RoundReport, SendReport};
+pub use stats::{
+    CompressionStats, DowntimeBreakdown, MigrationStats, ReceiveReport, RoundReport, SendReport,
+};
 pub use transport::{connect, listen, Address, Listener, Stream, Transport};
 pub use vcpu::{Unsupported, VcpuRestore, Vcpus};
 pub use vm::{MigrationSource, MigrationTarget};

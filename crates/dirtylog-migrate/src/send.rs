@@ -52,6 +52,7 @@ use dirtylog::bitmap::runs;
 use dirtylog::{DirtyBitmap, DirtyTracker};
 use serde::Serialize;
 
+use crate::compress::{Compression, Compressor};
 use crate::convergence::TimeoutPolicy;
 use crate::convergence::{
     self, AutoConverge, BlackoutCosts, Decision, Limits, SwitchoverReason, Throttle,
@@ -61,7 +62,9 @@ use crate::digest::{self, Verify};
 use crate::error::{code, MigrateError};
 use crate::guestmem;
 use crate::memory::{MigrationMemory, RegionMemory};
-use crate::stats::{DowntimeBreakdown, MigrationStats, RoundReport, RoundStats, SendReport};
+use crate::stats::{
+    CompressionStats, DowntimeBreakdown, MigrationStats, RoundReport, RoundStats, SendReport,
+};
 use crate::transport::{self, Address, Killer, RateLimiter, Transport};
 use crate::vcpu::{is_unsupported, Vcpus};
 use crate::vm::MigrationSource;
@@ -124,6 +127,17 @@ pub struct SendConfig {
     /// [`Vcpus::set_dirty_limit`](crate::Vcpus::set_dirty_limit) for the migration (QEMU's
     /// dirty-limit); `None` for no cap. Default `None`.
     pub dirty_limit: Option<u64>,
+    /// Once the expected downtime fits the limit, keep sending rounds while each one at least
+    /// halves the dirty set (within `max_rounds` and `timeout`), and switch over when it stops
+    /// shrinking: the downtime is then what the guest's working set forces, not whatever the
+    /// limit allows. `false` switches over at the first estimate that fits (QEMU's way).
+    /// Default `true`.
+    pub settle: bool,
+    /// Compress each run of pages before sending it (a `CompressedPages` frame), for links
+    /// slower than the codec; a run that does not shrink (or that the codec fails on) goes
+    /// as plain `Pages`. [`max_bandwidth`](Self::max_bandwidth) is charged the bytes actually
+    /// sent. `None` to send pages as they are. Default `None`.
+    pub compress: Option<Compression>,
 }
 
 impl Default for SendConfig {
@@ -144,6 +158,8 @@ impl Default for SendConfig {
             ack_timeout: Duration::from_secs(60),
             verify: Verify::default(),
             dirty_limit: None,
+            settle: true,
+            compress: None,
         }
     }
 }
@@ -174,6 +190,11 @@ impl SendConfig {
         }
         if self.max_bandwidth == Some(0) {
             return bad("a bandwidth limit of 0 bytes/s would never finish".into());
+        }
+        if let Some(c) = self.compress {
+            if let Err(e) = c.check() {
+                return bad(format!("compression {c}: {e}"));
+            }
         }
         if let Some(a) = self.auto_converge {
             if a.initial == 0 || a.max == 0 || a.max > 99 || a.initial > a.max {
@@ -425,9 +446,34 @@ struct Counters {
     bytes: AtomicU64,
     normal: AtomicU64,
     zero: AtomicU64,
+    /// [`SendConfig::compress`]: pages sent compressed, their compressed bytes, and pages
+    /// sent plain because they did not shrink.
+    compressed_pages: AtomicU64,
+    compressed_bytes: AtomicU64,
+    incompressible_pages: AtomicU64,
+    /// Nanoseconds the connection threads spent finding zero pages (a scan, no bytes sent),
+    /// so that the estimate's page rate is the rate of pages with contents.
+    zero_scan_ns: AtomicU64,
 }
 
 impl Counters {
+    /// The compression totals for the report.
+    fn compression(&self, codec: Option<Compression>, page_size: u64) -> CompressionStats {
+        let pages = self.compressed_pages.load(Ordering::Relaxed);
+        let compressed_size = self.compressed_bytes.load(Ordering::Relaxed);
+        CompressionStats {
+            codec,
+            pages,
+            incompressible_pages: self.incompressible_pages.load(Ordering::Relaxed),
+            compressed_size,
+            compression_rate: if compressed_size == 0 {
+                0.0
+            } else {
+                (pages * page_size) as f64 / compressed_size as f64
+            },
+        }
+    }
+
     fn snapshot(&self) -> (u64, u64, u64) {
         (
             self.bytes.load(Ordering::Relaxed),
@@ -627,6 +673,7 @@ impl<S: MigrationSource> Shared<'_, S> {
             enc,
             buf: Vec::new(),
             position: 0,
+            compressor: None,
         };
         worker.position = worker.enc.position();
         worker.account();
@@ -690,6 +737,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             Verify::Background | Verify::Off => 0,
         };
         let mut round = 0;
+        // Dirty pages found by the previous harvest (the bulk pass: all of them).
+        let mut prev_pages = self.sh.total_pages;
         let (reason, expected_breakdown) = loop {
             let (t, pages, at) = match next.take() {
                 Some(h) => h,
@@ -714,13 +763,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             self.stats.remaining = pages * self.sh.page_size;
             // What the blackout costs with nothing left to send: if that alone exceeds the
             // limit, more rounds cannot meet it.
-            let floor = convergence::expected_breakdown(
-                &costs,
-                harvest_time,
-                0,
-                bandwidth,
-                digest_bytes,
-            );
+            let floor =
+                convergence::expected_breakdown(&costs, harvest_time, 0, bandwidth, digest_bytes);
             if Duration::from_micros(floor.total()) > limits.downtime {
                 match config.on_timeout {
                     TimeoutPolicy::Cancel => {
@@ -737,14 +781,25 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                     TimeoutPolicy::Switchover => {}
                 }
             }
-            match limits.decide(expected, round, self.sh.start.elapsed()) {
+            let shrinking = pages > 0 && pages.saturating_mul(2) <= prev_pages;
+            prev_pages = pages;
+            let settling = match limits.decide(expected, round, self.sh.start.elapsed()) {
+                Decision::Switchover(SwitchoverReason::Converged)
+                    if config.settle
+                        && shrinking
+                        && round < config.max_rounds
+                        && config.timeout.is_none_or(|t| self.sh.start.elapsed() < t) =>
+                {
+                    true
+                }
                 Decision::Switchover(reason) => break (reason, expected_breakdown),
                 Decision::Cancel(why) => {
                     return Err(self.not_converged(round, why));
                 }
-                Decision::Continue => {}
-            }
-            if let Some(throttle) = &mut self.throttle {
+                Decision::Continue => false,
+            };
+            // The dirty rate already fits: no throttling while the rounds settle.
+            if let Some(throttle) = self.throttle.as_mut().filter(|_| !settling) {
                 let dirty_bytes = rate as f64 * self.sh.page_size as f64;
                 if let Some(percent) = throttle.observe(dirty_bytes, bandwidth) {
                     match source.vcpus().throttle(percent) {
@@ -878,6 +933,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             cpu_throttle_percentage: self.throttle.as_ref().map_or(0, Throttle::percent),
             throttle_unsupported: self.throttle_unsupported,
             dirty_limit_unsupported: self.dirty_limit_unsupported,
+            dirty_limit: config.dirty_limit,
             devices: device_count,
             connections: ctl.queues.len(),
             page_size: self.sh.header.page_size(),
@@ -889,6 +945,10 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             downtime_limit_exceeded: self.stats.downtime > limit,
             verify: config.verify,
             verify_time: acked_at.map_or(0, |a| ms(a - resumed_at)),
+            compression: self
+                .sh
+                .counters
+                .compression(config.compress, self.sh.page_size),
         })
     }
 
@@ -1001,6 +1061,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             dirty_pages
         };
         let before = self.sh.counters.snapshot();
+        let scan_before = self.sh.counters.zero_scan_ns.load(Ordering::Relaxed);
         let n = ctl.queues.len() as u64;
         // Small rounds are cut finer, so that every connection carries a share.
         let job_pages = (self.sh.config.job_bytes as u64 / self.sh.page_size)
@@ -1108,8 +1169,20 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         let send_time = t.elapsed();
         let (bytes, normal, zero) = self.sh.counters.snapshot();
         let round_bytes = bytes - before.0;
-        let bandwidth = convergence::bandwidth(round_bytes, send_time);
-        let mbps = bandwidth * 8.0 / 1e6;
+        let wire = convergence::bandwidth(round_bytes, send_time);
+        let mbps = wire * 8.0 / 1e6;
+        // What the estimate needs is how fast pages with contents go (a final round is
+        // mostly those): their bytes over the round's time less its share of zero-page
+        // scanning, which in a bulk pass of sparse memory is most of it. Compression shows in
+        // this rate too. A round of zero pages only tells nothing new: the wire rate then.
+        let scan = self.sh.counters.zero_scan_ns.load(Ordering::Relaxed) - scan_before;
+        let scan = Duration::from_nanos(scan / n);
+        let content_bytes = (normal - before.1) * self.sh.page_size;
+        let bandwidth = if content_bytes > 0 {
+            convergence::bandwidth(content_bytes, send_time.saturating_sub(scan))
+        } else {
+            wire
+        };
         self.last_mbps = mbps;
         self.stats.mbps = mbps;
         self.stats.transferred = bytes;
@@ -1133,6 +1206,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 self.stats.expected_downtime
             },
             cpu_throttle_percentage: self.throttle.as_ref().map_or(0, Throttle::percent),
+            dirty_limit_throttle_percentage: self.sh.source.vcpus().dirty_limit_throttle(),
             is_final,
         });
         self.report(progress, phase, round, round_pages, round_pages, true);
@@ -1413,6 +1487,8 @@ struct Worker<'s, 'a, S: MigrationSource, T: Transport> {
     enc: Encoder<BufWriter<T>>,
     buf: Vec<u8>,
     position: u64,
+    /// [`SendConfig::compress`]'s state, made by the first span.
+    compressor: Option<Compressor>,
 }
 
 impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
@@ -1500,9 +1576,16 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
         self.position = pos;
     }
 
-    /// Send the pages of `span`: zero runs as markers, the rest copied and framed as runs.
+    /// Send the pages of `span`: zero runs as markers, the rest copied and framed as runs,
+    /// compressed if [`SendConfig::compress`] asks and they shrink.
     fn span(&mut self, span: &Span) -> Result<(), MigrateError> {
         let s = self.sender;
+        if let (None, Some(c)) = (&self.compressor, s.config.compress) {
+            let compressor = Compressor::new(c)
+                .map_err(|e| MigrateError::Config(format!("compression {c}: {e}")))?;
+            self.compressor = Some(compressor);
+        }
+        let codec = s.config.compress.map(Compression::codec);
         let mem = s.mems[span.region];
         let slot = s.header.regions()[span.region].slot;
         let ps = s.page_size as usize;
@@ -1517,14 +1600,20 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
             npages,
         };
         let (mut normal, mut zero) = (0, 0);
+        // Pages sent compressed, their compressed bytes, pages that did not shrink.
+        let (mut packed_pages, mut packed_bytes, mut unpacked_pages) = (0, 0, 0);
         for (first, len) in runs(&span.words[..span.nwords]) {
             let (mut p, end) = (base + first, base + first + len);
             while p < end {
+                let scan = Instant::now();
                 let mut z = 0;
                 while p + z < end && guestmem::is_zero(mem, ((p + z) as usize) * ps, ps) {
                     z += 1;
                 }
                 if z > 0 {
+                    s.counters
+                        .zero_scan_ns
+                        .fetch_add(nanos(scan.elapsed()), Ordering::Relaxed);
                     self.send(Message::ZeroPages(range(p, z)))?;
                     zero += z;
                     p += z;
@@ -1539,15 +1628,32 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
                     guestmem::copy_out(mem, offset, &mut self.buf[n * ps..(n + 1) * ps]);
                     n += 1;
                 }
-                s.limiter.acquire(n * ps);
                 let data = &self.buf[..n * ps];
-                let r = self
-                    .enc
-                    .send(Message::Pages {
-                        range: range(p, n as u64),
-                        data,
-                    })
-                    .map_err(MigrateError::wire(self.conn));
+                // A codec failure (it cannot fail on valid input but for memory) sends plain.
+                let packed = match (&mut self.compressor, codec) {
+                    (Some(c), Some(codec)) => c.compress(data).ok().flatten().map(|b| (codec, b)),
+                    _ => None,
+                };
+                // Charged what goes on the wire, so that compression speeds up a slow link.
+                s.limiter
+                    .acquire(packed.map_or(data.len(), |(_, bytes)| bytes.len()));
+                let r = match packed {
+                    Some((codec, bytes)) => {
+                        packed_pages += n as u64;
+                        packed_bytes += bytes.len() as u64;
+                        self.enc.send_compressed(range(p, n as u64), codec, bytes)
+                    }
+                    None => {
+                        if codec.is_some() {
+                            unpacked_pages += n as u64;
+                        }
+                        self.enc.send(Message::Pages {
+                            range: range(p, n as u64),
+                            data,
+                        })
+                    }
+                }
+                .map_err(MigrateError::wire(self.conn));
                 self.account();
                 r?;
                 normal += n as u64;
@@ -1556,6 +1662,15 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
         }
         s.counters.normal.fetch_add(normal, Ordering::Relaxed);
         s.counters.zero.fetch_add(zero, Ordering::Relaxed);
+        if codec.is_some() {
+            let c = &s.counters;
+            c.compressed_pages
+                .fetch_add(packed_pages, Ordering::Relaxed);
+            c.compressed_bytes
+                .fetch_add(packed_bytes, Ordering::Relaxed);
+            c.incompressible_pages
+                .fetch_add(unpacked_pages, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -1747,6 +1862,10 @@ fn truncate(s: &str, max: usize) -> &str {
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
 }
 
 fn micros(d: Duration) -> u64 {

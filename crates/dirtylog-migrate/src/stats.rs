@@ -69,6 +69,10 @@ pub struct RoundReport {
     pub expected_downtime: u64,
     /// vCPU throttle during the round, percent (`cpu-throttle-percentage`).
     pub cpu_throttle_percentage: u8,
+    /// Each vCPU's dirty-limit throttle at the end of the round, percent
+    /// ([`Vcpus::dirty_limit_throttle`](crate::Vcpus::dirty_limit_throttle); empty without a
+    /// dirty limit; `dirty-limit-throttle-percentage`).
+    pub dirty_limit_throttle_percentage: Vec<u8>,
     /// Whether this is the final round, sent with the guest paused (`final`).
     #[serde(rename = "final")]
     pub is_final: bool,
@@ -125,6 +129,8 @@ pub struct SendReport {
     /// [`Vcpus::set_dirty_limit`](crate::Vcpus::set_dirty_limit) is
     /// [`Unsupported`](crate::Unsupported): the migration went on without it.
     pub dirty_limit_unsupported: bool,
+    /// The per-vCPU dirty limit asked for, pages per second (`dirty-limit`).
+    pub dirty_limit: Option<u64>,
     /// Device sections sent at switchover.
     pub devices: usize,
     /// Connections used.
@@ -152,6 +158,28 @@ pub struct SendReport {
     /// memory check, with the source's guest still paused and kept
     /// ([`Verify::Background`](crate::Verify::Background); 0 otherwise; `verify-time`).
     pub verify_time: u64,
+    /// Per-frame compression of page data ([`SendConfig::compress`](crate::SendConfig);
+    /// `compression`, as QEMU's).
+    pub compression: CompressionStats,
+}
+
+/// What [`SendConfig::compress`](crate::SendConfig) did, under QEMU's names for its
+/// compression counters. All 0 when compression is off.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CompressionStats {
+    /// The codec and level, as `--compress` takes it (`"lz4"`, `"zstd:1"`); `null` when off
+    /// (`codec`).
+    pub codec: Option<crate::compress::Compression>,
+    /// Pages sent compressed (`pages`).
+    pub pages: u64,
+    /// Pages the codec did not shrink, sent as they are (`incompressible-pages`).
+    pub incompressible_pages: u64,
+    /// Bytes of compressed data sent for [`pages`](Self::pages) (`compressed-size`).
+    pub compressed_size: u64,
+    /// Bytes of the compressed pages ÷ [`compressed_size`](Self::compressed_size), 0 if none
+    /// (`compression-rate`).
+    pub compression_rate: f64,
 }
 
 /// What the destination reports once the guest runs.

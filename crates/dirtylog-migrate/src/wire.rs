@@ -8,7 +8,8 @@
 //!
 //! Integers are little-endian. The CRC32C covers the type, flags and length bytes and the
 //! payload, so a flipped bit anywhere in a frame is caught. Each payload starts with fixed
-//! fields; `Pages`, `VcpuState`, `Error` and `Device` then carry variable data:
+//! fields; `Pages`, `VcpuState`, `Error`, `Device` and `CompressedPages` then carry variable
+//! data:
 //!
 //! | type | frame       | fixed fields                                | data                     |
 //! |------|-------------|---------------------------------------------|--------------------------|
@@ -26,6 +27,14 @@
 //! | 12   | `Device`    | version u32, name_len u32                   | name, then state bytes   |
 //! | 13   | `Resume`    | verify u32                                  |                          |
 //! | 14   | `Resumed`   | resume_us u64                               |                          |
+//! | 15   | `CompressedPages` | slot u32, first_page u64, npages u64, codec u32 | compressed pages |
+//!
+//! `CompressedPages` is a `Pages` frame whose data is compressed: the pages' `npages ×
+//! page_size` bytes (at most [`MAX_PAGES_BYTES`]) as one LZ4 block (codec 1) or zstd data
+//! (codec 2), at most the codec's bound for that size ([`Codec::max_compressed_len`]); the CRC
+//! covers the compressed bytes. It is not a message of its own: the sender writes it with
+//! [`Encoder::send_compressed`], and the [`Decoder`] checks its range, length and CRC,
+//! decompresses it straight into the destination memory and returns a [`Message::Pages`].
 //!
 //! A region entry is slot u32, gpa u64, size u64. A `Device` name is 1 to
 //! [`MAX_DEVICE_NAME`] bytes of ASCII letters, digits and `-_.:/`; its state at most
@@ -39,7 +48,8 @@
 //! The sender's [`Encoder`] writes each frame as three slices (header and fixed fields, the
 //! borrowed data, the CRC) with one vectored write: guest memory is never copied. The
 //! receiver's [`Decoder`] reads into buffers it reuses, and a `Pages` frame's data straight into
-//! the destination memory once its range has been validated.
+//! the destination memory once its range has been validated (a `CompressedPages` frame's data
+//! into its buffer, then decompressed into the destination once the CRC matches).
 //!
 //! ```
 //! use dirtylog_migrate::wire::{Decoder, Encoder, Message, PageRange, Region, StreamHeader};
@@ -71,6 +81,8 @@ mod header;
 use std::io::{self, IoSlice, Read, Write};
 
 pub use error::WireError;
+
+use crate::compress::{Codec, Decompressor};
 pub use header::{PageRange, Region, StreamHeader};
 
 /// First bytes of every stream.
@@ -104,13 +116,29 @@ const _: () = assert!(MAX_DEVICE_NAME == 64, "check_device_name's message says 6
 pub const MAX_DEVICE_STATE: usize = 8 << 20;
 /// Most `Device` frames one migration may carry.
 pub const MAX_DEVICE_SECTIONS: usize = 1024;
-/// Largest payload of any frame: a full `Pages` frame.
-pub const MAX_PAYLOAD: u32 = (PAGES_FIXED + MAX_PAGES_BYTES) as u32;
+/// Most bytes of compressed data in one `CompressedPages` frame: the larger of the codecs'
+/// bounds for [`MAX_PAGES_BYTES`] (LZ4's, 10% more); each frame is held to its own codec's
+/// bound for its own pages.
+pub const MAX_COMPRESSED_BYTES: usize = {
+    let (lz4, zstd) = (
+        Codec::Lz4.max_compressed_len(MAX_PAGES_BYTES),
+        Codec::Zstd.max_compressed_len(MAX_PAGES_BYTES),
+    );
+    if lz4 > zstd {
+        lz4
+    } else {
+        zstd
+    }
+};
+/// Largest payload of any frame: a full `CompressedPages` frame.
+pub const MAX_PAYLOAD: u32 = (COMPRESSED_FIXED + MAX_COMPRESSED_BYTES) as u32;
 
 /// Bytes of a frame header: type, flags, length.
 const FRAME_HEAD: usize = 6;
-/// Bytes of the fixed fields of `Pages` and `ZeroPages`, the largest of any frame.
+/// Bytes of the fixed fields of `Pages` and `ZeroPages`.
 const PAGES_FIXED: usize = 20;
+/// Bytes of the fixed fields of `CompressedPages`: the range, then the codec.
+const COMPRESSED_FIXED: usize = PAGES_FIXED + 4;
 /// Bytes of the fixed fields of `Device`: version, name length.
 const DEVICE_FIXED: usize = 8;
 /// Room for the fixed fields of any frame, and for a `Device` frame's name after them (the
@@ -261,10 +289,11 @@ enum Kind {
     Device,
     Resume,
     Resumed,
+    CompressedPages,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::Header,
         Kind::Pages,
         Kind::ZeroPages,
@@ -279,6 +308,7 @@ impl Kind {
         Kind::Device,
         Kind::Resume,
         Kind::Resumed,
+        Kind::CompressedPages,
     ];
 
     fn from_u8(byte: u8) -> Option<Kind> {
@@ -301,6 +331,7 @@ impl Kind {
             Kind::Device => "Device frame",
             Kind::Resume => "Resume frame",
             Kind::Resumed => "Resumed frame",
+            Kind::CompressedPages => "CompressedPages frame",
         }
     }
 
@@ -320,6 +351,7 @@ impl Kind {
             Kind::Device => (DEVICE_FIXED, MAX_DEVICE_NAME + MAX_DEVICE_STATE),
             Kind::Resume => (4, 0),
             Kind::Resumed => (8, 0),
+            Kind::CompressedPages => (COMPRESSED_FIXED, MAX_COMPRESSED_BYTES),
         }
     }
 
@@ -455,6 +487,13 @@ fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message
                 expected: "a message frame",
             })
         }
+        // Decompressed by `Decoder::compressed`, never through here.
+        Kind::CompressedPages => {
+            return Err(WireError::UnexpectedFrame {
+                found: kind.name(),
+                expected: "its data decompressed",
+            })
+        }
         Kind::Pages => Message::Pages {
             range: f.range(),
             data,
@@ -510,6 +549,37 @@ fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message
 }
 
 impl StreamHeader {
+    /// Check a `CompressedPages` frame's range (as a `Pages` frame's, and at most
+    /// [`MAX_PAGES_BYTES`]), codec and data length; returns the region's index, the codec and
+    /// the decompressed size.
+    fn check_compressed(
+        &self,
+        range: PageRange,
+        codec: u32,
+        len: usize,
+    ) -> Result<(usize, Codec, usize), WireError> {
+        let index = self.check_range(range)?;
+        let raw = range
+            .npages
+            .checked_mul(u64::from(self.page_size()))
+            .filter(|&raw| raw <= MAX_PAGES_BYTES as u64)
+            .ok_or(WireError::CompressedRange {
+                npages: range.npages,
+                page_size: self.page_size(),
+            })? as usize;
+        let codec = Codec::from_u32(codec).ok_or(WireError::UnknownCodec(codec))?;
+        let max = codec.max_compressed_len(raw);
+        if !(1..=max).contains(&len) {
+            return Err(WireError::CompressedLength {
+                codec,
+                raw,
+                len,
+                max,
+            });
+        }
+        Ok((index, codec, raw))
+    }
+
     /// Check a message against the memory map and vCPU count.
     fn validate(&self, msg: &Message<'_>) -> Result<(), WireError> {
         match *msg {
@@ -559,6 +629,22 @@ impl<'a> Frame<'a> {
         kind.check_len((fixed.len + data.len()) as u64)?;
         header.validate(&msg)?;
         Ok(Frame::build(kind, &fixed, data))
+    }
+
+    /// Validate a `CompressedPages` frame against `header` and frame it: `data` is the pages
+    /// of `range` compressed with `codec`, at most [`Codec::max_compressed_len`] of their
+    /// size. That it decompresses to exactly the pages is the caller's promise; the receiver
+    /// checks it.
+    pub fn compressed_pages(
+        header: &StreamHeader,
+        range: PageRange,
+        codec: Codec,
+        data: &'a [u8],
+    ) -> Result<Self, WireError> {
+        header.check_compressed(range, codec as u32, data.len())?;
+        let fixed = Fixed::default().range(range).u32(codec as u32);
+        Kind::CompressedPages.check_len((fixed.len + data.len()) as u64)?;
+        Ok(Frame::build(Kind::CompressedPages, &fixed, data))
     }
 
     /// Frame a payload whose length has been checked against `kind`'s bounds.
@@ -656,6 +742,19 @@ impl<W: Write> Encoder<W> {
     /// Validate `msg` and write it as one frame.
     pub fn send(&mut self, msg: Message<'_>) -> Result<(), WireError> {
         let frame = Frame::new(&self.header, msg)?;
+        self.write(&frame)
+    }
+
+    /// Validate and write a `CompressedPages` frame ([`Frame::compressed_pages`]): the pages of
+    /// `range`, compressed with `codec` into `data`. The receiver decodes it as
+    /// [`Message::Pages`].
+    pub fn send_compressed(
+        &mut self,
+        range: PageRange,
+        codec: Codec,
+        data: &[u8],
+    ) -> Result<(), WireError> {
+        let frame = Frame::compressed_pages(&self.header, range, codec, data)?;
         self.write(&frame)
     }
 
@@ -839,6 +938,7 @@ pub struct Decoder<R> {
     input: Input<R>,
     header: StreamHeader,
     buf: Vec<u8>,
+    decompressor: Decompressor,
 }
 
 impl<R: Read> Decoder<R> {
@@ -858,7 +958,12 @@ impl<R: Read> Decoder<R> {
         }
         let mut buf = Vec::new();
         let header = read_header(&mut input, &mut buf)?;
-        Ok(Decoder { input, header, buf })
+        Ok(Decoder {
+            input,
+            header,
+            buf,
+            decompressor: Decompressor::default(),
+        })
     }
 
     /// A decoder for a stream without preamble or header: the return channel, whose header
@@ -868,6 +973,7 @@ impl<R: Read> Decoder<R> {
             input: Input::new(reader),
             header,
             buf: Vec::new(),
+            decompressor: Decompressor::default(),
         }
     }
 
@@ -887,6 +993,12 @@ impl<R: Read> Decoder<R> {
     /// A `Pages` frame's range is validated before its data is read straight into `memory`;
     /// the returned `data` is that destination. Its CRC is checked after: if that fails the
     /// destination holds unverified bytes and the migration must not resume the guest.
+    ///
+    /// A `CompressedPages` frame comes out as `Pages`: its range, codec and length are checked
+    /// first, its data read into the decoder's buffer and its CRC checked, then it is
+    /// decompressed straight into `memory` (through the same
+    /// [`range_mut`](GuestMemoryMut::range_mut)); data that does not decompress to exactly the
+    /// range fails with [`WireError::Decompress`], the range holding unspecified bytes.
     pub fn next<'a, M>(&'a mut self, memory: &'a mut M) -> Result<Option<Message<'a>>, WireError>
     where
         M: GuestMemoryMut + ?Sized,
@@ -898,6 +1010,9 @@ impl<R: Read> Decoder<R> {
         let fixed = &mut fixed[..kind.layout().0];
         self.input.payload(fixed, kind)?;
         let data_len = len - fixed.len();
+        if kind == Kind::CompressedPages {
+            return self.compressed(fixed, data_len, memory).map(Some);
+        }
         let data = if kind == Kind::Pages {
             let range = Fields(fixed).range();
             let index = self.header.check_pages(range, data_len)?;
@@ -911,6 +1026,34 @@ impl<R: Read> Decoder<R> {
         let msg = decode_fields(kind, fixed, data)?;
         self.header.validate(&msg)?;
         Ok(Some(msg))
+    }
+
+    /// The rest of a `CompressedPages` frame, after its fixed fields: see [`Decoder::next`].
+    fn compressed<'a, M>(
+        &'a mut self,
+        fixed: &[u8],
+        len: usize,
+        memory: &'a mut M,
+    ) -> Result<Message<'a>, WireError>
+    where
+        M: GuestMemoryMut + ?Sized,
+    {
+        let kind = Kind::CompressedPages;
+        let mut f = Fields(fixed);
+        let range = f.range();
+        let (index, codec, _) = self.header.check_compressed(range, f.u32(), len)?;
+        self.buf.resize(len, 0);
+        self.input.payload(&mut self.buf, kind)?;
+        self.input.check_crc(kind)?;
+        let out = destination(&self.header, memory, index, range)?;
+        self.decompressor
+            .decompress(codec, &self.buf, out)
+            .map_err(|source| WireError::Decompress {
+                range,
+                codec,
+                source,
+            })?;
+        Ok(Message::Pages { range, data: out })
     }
 
     /// The reader back.

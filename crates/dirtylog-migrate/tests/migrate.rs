@@ -328,3 +328,47 @@ fn a_limit_below_the_fixed_costs_is_refused_or_reported_exceeded() {
     assert_eq!(json["downtime-limit"], 20);
     assert_eq!(json["switchover"], "limit-unreachable");
 }
+
+/// With `settle` (the default), rounds go on after the estimate first fits the limit for as
+/// long as each halves the dirty set, and the switchover comes when one does not (or the
+/// dirty set is empty, or the round limit is reached); without it, at the first fit.
+#[test]
+fn settle_keeps_sending_while_the_dirty_set_halves() {
+    let config = |settle| SendConfig {
+        downtime_limit: Duration::from_secs(2),
+        max_bandwidth: Some(40 << 20),
+        settle,
+        ..send_config(1)
+    };
+    let src = soft(
+        layout(6, 2),
+        1,
+        TrackerKind::ClearLog,
+        workload(512, Some(1000), true),
+    );
+    let (sent, received) = migrate(&src, &config(false));
+    let report = check_success("settle-off", &src, sent, received);
+    assert_eq!(report.rounds.len(), 2, "bulk and final: {report:?}");
+
+    let src = soft(
+        layout(6, 2),
+        1,
+        TrackerKind::ClearLog,
+        workload(512, Some(1000), true),
+    );
+    let (sent, received) = migrate(&src, &config(true));
+    let report = check_success("settle-on", &src, sent, received);
+    let dirty: Vec<u64> = report.rounds.iter().map(|r| r.stats.dirty_pages).collect();
+    let (last, before) = dirty.split_last().unwrap();
+    // Every pre-copy round was sent because its dirty set was at most half the one before
+    // (the bulk pass counts as all pages); the final one was not.
+    for pair in before.windows(2) {
+        assert!(pair[1] * 2 <= pair[0], "{dirty:?}");
+    }
+    let prev = *before.last().unwrap();
+    let round_limit = report.rounds.len() as u64 - 1 > send_config(1).max_rounds;
+    assert!(
+        *last == 0 || *last * 2 > prev || round_limit,
+        "switched over while still halving: {dirty:?}"
+    );
+}

@@ -407,8 +407,8 @@ fn absurd_lengths_fail_before_reading_or_allocating() {
 
 #[test]
 fn unknown_types_flags_and_misplaced_headers_are_rejected() {
-    let err = next_error(&stream_with(&raw_frame(15, &[])));
-    assert_eq!(err.to_string(), "unknown frame type 15");
+    let err = next_error(&stream_with(&raw_frame(16, &[])));
+    assert_eq!(err.to_string(), "unknown frame type 16");
 
     let mut done = raw_frame(7, &[]);
     done[1] = 0x40;

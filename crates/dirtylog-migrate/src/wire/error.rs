@@ -3,9 +3,10 @@
 use std::io;
 
 use super::{
-    MAX_CONNECTIONS, MAX_GUEST_MEMORY, MAX_PAGE_SIZE, MAX_REGIONS, MAX_VCPUS, MIN_PAGE_SIZE,
-    VERSION,
+    PageRange, MAX_CONNECTIONS, MAX_GUEST_MEMORY, MAX_PAGES_BYTES, MAX_PAGE_SIZE, MAX_REGIONS,
+    MAX_VCPUS, MIN_PAGE_SIZE, VERSION,
 };
+use crate::compress::{Codec, CompressError};
 
 /// An error encoding or decoding a migration stream. Each message says what was wrong and,
 /// for input, where.
@@ -216,6 +217,54 @@ pub enum WireError {
         len: usize,
         /// The limit.
         max: usize,
+    },
+    /// A `CompressedPages` frame names a codec this build does not know.
+    #[error("CompressedPages frame with unknown codec {0}")]
+    UnknownCodec(u32),
+    /// A `CompressedPages` frame for more pages than a `Pages` frame may carry
+    /// ([`MAX_PAGES_BYTES`](super::MAX_PAGES_BYTES)).
+    #[error(
+        "CompressedPages frame for {npages} pages of {page_size} bytes: more than \
+         {MAX_PAGES_BYTES} bytes once decompressed"
+    )]
+    CompressedRange {
+        /// Pages in the range.
+        npages: u64,
+        /// The stream's page size.
+        page_size: u32,
+    },
+    /// A `CompressedPages` frame whose data is empty or longer than its codec can produce
+    /// from its pages.
+    #[error(
+        "CompressedPages frame for {raw} bytes of pages carries {len} bytes of {codec} data; \
+         1..={max} bytes fit"
+    )]
+    CompressedLength {
+        /// The codec.
+        codec: Codec,
+        /// Bytes of the pages once decompressed.
+        raw: usize,
+        /// Bytes of compressed data.
+        len: usize,
+        /// The codec's bound for `raw` bytes.
+        max: usize,
+    },
+    /// A `CompressedPages` frame's data (its CRC correct) does not decompress to exactly its
+    /// pages. The destination range holds unspecified bytes.
+    #[error(
+        "CompressedPages frame for slot {} pages {}..{}: its {codec} data is bad: {source}",
+        range.slot,
+        range.first_page,
+        u128::from(range.first_page) + u128::from(range.npages)
+    )]
+    Decompress {
+        /// The frame's range.
+        range: PageRange,
+        /// The codec.
+        codec: Codec,
+        /// What the codec said.
+        #[source]
+        source: CompressError,
     },
     /// The receiver's memory for a region is missing or not the region's size.
     #[error("destination memory for slot {slot} is {have} bytes; the region is {size} bytes")]

@@ -86,14 +86,17 @@ pub fn spawn_receiver(
     (addr, handle, running)
 }
 
-/// [`spawn_receiver`], with a watch on the target it built (set once built).
+/// A watch on the target a receiver built, set once it is built.
+pub type TargetWatch = Arc<Mutex<Option<Watch>>>;
+
+/// [`spawn_receiver`], with a watch on the target it built.
 pub fn spawn_watched_receiver(
     config: ReceiveConfig,
 ) -> (
     SocketAddr,
     JoinHandle<Received>,
     Arc<AtomicBool>,
-    Arc<Mutex<Option<Watch>>>,
+    TargetWatch,
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
