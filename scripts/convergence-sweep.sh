@@ -18,8 +18,8 @@ for r in $rates; do
 import json, sys
 r, ac, path = sys.argv[1:4]
 try:
-    d = json.load(open(path))
-except (OSError, json.JSONDecodeError):
+    d = json.loads(open(path).read().splitlines()[-1])  # the last JSON line: the outcome
+except (OSError, IndexError, json.JSONDecodeError):
     d = {}
 src = d.get("source", {})
 m = src.get("migration", {})

@@ -2,6 +2,7 @@
 //! in one command.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -22,9 +23,47 @@ pub struct Args {
     /// a week).
     #[arg(long, default_value_t = 1000, value_parser = crate::limits::millis)]
     run_for_ms: u64,
-    /// Print one JSON document (the source's summary and the destination's events).
+    /// Print JSON lines instead of text: the source's progress events while migrating, then
+    /// one completed or failed event with the source's summary and the destination's events
+    /// (docs/JSON.md).
     #[arg(long)]
     json: bool,
+    /// Where the demo writes its files (created if missing): migration.svg, the picture of the
+    /// migration. Default: dirtylog-demo in the temporary directory ($TMPDIR or /tmp).
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Draw the migration into this SVG file instead of OUT_DIR/migration.svg. If it cannot be
+    /// written, the statistics are printed all the same, the error goes to stderr and the exit
+    /// status is 3.
+    #[arg(long, value_name = "FILE.svg", conflicts_with = "no_plot")]
+    plot: Option<PathBuf>,
+    /// Draw no picture.
+    #[arg(long)]
+    no_plot: bool,
+}
+
+impl Args {
+    /// Where to draw the migration, if at all; the default directory is created.
+    fn plot_path(&self) -> Result<Option<PathBuf>, String> {
+        if self.no_plot {
+            return Ok(None);
+        }
+        let path = match &self.plot {
+            Some(p) => p.clone(),
+            None => {
+                let dir = self
+                    .out_dir
+                    .clone()
+                    .unwrap_or_else(|| std::env::temp_dir().join("dirtylog-demo"));
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    format!("cannot create the output directory {}: {e}", dir.display())
+                })?;
+                dir.join("migration.svg")
+            }
+        };
+        crate::events::check_plot_path(&path)?;
+        Ok(Some(path))
+    }
 }
 
 #[derive(Serialize)]
@@ -36,6 +75,9 @@ struct DemoSummary {
     source: SendSummary,
     destination: Vec<Value>,
     guest_ran_on_destination: bool,
+    /// Why the demo failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// The receiver process and its stdout, line by line.
@@ -120,6 +162,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     // Refuse bad options before starting the receiver.
     a.guest.config(&a.migration)?;
     a.guest.kernel.load()?;
+    let plot_path = a.plot_path()?;
     let receiver = ReceiverProcess::spawn(a.run_for_ms)?;
     let pid = receiver.child.id();
     let first = receiver.event(Instant::now() + Duration::from_secs(20))?;
@@ -134,7 +177,8 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         "destination: `dirtylog migrate receive` (pid {pid}) listening on {address}"
     ));
     let to = migrate::resolve(&address)?;
-    let source = migrate::migrate_guest(&a.guest, &a.migration, to, !json, &mut say)?;
+    let source = migrate::migrate_guest(&a.guest, &a.migration, to, !json, json, &mut say)?;
+    let plot = crate::events::PlotResult::write(plot_path.as_deref(), source.migration.as_ref());
     match (&source.migration, &source.error) {
         (Some(report), _) => {
             say("source: migration completed; the source guest is stopped for good");
@@ -170,14 +214,21 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             Some("completed") => {
                 first_writes = e["guest-writes"].as_u64();
                 let r = &e["report"];
+                let verify = r["verify"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(dirtylog_migrate::Verify::Strict);
+                let check = migrate::check_phrase(
+                    verify,
+                    r["hash-check-time"].as_u64().unwrap_or(0),
+                    r["verify-after-resume-time"].as_u64().unwrap_or(0),
+                );
                 say(&format!(
-                    "destination: received {} in {} rounds over {} connection(s); every \
-                     memslot's hash matched (checked in {} ms); guest resumed with {} {progress} \
-                     done",
+                    "destination: received {} in {} rounds over {} connection(s); {check}; \
+                     guest resumed with {} {progress} done",
                     bytes(r["transferred"].as_u64().unwrap_or(0)),
                     r["rounds"],
                     r["connections"],
-                    r["hash-check-time"],
                     e["guest-writes"]
                 ));
             }
@@ -232,6 +283,17 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     let idle = a.guest.dirty_rate.0 == Some(0);
     let ok = completed && failed.is_none() && (ran || idle) && status.is_ok();
     if json {
+        let error = if ok {
+            None
+        } else if let Some(e) = &source.error {
+            Some(format!("the migration failed: {e}"))
+        } else if let Some(e) = &failed {
+            Some(format!("the destination failed: {e}"))
+        } else if let Err(e) = &status {
+            Some(format!("the destination: {e}"))
+        } else {
+            Some("the guest made no progress on the destination".to_string())
+        };
         let summary = DemoSummary {
             wall_time_ms: wall.as_millis() as u64,
             receiver_pid: pid,
@@ -239,12 +301,12 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             source,
             destination: events,
             guest_ran_on_destination: ran,
+            error,
         };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?
-        );
+        crate::json::print_line(&plot.outcome(ok, &summary))?;
+        plot.say(json);
     } else {
+        plot.say(json);
         let mut out = std::io::stdout().lock();
         if let Err(e) = &status {
             let _ = writeln!(out, "destination: {e}");
@@ -256,9 +318,11 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             wall.as_secs_f64()
         );
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if !ok {
         ExitCode::from(1)
+    } else if plot.error.is_some() {
+        ExitCode::from(crate::events::PlotResult::FAILED_STATUS)
+    } else {
+        ExitCode::SUCCESS
     })
 }

@@ -5,9 +5,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod events;
+mod json;
 mod limits;
 mod migrate;
 mod perf;
+mod plot;
 mod run;
 mod selftest;
 mod tracker;
@@ -60,6 +63,19 @@ enum Cmd {
     Run(run::Args),
 }
 
+/// `dirtylog caps`: the table, or JSON with the kernel's names in kebab-case
+/// (`KVM_CAP_DIRTY_LOG_RING` → `dirty-log-ring-bytes`).
+fn caps(json: bool) -> Result<ExitCode, String> {
+    let c = dirtylog_testvm::Caps::probe().map_err(|e| e.to_string())?;
+    if json {
+        let v = serde_json::to_value(&c).map_err(|e| e.to_string())?;
+        println!("{}", json::document(&json::kebab_keys(v))?);
+    } else {
+        print!("{}", c.table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -68,12 +84,7 @@ fn main() -> ExitCode {
         Cmd::Migrate(c) => migrate::run(c),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Run(a) => run::run(a),
-        Cmd::Caps { json } => dirtylog_testvm::caps_report(json)
-            .map(|r| {
-                println!("{r}");
-                ExitCode::SUCCESS
-            })
-            .map_err(|e| e.to_string()),
+        Cmd::Caps { json } => caps(json),
     };
     match r {
         Ok(code) => code,

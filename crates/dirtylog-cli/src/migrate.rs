@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use dirtylog_migrate::{
-    listen, receive, send, Address, AutoConverge, DirtyTracker, MigrateError, MigrationSource,
-    Phase, Progress, ReceiveConfig, ReceiveReport, SendConfig, SendReport, TimeoutPolicy,
-    TrackerKind, Verify,
+    listen, receive, send, Address, AutoConverge, Compression, DirtyTracker, MigrateError,
+    MigrationSource, Phase, Progress, ReceiveConfig, ReceiveReport, SendConfig, SendReport,
+    TimeoutPolicy, TrackerKind, Verify,
 };
 use dirtylog_testvm::migrate::{GuestConfig, KvmSource, TargetOptions};
 use dirtylog_testvm::target::AnyTarget;
@@ -19,6 +19,8 @@ use serde::Serialize;
 
 use crate::perf::parse_size;
 
+// Parsed once per process: the size of the arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Boot a KVM guest running a tunable dirtier and migrate it live to a receiver.
@@ -122,6 +124,12 @@ pub struct MigrationArgs {
     /// Limit on bytes per second over all connections, e.g. 100M (binary units).
     #[arg(long, value_name = "BYTES/S", value_parser = parse_size)]
     pub max_bandwidth: Option<u64>,
+    /// Compress each run of pages before sending it: lz4 (fast, modest ratios), zstd (at
+    /// level 1) or zstd:LEVEL. Runs that do not shrink go as they are, and --max-bandwidth
+    /// counts the bytes sent: worth it on links slower than the codec (see BENCHMARKS.md), a
+    /// loss on loopback.
+    #[arg(long, value_name = "CODEC", value_parser = parse_compress)]
+    pub compress: Option<Compression>,
     /// TCP connections, each carrying a share of every round (1..=64).
     #[arg(long, default_value_t = 1, value_parser = crate::limits::connections)]
     pub connections: usize,
@@ -138,6 +146,13 @@ pub struct MigrationArgs {
     /// guest dirties memory faster than half the bandwidth.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Cap each vCPU's dirty rate at this many pages per second while migrating (QEMU's
+    /// dirty-limit): only the vCPUs that dirty faster are slowed, each held out of the guest
+    /// for the share of every 10 ms that brings its rate down, as measured from its dirty
+    /// ring (so it needs --tracker ring; on this PVM host the ring counts every guest write,
+    /// not every page). Lifted when the migration ends or fails.
+    #[arg(long, value_name = "PAGES/S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub dirty_limit: Option<u64>,
     /// When the destination's memory is proven equal to the source's paused memory.
     /// background (default): the destination resumes at once, the source digests its paused
     /// memory while the guest runs there and lets go only when the destination's page hashes
@@ -147,9 +162,20 @@ pub struct MigrationArgs {
     /// digest (about 50 ms per GiB here) the final round does not hide. off: no check.
     #[arg(long, default_value_t = Verify::Background, value_parser = parse_verify)]
     pub verify: Verify,
+    /// Once the expected downtime fits the limit, keep sending rounds while each at least
+    /// halves the dirty set, and switch over when it stops shrinking (within --max-rounds and
+    /// --timeout-s): the downtime is then what the guest's working set forces, usually far
+    /// below the limit, for a few short extra rounds. false: switch over at the first
+    /// estimate that fits, as QEMU does.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub settle: bool,
 }
 
 fn parse_verify(s: &str) -> Result<Verify, String> {
+    s.parse()
+}
+
+fn parse_compress(s: &str) -> Result<Compression, String> {
     s.parse()
 }
 
@@ -163,9 +189,16 @@ pub struct SendArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub migration: MigrationArgs,
-    /// Print one JSON summary instead of text (and no progress bar).
+    /// Print JSON lines instead of text (and no progress bar): a progress event at most every
+    /// 100 ms while migrating, then one completed or failed event with the statistics
+    /// (docs/JSON.md).
     #[arg(long)]
     pub json: bool,
+    /// Draw the migration into this SVG file: pages per round, expected and measured downtime
+    /// against the limit, throttle. If it cannot be written, the statistics are printed all
+    /// the same, the error goes to stderr and the exit status is 3.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -218,7 +251,14 @@ pub fn run(cmd: Cmd) -> Result<ExitCode, String> {
 impl MigrationArgs {
     /// --tracker, with --ring-entries applied to a ring.
     pub fn tracker_kind(&self) -> Result<TrackerKind, String> {
-        crate::tracker::with_ring_entries(self.tracker, self.ring_entries)
+        let kind = crate::tracker::with_ring_entries(self.tracker, self.ring_entries)?;
+        if self.dirty_limit.is_some() && kind.ring_entries().is_none() {
+            return Err(format!(
+                "--dirty-limit measures each vCPU's dirty rate from its dirty ring, and \
+                 --tracker is {kind}: add --tracker ring (or drop --dirty-limit)"
+            ));
+        }
+        Ok(kind)
     }
 }
 
@@ -279,6 +319,7 @@ impl MigrationArgs {
             connections: self.connections,
             downtime_limit: Duration::from_millis(self.downtime_ms),
             max_bandwidth: self.max_bandwidth,
+            compress: self.compress,
             max_rounds: self.max_rounds,
             timeout: Some(Duration::from_secs(self.timeout_s)),
             on_timeout: match self.on_timeout {
@@ -286,7 +327,9 @@ impl MigrationArgs {
                 OnTimeout::Switchover => TimeoutPolicy::Switchover,
             },
             auto_converge: self.auto_converge.then(AutoConverge::default),
+            dirty_limit: self.dirty_limit,
             verify: self.verify,
+            settle: self.settle,
             io_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(60),
             ..SendConfig::default()
@@ -453,10 +496,21 @@ pub fn migrate_guest(
     migration: &MigrationArgs,
     to: Address,
     show_progress: bool,
+    json_progress: bool,
     say: &mut dyn FnMut(&str),
 ) -> Result<SendSummary, String> {
+    // Refuse bad migration options (such as --dirty-limit without a ring) before any work.
+    migration.tracker_kind()?;
     if let Some(kernel) = guest.kernel.load()? {
-        return migrate_pc(guest, kernel, migration, to, show_progress, say);
+        return migrate_pc(
+            guest,
+            kernel,
+            migration,
+            to,
+            show_progress,
+            json_progress,
+            say,
+        );
     }
     let cfg = guest.config(migration)?;
     let config = migration.config()?;
@@ -473,9 +527,8 @@ pub fn migrate_guest(
         "source: guest writes {rate:.0} pages/s; migrating to {to} over {} connection(s)",
         config.connections
     ));
-    let mut summary = send_and_summarize(&src, guest, &config, to, show_progress, |s| {
-        s.guest_writes()
-    });
+    let progress = (show_progress, json_progress);
+    let mut summary = send_and_summarize(&src, guest, &config, to, progress, |s| s.guest_writes());
     summary.source_mailbox_served = src.mailbox_served();
     if let Err(e) = src.shutdown() {
         say(&format!("source: stopping the guest: {e}"));
@@ -491,11 +544,15 @@ fn send_and_summarize<S: MigrationSource>(
     guest: &GuestArgs,
     config: &SendConfig,
     to: Address,
-    show_progress: bool,
+    (show_progress, json_progress): (bool, bool),
     progress: impl Fn(&S) -> u64,
 ) -> SendSummary {
     let mut view = ProgressView::new(show_progress);
-    let result = send(src, to.clone(), config, &mut |p| view.update(p));
+    let mut events = crate::events::ProgressEvents::new(json_progress);
+    let result = send(src, to.clone(), config, &mut |p| {
+        view.update(p);
+        events.update(p);
+    });
     view.finish();
     let mut summary = SendSummary {
         status: "completed",
@@ -543,6 +600,7 @@ fn migrate_pc(
     migration: &MigrationArgs,
     to: Address,
     show_progress: bool,
+    json_progress: bool,
     say: &mut dyn FnMut(&str),
 ) -> Result<SendSummary, String> {
     use dirtylog_testvm::pc::{Pc, PcConfig};
@@ -580,12 +638,34 @@ fn migrate_pc(
         guest.warmup_ms,
         config.connections
     ));
-    let mut summary = send_and_summarize(&src, guest, &config, to, show_progress, Pc::serial_bytes);
+    let mut summary = send_and_summarize(
+        &src,
+        guest,
+        &config,
+        to,
+        (show_progress, json_progress),
+        Pc::serial_bytes,
+    );
     summary.source_serial_bytes = Some(summary.source_writes);
     if let Err(e) = src.shutdown() {
         say(&format!("source: stopping the guest: {e}"));
     }
     Ok(summary)
+}
+
+/// How the destination's memory was checked, in words: `check_ms` to compare the digests,
+/// `after_resume_ms` from the guest's resume to the end of a background check.
+pub fn check_phrase(verify: Verify, check_ms: u64, after_resume_ms: u64) -> String {
+    match verify {
+        Verify::Strict => format!(
+            "every memslot's digest matched before the guest resumed (compared in {check_ms} ms)"
+        ),
+        Verify::Background => format!(
+            "every memslot's digest matched, checked while the guest ran ({after_resume_ms} ms \
+             after it resumed)"
+        ),
+        Verify::Off => "memory not checked (--verify off)".to_string(),
+    }
 }
 
 /// The human summary of a completed migration: QEMU-named totals and the per-round table.
@@ -658,6 +738,18 @@ pub fn print_report(r: &SendReport, out: &mut dyn Write) -> std::io::Result<()> 
         )?,
         dirtylog_migrate::Verify::Off => writeln!(out, "verify off: memory not checked")?,
     }
+    if let Some(codec) = r.compression.codec {
+        let z = &r.compression;
+        writeln!(
+            out,
+            "compression {codec}: {} pages ({}) sent as {} ({:.2}x) · {} pages did not shrink",
+            z.pages,
+            bytes(z.pages * u64::from(r.page_size)),
+            bytes(z.compressed_size),
+            z.compression_rate,
+            z.incompressible_pages
+        )?;
+    }
     if r.downtime_limit_exceeded {
         writeln!(
             out,
@@ -713,12 +805,13 @@ fn run_send(a: SendArgs) -> Result<ExitCode, String> {
             eprintln!("{m}");
         }
     };
-    let summary = migrate_guest(&a.guest, &a.migration, to.clone(), !json, &mut say)?;
+    if let Some(p) = &a.plot {
+        crate::events::check_plot_path(p)?;
+    }
+    let summary = migrate_guest(&a.guest, &a.migration, to.clone(), !json, json, &mut say)?;
+    let plot = crate::events::PlotResult::write(a.plot.as_deref(), summary.migration.as_ref());
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?
-        );
+        crate::json::print_line(&plot.outcome(summary.migration.is_some(), &summary))?;
     } else {
         let mut out = std::io::stdout().lock();
         let w = |e: std::io::Error| e.to_string();
@@ -726,8 +819,8 @@ fn run_send(a: SendArgs) -> Result<ExitCode, String> {
             (Some(report), _) => {
                 writeln!(
                     out,
-                    "migration completed: the guest runs at {to}; every memslot's hash matched \
-                     before it resumed"
+                    "migration completed: the guest runs at {to}; {}",
+                    check_phrase(report.verify, 0, report.verify_time)
                 )
                 .map_err(w)?;
                 print_report(report, &mut out).map_err(w)?;
@@ -746,10 +839,13 @@ fn run_send(a: SendArgs) -> Result<ExitCode, String> {
             (None, None) => {}
         }
     }
-    Ok(if summary.migration.is_some() {
-        ExitCode::SUCCESS
-    } else {
+    plot.say(json);
+    Ok(if summary.migration.is_none() {
         ExitCode::from(1)
+    } else if plot.error.is_some() {
+        ExitCode::from(crate::events::PlotResult::FAILED_STATUS)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
@@ -795,7 +891,8 @@ pub enum Event {
 
 fn emit(json: bool, e: &Event, text: impl FnOnce() -> String) {
     let line = if json {
-        serde_json::to_string(e).unwrap_or_else(|_| "{\"event\":\"failed\"}".into())
+        crate::json::line(e)
+            .unwrap_or_else(|_| "{\"schema-version\":1,\"event\":\"failed\"}".into())
     } else {
         text()
     };
@@ -880,15 +977,18 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
         || {
             format!(
                 "received {} ({} pages with data, {} zero) in {} rounds over {} connection(s) \
-                 in {} ms; every memslot's hash matched (checked in {} ms); the guest runs here \
-                 ({} ms from the sender's last frame)",
+                 in {} ms; {}; the guest runs here ({} ms from the sender's last frame)",
                 bytes(report.transferred),
                 report.normal,
                 report.duplicate,
                 report.rounds,
                 report.connections,
                 report.total_time,
-                report.hash_check_time,
+                check_phrase(
+                    report.verify,
+                    report.hash_check_time,
+                    report.verify_after_resume_time
+                ),
                 report.resume_time
             )
         },

@@ -123,10 +123,10 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     })
     .map_err(|e| e.to_string())?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
+        // Seconds (f64) become integer nanoseconds: `get_s` → `get-ns`.
+        let v = serde_json::to_value(&r).map_err(|e| e.to_string())?;
+        let v = crate::json::kebab_keys(crate::json::seconds_to_ns(v));
+        println!("{}", crate::json::document(&v)?);
     }
     Ok(ExitCode::SUCCESS)
 }

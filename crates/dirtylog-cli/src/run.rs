@@ -144,6 +144,8 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 pub fn run(a: Args) -> Result<ExitCode, String> {
+    // Refuse bad migration options (such as --dirty-limit without a ring) before any work.
+    a.migration.tracker_kind()?;
     let k = a
         .kernel
         .load()?
@@ -183,7 +185,8 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         if json {
             let mut v = serde_json::to_value(r).unwrap_or_default();
             v["event"] = "migration".into();
-            eprintln!("{v}");
+            let v = crate::json::integer_ms(v);
+            eprintln!("{}", crate::json::line(&v).unwrap_or_default());
         } else {
             eprintln!(
                 "dirtylog: migration {} ({:?}): total-time {:.1} ms, downtime {:.1} ms, {}",
@@ -223,10 +226,8 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         exit_status: status,
     };
     if json {
-        eprintln!(
-            "{}",
-            serde_json::to_string(&summary).map_err(|e| e.to_string())?
-        );
+        let v = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
+        eprintln!("{}", crate::json::line(&crate::json::integer_ms(v))?);
     } else {
         if !m.is_empty() {
             eprintln!(

@@ -212,10 +212,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             })
             .collect();
         let doc = serde_json::json!({ "backend": format!("{:?}", a.backend).to_lowercase(), "passed": ok, "runs": runs });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
-        );
+        println!("{}", crate::json::document(&crate::json::kebab_keys(doc))?);
     }
     Ok(if ok {
         ExitCode::SUCCESS

@@ -44,7 +44,9 @@ fn demo_migrates_between_two_processes() {
         "demo failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_str(&stdout).unwrap();
+    // JSON lines: progress events, then the outcome.
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(v["event"], "completed", "{v:#}");
     assert_eq!(v["source"]["status"], "completed", "{v:#}");
     let m = &v["source"]["migration"];
     assert!(m["downtime"].as_u64().is_some());
@@ -165,4 +167,61 @@ fn out_of_range_numbers_are_refused_up_front() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}: nothing started");
     }
+}
+
+/// A limit the blackout cannot keep (strict verification digests all memory in it) is either
+/// refused up front with a hint, or — with `--on-timeout switchover` — the migration goes
+/// through and both the text and the JSON say the limit was exceeded.
+#[test]
+fn an_exceeded_downtime_limit_is_reported() {
+    let _g = kvm();
+    let common = [
+        "demo",
+        "--mem",
+        "128M",
+        "--working-set",
+        "4M",
+        "--run-for-ms",
+        "100",
+        "--no-plot",
+        "--verify",
+        "strict",
+        "--downtime-ms",
+        "1",
+    ];
+    let out = Command::new(EXE).args(common).output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("alone exceed the limit"), "{all}");
+    assert!(all.contains("verify in the background"), "{all}");
+
+    let out = Command::new(EXE)
+        .args(common)
+        .args(["--on-timeout", "switchover"])
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("EXCEEDED the limit of 1 ms"), "{all}");
+
+    let out = Command::new(EXE)
+        .args(common)
+        .args(["--on-timeout", "switchover", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(last["event"], "completed", "{last}");
+    let migration = &last["source"]["migration"];
+    assert_eq!(migration["downtime-limit-exceeded"], true, "{last}");
+    assert_eq!(migration["downtime-limit"], 1, "{last}");
 }

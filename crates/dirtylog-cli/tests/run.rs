@@ -163,7 +163,8 @@ fn demo_migrates_a_kernel_between_two_processes() {
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    let v: Value = serde_json::from_str(&stdout).unwrap();
+    // JSON lines: progress events, then the outcome.
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
     assert_eq!(v["source"]["status"], "completed", "{stdout}");
     assert_eq!(v["guest-ran-on-destination"], true, "{stdout}");
     let serial: Vec<&Value> = v["destination"]
