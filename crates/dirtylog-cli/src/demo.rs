@@ -84,16 +84,19 @@ struct DemoSummary {
 struct ReceiverProcess {
     child: Child,
     lines: Receiver<String>,
+    /// Lines read ahead (to settle an unknown outcome), to be handed out first.
+    pending: std::cell::RefCell<std::collections::VecDeque<String>>,
 }
 
 impl ReceiverProcess {
-    fn spawn(run_for_ms: u64) -> Result<Self, String> {
+    fn spawn(run_for_ms: u64, tls: &crate::tls::TlsArgs) -> Result<Self, String> {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find this program to start the receiver: {e}"))?;
         let mut child = Command::new(exe)
             .args(["migrate", "receive", "--listen", "127.0.0.1:0", "--json"])
             .args(["--accept-timeout-s", "60", "--timeout-s", "120"])
             .args(["--run-for-ms", &run_for_ms.to_string()])
+            .args(tls.child_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -112,18 +115,49 @@ impl ReceiverProcess {
                 }
             }
         });
-        Ok(ReceiverProcess { child, lines })
+        Ok(ReceiverProcess {
+            child,
+            lines,
+            pending: Default::default(),
+        })
     }
 
     /// The next JSON event, waiting until `deadline`.
     fn event(&self, deadline: Instant) -> Result<Value, String> {
         let left = deadline.saturating_duration_since(Instant::now());
-        match self.lines.recv_timeout(left) {
+        let next = match self.pending.borrow_mut().pop_front() {
+            Some(line) => Ok(line),
+            None => self.lines.recv_timeout(left),
+        };
+        match next {
             Ok(line) => serde_json::from_str(&line)
                 .map_err(|e| format!("the receiver printed {line:?}, not a JSON event: {e}")),
             Err(RecvTimeoutError::Timeout) => Err("the receiver did not answer in time".into()),
             Err(RecvTimeoutError::Disconnected) => {
                 Err("the receiver exited without finishing".into())
+            }
+        }
+    }
+
+    /// Settle an unknown outcome as an operator would, from the receiver's own word: if it
+    /// reports the guest running, the source's copy goes; otherwise (it failed, or says
+    /// nothing in 30 s and is ended) the source's copy runs on.
+    fn settle(&mut self) -> crate::recover::Decision {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                let _ = self.child.kill();
+                return crate::recover::Decision::Resume;
+            };
+            let event = serde_json::from_str::<Value>(&line)
+                .ok()
+                .and_then(|v| v["event"].as_str().map(str::to_string));
+            self.pending.borrow_mut().push_back(line);
+            match event.as_deref() {
+                Some("completed") => return crate::recover::Decision::Stop,
+                Some("failed") => return crate::recover::Decision::Resume,
+                _ => {}
             }
         }
     }
@@ -163,7 +197,9 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
     a.guest.config(&a.migration)?;
     a.guest.kernel.load()?;
     let plot_path = a.plot_path()?;
-    let receiver = ReceiverProcess::spawn(a.run_for_ms)?;
+    // TLS files that do not load are refused before the receiver starts.
+    a.migration.tls.common.config()?;
+    let mut receiver = ReceiverProcess::spawn(a.run_for_ms, &a.migration.tls.common)?;
     let pid = receiver.child.id();
     let first = receiver.event(Instant::now() + Duration::from_secs(20))?;
     let address = match (first["event"].as_str(), first["address"].as_str()) {
@@ -177,7 +213,16 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
         "destination: `dirtylog migrate receive` (pid {pid}) listening on {address}"
     ));
     let to = migrate::resolve(&address)?;
-    let source = migrate::migrate_guest(&a.guest, &a.migration, to, !json, json, &mut say)?;
+    let mut settle = |_: &dirtylog_migrate::MigrateError| receiver.settle();
+    let source = migrate::migrate_guest(
+        &a.guest,
+        &a.migration,
+        to,
+        !json,
+        json,
+        &mut say,
+        &mut settle,
+    )?;
     let plot = crate::events::PlotResult::write(plot_path.as_deref(), source.migration.as_ref());
     match (&source.migration, &source.error) {
         (Some(report), _) => {

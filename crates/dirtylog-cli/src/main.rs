@@ -11,8 +11,10 @@ mod limits;
 mod migrate;
 mod perf;
 mod plot;
+mod recover;
 mod run;
 mod selftest;
+mod tls;
 mod tracker;
 
 /// Dirty page tracking with KVM's semantics: conformance self-tests, capabilities,

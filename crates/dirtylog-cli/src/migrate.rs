@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use dirtylog_migrate::{
-    listen, receive, send, Address, AutoConverge, Compression, DirtyTracker, MigrateError,
+    listen, receive, Address, AutoConverge, Compression, DirtyTracker, MigrateError,
     MigrationSource, Phase, Progress, ReceiveConfig, ReceiveReport, SendConfig, SendReport,
     TimeoutPolicy, TrackerKind, Verify,
 };
@@ -40,6 +40,9 @@ pub enum Cmd {
     /// source's; exits non-zero, never having run the guest, otherwise. Prints the bound
     /// address first ("listening on ADDR"; with --json, a {"event":"listening"} line).
     Receive(ReceiveArgs),
+    /// Answer a `migrate send` that lost the link after it committed (outcome unknown) and
+    /// keeps its guest paused: resume it there, or discard it because the destination runs it.
+    Recover(crate::recover::RecoverArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +172,8 @@ pub struct MigrationArgs {
     /// estimate that fits, as QEMU does.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub settle: bool,
+    #[command(flatten)]
+    pub tls: crate::tls::SendTlsArgs,
 }
 
 fn parse_verify(s: &str) -> Result<Verify, String> {
@@ -199,6 +204,16 @@ pub struct SendArgs {
     /// the same, the error goes to stderr and the exit status is 3.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<std::path::PathBuf>,
+    /// If the link fails after this side committed the switchover (outcome unknown: the
+    /// destination may run the guest), keep the guest paused and wait for
+    /// `dirtylog migrate recover --socket PATH resume|stop` on this Unix socket (default
+    /// $TMPDIR/dirtylog-recover-PID.sock).
+    #[arg(long, value_name = "PATH")]
+    pub recover_socket: Option<std::path::PathBuf>,
+    /// Seconds to wait for that decision (1 to a week); then the paused copy is discarded
+    /// (the process ends) and the command says so.
+    #[arg(long, default_value_t = 600, value_parser = crate::limits::seconds_nonzero)]
+    pub recover_timeout_s: u64,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -225,6 +240,8 @@ pub struct ReceiveArgs {
     /// Print JSON lines (listening, completed, samples, done) instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// This host's physical memory in bytes (`MemTotal` of /proc/meminfo), if known.
@@ -245,6 +262,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode, String> {
     match cmd {
         Cmd::Send(a) => run_send(a),
         Cmd::Receive(a) => run_receive(a),
+        Cmd::Recover(a) => crate::recover::run(a),
     }
 }
 
@@ -498,9 +516,12 @@ pub fn migrate_guest(
     show_progress: bool,
     json_progress: bool,
     say: &mut dyn FnMut(&str),
+    decide: Decide<'_>,
 ) -> Result<SendSummary, String> {
-    // Refuse bad migration options (such as --dirty-limit without a ring) before any work.
+    // Refuse bad migration options (such as --dirty-limit without a ring, TLS files that do
+    // not load, or plain TCP off this host) before any work.
     migration.tracker_kind()?;
+    let client = migration.tls.client(&to)?;
     if let Some(kernel) = guest.kernel.load()? {
         return migrate_pc(
             guest,
@@ -510,6 +531,7 @@ pub fn migrate_guest(
             show_progress,
             json_progress,
             say,
+            decide,
         );
     }
     let cfg = guest.config(migration)?;
@@ -524,11 +546,20 @@ pub fn migrate_guest(
     std::thread::sleep(Duration::from_millis(guest.warmup_ms));
     let rate = (src.guest_writes() - w0) as f64 / t0.elapsed().as_secs_f64().max(1e-3);
     say(&format!(
-        "source: guest writes {rate:.0} pages/s; migrating to {to} over {} connection(s)",
-        config.connections
+        "source: guest writes {rate:.0} pages/s; migrating to {to} over {} connection(s) ({})",
+        config.connections,
+        client.describe()
     ));
     let progress = (show_progress, json_progress);
-    let mut summary = send_and_summarize(&src, guest, &config, to, progress, |s| s.guest_writes());
+    let mut summary = send_and_summarize(
+        &src,
+        guest,
+        &config,
+        (to, &client),
+        progress,
+        |s| s.guest_writes(),
+        decide,
+    );
     summary.source_mailbox_served = src.mailbox_served();
     if let Err(e) = src.shutdown() {
         say(&format!("source: stopping the guest: {e}"));
@@ -539,17 +570,23 @@ pub fn migrate_guest(
 /// Migrate `src` to `to` with a progress bar, and summarize; `progress` reads the guest's
 /// progress (writes, or serial bytes), which the summary shows at the end and, after a
 /// failure, again 200 ms later (the source guest was resumed and runs on).
+/// Who decides, when a migration's outcome is unknown, what becomes of the source's paused
+/// copy: the operator (`migrate send`), or a harness that sees both sides (`demo`).
+pub type Decide<'a> = &'a mut dyn FnMut(&MigrateError) -> crate::recover::Decision;
+
+#[allow(clippy::too_many_arguments)]
 fn send_and_summarize<S: MigrationSource>(
     src: &S,
     guest: &GuestArgs,
     config: &SendConfig,
-    to: Address,
+    (to, client): (Address, &crate::tls::Client),
     (show_progress, json_progress): (bool, bool),
     progress: impl Fn(&S) -> u64,
+    decide: Decide<'_>,
 ) -> SendSummary {
     let mut view = ProgressView::new(show_progress);
     let mut events = crate::events::ProgressEvents::new(json_progress);
-    let result = send(src, to.clone(), config, &mut |p| {
+    let result = client.send(src, &to, config, &mut |p| {
         view.update(p);
         events.update(p);
     });
@@ -567,6 +604,28 @@ fn send_and_summarize<S: MigrationSource>(
     };
     match result {
         Ok(report) => summary.migration = Some(report),
+        // Committed, then lost track of the destination: the guest stays paused here until
+        // someone who knows decides.
+        Err(e @ MigrateError::OutcomeUnknown(_)) => {
+            summary.status = "outcome-unknown";
+            let decision = decide(&e);
+            let resolved = match decision {
+                crate::recover::Decision::Resume => {
+                    match dirtylog_migrate::Vcpus::resume(src.vcpus()) {
+                        Ok(()) => "resolved: the guest runs here again".to_string(),
+                        Err(r) => format!("resuming the guest here failed: {r}"),
+                    }
+                }
+                crate::recover::Decision::Stop => {
+                    "resolved: this copy is discarded (the destination runs the guest)".into()
+                }
+            };
+            summary.error = Some(format!("{}; {resolved}", explain(&e, &to)));
+            if decision == crate::recover::Decision::Resume {
+                std::thread::sleep(Duration::from_millis(200));
+                summary.source_writes_after = Some(progress(src));
+            }
+        }
         Err(e) => {
             summary.status = "failed";
             summary.error = Some(explain(&e, &to));
@@ -594,6 +653,7 @@ pub fn line_console(line: impl Fn(&str) + Send + Sync + 'static) -> dirtylog_tes
 }
 
 /// [`migrate_guest`] for a kernel on the minimal PC.
+#[allow(clippy::too_many_arguments)]
 fn migrate_pc(
     guest: &GuestArgs,
     kernel: crate::run::Kernel,
@@ -602,9 +662,11 @@ fn migrate_pc(
     show_progress: bool,
     json_progress: bool,
     say: &mut dyn FnMut(&str),
+    decide: Decide<'_>,
 ) -> Result<SendSummary, String> {
     use dirtylog_testvm::pc::{Pc, PcConfig};
     let config = migration.config()?;
+    let client = migration.tls.client(&to)?;
     let cfg = PcConfig {
         mem_bytes: guest.mem,
         smp: guest.vcpus,
@@ -633,18 +695,20 @@ fn migrate_pc(
     }
     src.check().map_err(|e| format!("the guest failed: {e}"))?;
     say(&format!(
-        "source: the guest wrote {} serial bytes in {} ms; migrating to {to} over {} connection(s)",
+        "source: the guest wrote {} serial bytes in {} ms; migrating to {to} over {} connection(s) ({})",
         src.serial_bytes(),
         guest.warmup_ms,
-        config.connections
+        config.connections,
+        client.describe()
     ));
     let mut summary = send_and_summarize(
         &src,
         guest,
         &config,
-        to,
+        (to, &client),
         (show_progress, json_progress),
         Pc::serial_bytes,
+        decide,
     );
     summary.source_serial_bytes = Some(summary.source_writes);
     if let Err(e) = src.shutdown() {
@@ -797,8 +861,9 @@ pub fn print_report(r: &SendReport, out: &mut dyn Write) -> std::io::Result<()> 
     Ok(())
 }
 
-fn run_send(a: SendArgs) -> Result<ExitCode, String> {
+fn run_send(mut a: SendArgs) -> Result<ExitCode, String> {
     let to = resolve(&a.to)?;
+    a.migration.tls.default_server_name(&a.to);
     let json = a.json;
     let mut say = |m: &str| {
         if !json {
@@ -808,7 +873,30 @@ fn run_send(a: SendArgs) -> Result<ExitCode, String> {
     if let Some(p) = &a.plot {
         crate::events::check_plot_path(p)?;
     }
-    let summary = migrate_guest(&a.guest, &a.migration, to.clone(), !json, json, &mut say)?;
+    let socket = a
+        .recover_socket
+        .clone()
+        .unwrap_or_else(crate::recover::default_socket);
+    let wait = Duration::from_secs(a.recover_timeout_s);
+    let mut decide = |_: &MigrateError| {
+        let mut tell = |m: &str| eprintln!("{m}");
+        crate::recover::wait_for_operator(&socket, wait, &mut tell).unwrap_or_else(|| {
+            eprintln!(
+                "no decision within {} s: discarding this copy of the guest",
+                wait.as_secs()
+            );
+            crate::recover::Decision::Stop
+        })
+    };
+    let summary = migrate_guest(
+        &a.guest,
+        &a.migration,
+        to.clone(),
+        !json,
+        json,
+        &mut say,
+        &mut decide,
+    )?;
     let plot = crate::events::PlotResult::write(a.plot.as_deref(), summary.migration.as_ref());
     if json {
         crate::json::print_line(&plot.outcome(summary.migration.is_some(), &summary))?;
@@ -905,6 +993,8 @@ fn emit(json: bool, e: &Event, text: impl FnOnce() -> String) {
 fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
     let json = a.json;
     let addr = resolve(&a.listen)?;
+    let tls = a.tls.config()?;
+    a.tls.check_plain(&addr, "--listen", tls.is_some())?;
     let listener = listen(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener
         .local_addr()
@@ -953,9 +1043,17 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
         )
     });
     let log: dirtylog_testvm::pc::Log = Arc::new(|m: &str| eprintln!("receiver PC: {m}"));
-    let received = receive(&listener, &config, |h| {
+    let make = |h: &dirtylog_migrate::wire::StreamHeader| {
         AnyTarget::new(h, &TargetOptions::default(), console, log)
-    });
+    };
+    let received = match tls {
+        None => receive(&listener, &config, make),
+        Some(tls) => receive(
+            &dirtylog_migrate::transport::tls::TlsListener::new(listener, tls),
+            &config,
+            make,
+        ),
+    };
     done.store(true, Ordering::Release);
     let (target, report) = match received {
         Ok(x) => x,
@@ -977,19 +1075,27 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
         || {
             format!(
                 "received {} ({} pages with data, {} zero) in {} rounds over {} connection(s) \
-                 in {} ms; {}; the guest runs here ({} ms from the sender's last frame)",
+                 in {} ms; {}; the guest runs here ({} ms from the sender's Prepare){}",
                 bytes(report.transferred),
                 report.normal,
                 report.duplicate,
                 report.rounds,
                 report.connections,
                 report.total_time,
-                check_phrase(
-                    report.verify,
-                    report.hash_check_time,
-                    report.verify_after_resume_time
-                ),
-                report.resume_time
+                match &report.warning {
+                    Some(_) => "the end could not be confirmed".to_string(),
+                    None => check_phrase(
+                        report.verify,
+                        report.hash_check_time,
+                        report.verify_after_resume_time,
+                    ),
+                },
+                report.resume_time,
+                report
+                    .warning
+                    .as_ref()
+                    .map(|w| format!("\nWARNING: {w}"))
+                    .unwrap_or_default()
             )
         },
     );

@@ -146,6 +146,9 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 pub fn run(a: Args) -> Result<ExitCode, String> {
     // Refuse bad migration options (such as --dirty-limit without a ring) before any work.
     a.migration.tracker_kind()?;
+    a.migration
+        .tls
+        .refuse("`dirtylog run`, whose migrations stay inside this process")?;
     let k = a
         .kernel
         .load()?

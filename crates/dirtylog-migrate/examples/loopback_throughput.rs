@@ -1,124 +1,373 @@
-//! Loopback bulk throughput of the engine against a raw TCP stream of the same size.
+//! Loopback bulk throughput of the engine against raw TCP streams of the same bytes, in
+//! alternated pairs.
 //!
 //! ```text
-//! cargo run --release -p dirtylog-migrate --example loopback_throughput -- [MiB] [connections]
+//! cargo run --release -p dirtylog-migrate --example loopback_throughput -- \
+//!     [--mib 1024] [--pairs 5] [--connections 1,2,4] [--memory prefault|fresh] \
+//!     [--only engine|raw] [--frame-kib KIB]
 //! ```
 //!
-//! Builds an idle software VM of `MiB` (default 1024) with every page non-zero (no zero-page
-//! shortcut), migrates it over 127.0.0.1 with the given connections (default 1), and measures
-//! the bulk pass (round 0: copy, frame, CRC, send; receive, CRC, validate, write into the
-//! target's memory). Then it pushes the same number of bytes through one plain TCP connection
-//! (4 MiB writes, the reader `read`s into a buffer of guest size, page by page, as the receiver
-//! does) and prints both and their ratio.
+//! `--only` runs one side alone (to profile it; its ratios are then meaningless). To profile
+//! only the timed parts (the engine's bulk pass, the raw transfer), give `perf record` a
+//! control FIFO and its path in `PERF_CTL` (and the ack FIFO in `PERF_ACK`):
+//!
+//! ```text
+//! mkfifo /tmp/ctl /tmp/ack
+//! PERF_CTL=/tmp/ctl PERF_ACK=/tmp/ack perf record -e cpu-clock -g -D -1 \
+//!     --control fifo:/tmp/ctl,/tmp/ack -- target/release/examples/loopback_throughput …
+//! ```
+//!
+//! For each connection count N and each of `--pairs` pairs, one process runs
+//! - the **engine**: an idle software VM of `--mib` MiB with every page non-zero (no zero-page
+//!   shortcut) migrated over 127.0.0.1 with N connections; its bulk pass (round 0: copy,
+//!   frame, CRC, send; receive, CRC, validate, write into the target's memory, hash each page)
+//!   is timed by the sender, from the round's start to the last connection's `RoundEnd`;
+//! - the **raw** baseline: N plain TCP connections, each writing 1/N of the same source VM's
+//!   memory in 4 MiB writes, and a reader per connection `read`ing (4 MiB at most per call)
+//!   straight into its share of a destination, from the first connect to the last byte read;
+//!
+//! alternating which goes first (pair 0 raw first, pair 1 engine first, …). Both runs of a
+//! pair read the same source VM's memory, and both write into a target built by
+//! [`SoftVm::target`] before the clock starts (the raw run writes into that target's memory
+//! directly), so both destinations are allocated the same way; with `--memory prefault` (the
+//! default) one word of every page of it is written first, so that neither run pays the
+//! kernel's first-touch page zeroing (on this nested host its cost swings with what the
+//! outer hypervisor backs, and it is not the engine's cost); `--memory fresh` leaves both
+//! destinations untouched, as a real destination's memory is. It prints each pair, the
+//! medians, and the median of the per-pair ratios engine/raw.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use dirtylog_migrate::soft::{SoftConfig, SoftVm, Workload};
-use dirtylog_migrate::wire::Region;
-use dirtylog_migrate::TrackerKind;
-use dirtylog_migrate::{receive, send, ReceiveConfig, SendConfig};
+use dirtylog_migrate::wire::{Region, StreamHeader};
+use dirtylog_migrate::{receive, send, Phase, ReceiveConfig, SendConfig};
+use dirtylog_migrate::{MigrationMemory, MigrationSource, MigrationTarget, TrackerKind};
 
-fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const PAGE: usize = 4096;
+/// Bytes per raw `write` and most bytes per raw `read`.
+const RAW_CHUNK: usize = 4 << 20;
+
+struct Args {
+    mib: u64,
+    pairs: usize,
+    connections: Vec<usize>,
+    prefault: bool,
+    /// Run only this side (for profiling): "engine" or "raw".
+    only: Option<String>,
+    /// [`SendConfig::frame_bytes`]; `None` for the default.
+    frame_bytes: Option<usize>,
+}
+
+fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        mib: 1024,
+        pairs: 5,
+        connections: vec![1, 2, 4],
+        prefault: true,
+        only: None,
+        frame_bytes: None,
+    };
     let mut args = std::env::args().skip(1);
-    let mib: u64 = args.next().map_or(Ok(1024), |a| a.parse())?;
-    let connections: usize = args.next().map_or(Ok(1), |a| a.parse())?;
-    let size = mib << 20;
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--mib" => a.mib = value()?.parse()?,
+            "--pairs" => a.pairs = value()?.parse()?,
+            "--connections" => {
+                a.connections = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--memory" => {
+                a.prefault = match value()?.as_str() {
+                    "prefault" => true,
+                    "fresh" => false,
+                    m => return Err(format!("--memory {m}: use prefault or fresh").into()),
+                }
+            }
+            "--only" => a.only = Some(value()?),
+            "--frame-kib" => a.frame_bytes = Some(value()?.parse::<usize>()? << 10),
+            _ => return Err(format!("unknown argument {flag}").into()),
+        }
+    }
+    if a.mib == 0 || a.pairs == 0 || a.connections.iter().any(|&n| n == 0 || n > 64) {
+        return Err("--mib and --pairs must be at least 1, connections 1..=64".into());
+    }
+    Ok(a)
+}
 
-    let src = SoftVm::source(&SoftConfig {
-        page_size: 4096,
-        regions: vec![Region {
-            slot: 0,
-            gpa: 0,
-            size,
-        }],
-        vcpus: 1,
-        tracker: TrackerKind::ClearLog,
-        workload: Workload::idle(),
-        nonzero_percent: 100,
-    })?;
+fn main() -> Result<(), Error> {
+    let args = parse_args()?;
+    let size = args.mib.checked_mul(1 << 20).ok_or("--mib too large")?;
+    let regions = vec![Region {
+        slot: 0,
+        gpa: 0,
+        size,
+    }];
+    println!(
+        "guest {} MiB, all pages non-zero, {} alternated pairs per connection count, \
+         destination memory {}",
+        args.mib,
+        args.pairs,
+        if args.prefault {
+            "pre-faulted (one word of each page written before the clock starts)"
+        } else {
+            "fresh (first touch during the run)"
+        }
+    );
+    let gib = |b: f64| b / f64::from(1 << 30);
+    let mut summary = Vec::new();
+    for &n in &args.connections {
+        let (mut engine, mut raw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for pair in 0..args.pairs {
+            let src = SoftVm::source(&SoftConfig {
+                page_size: PAGE as u32,
+                regions: regions.clone(),
+                vcpus: 1,
+                tracker: TrackerKind::ClearLog,
+                workload: Workload::idle(),
+                nonzero_percent: 100,
+            })?;
+            let header = StreamHeader::new(PAGE as u32, 1, regions.clone())?;
+            let raw_first = pair % 2 == 0;
+            let (mut e, mut r) = (0.0, 0.0);
+            for run in 0..2 {
+                let target = SoftVm::target(&header, TrackerKind::ClearLog)?;
+                let mem = MigrationTarget::memory(&target)
+                    .region_memory(0)
+                    .ok_or("the target has no region 0")?;
+                if args.prefault {
+                    prefault(mem.as_ptr(), mem.len());
+                }
+                let is_raw = (run == 0) == raw_first;
+                let wanted = if is_raw { "raw" } else { "engine" };
+                if args.only.as_deref().is_some_and(|o| o != wanted) {
+                    continue;
+                }
+                if is_raw {
+                    r = raw_stream(&src, target, n)?;
+                } else {
+                    e = engine_bulk(&src, target, n, args.frame_bytes)?;
+                }
+            }
+            println!(
+                "  {n} conn, pair {pair} ({} first): engine {:.2} GiB/s, raw {:.2} GiB/s, \
+                 ratio {:.2}",
+                if raw_first { "raw" } else { "engine" },
+                gib(e),
+                gib(r),
+                e / r
+            );
+            engine.push(e);
+            raw.push(r);
+            ratio.push(e / r);
+        }
+        let line = format!(
+            "{n} conn: engine {:.2} GiB/s ({:.2}-{:.2}), raw {:.2} GiB/s ({:.2}-{:.2}), \
+             median of per-pair ratios {:.2} ({:.2}-{:.2})",
+            gib(median(&engine)),
+            gib(min(&engine)),
+            gib(max(&engine)),
+            gib(median(&raw)),
+            gib(min(&raw)),
+            gib(max(&raw)),
+            median(&ratio),
+            min(&ratio),
+            max(&ratio),
+        );
+        println!("{line}");
+        summary.push(line);
+    }
+    println!("summary (medians, ranges in parentheses):");
+    for line in summary {
+        println!("  {line}");
+    }
+    if let Some(hwm) = peak_rss_kib() {
+        println!("peak RSS: {} MiB", hwm / 1024);
+    }
+    Ok(())
+}
+
+/// Migrate `src` into `target` (already built and prepared) over `n` loopback connections;
+/// the bulk pass's bytes per second.
+fn engine_bulk(
+    src: &SoftVm,
+    target: SoftVm,
+    n: usize,
+    frame_bytes: Option<usize>,
+) -> Result<f64, Error> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let receiver = std::thread::spawn(move || {
-        receive(&listener, &ReceiveConfig::default(), |h| {
-            SoftVm::target(h, TrackerKind::ClearLog)
-        })
-        .map(|(_, report)| report)
+        receive(&listener, &ReceiveConfig::default(), move |_| Ok(target)).map(|_| ())
     });
-    let config = SendConfig {
-        connections,
+    let mut config = SendConfig {
+        connections: n,
         ..SendConfig::default()
     };
-    let report = send(&src, addr, &config, &mut |_| {})?;
-    let rreport = receiver.join().map_err(|_| "receiver panicked")??;
-    let hwm = peak_rss_kib();
-    let bulk = &report.rounds[0];
-    let bulk_bytes = bulk.transferred;
-    let bulk_s = bulk.stats.send_time_us as f64 / 1e6;
-    let engine = bulk_bytes as f64 / bulk_s;
-
-    // The same bytes over a raw socket, into a guest-sized buffer.
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (mut s, _) = listener.accept()?;
-        let mut memory = vec![0u8; size as usize];
-        let mut at = 0usize;
-        let mut total = 0u64;
-        loop {
-            let end = (at + (4 << 20)).min(memory.len());
-            let n = s.read(&mut memory[at..end])?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n as u64;
-            at = (at + n) % memory.len();
+    if let Some(b) = frame_bytes {
+        config.frame_bytes = b;
+    }
+    let mut in_bulk = false;
+    let report = send(src, addr, &config, &mut |p| {
+        let bulk = p.phase == Phase::Bulk;
+        if bulk != in_bulk {
+            in_bulk = bulk;
+            perf_control(if bulk { "enable" } else { "disable" });
         }
-    });
-    let chunk = vec![0x5au8; 4 << 20];
-    let t = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    let mut left = bulk_bytes;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        s.write_all(&chunk[..n])?;
-        left -= n as u64;
+    })?;
+    if in_bulk {
+        perf_control("disable");
     }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let got = reader.join().map_err(|_| "reader panicked")??;
-    let raw_s = t.elapsed().as_secs_f64();
-    let raw = got as f64 / raw_s;
+    receiver.join().map_err(|_| "receiver panicked")??;
+    let bulk = report.rounds.first().ok_or("no bulk round")?;
+    if bulk.stats.zero_pages != 0 {
+        return Err(format!("{} zero pages in the bulk pass", bulk.stats.zero_pages).into());
+    }
+    Ok(bulk.transferred as f64 / (bulk.stats.send_time_us.max(1) as f64 / 1e6))
+}
 
-    let gib = |b: f64| b / f64::from(1 << 30);
-    println!("guest {mib} MiB, {connections} connection(s), all pages non-zero");
-    println!(
-        "engine bulk pass: {bulk_bytes} bytes in {bulk_s:.3} s = {:.2} GiB/s ({} pages sent, {} zero)",
-        gib(engine),
-        bulk.stats.sent_pages,
-        bulk.stats.zero_pages
-    );
-    println!(
-        "raw TCP stream:   {got} bytes in {raw_s:.3} s = {:.2} GiB/s",
-        gib(raw)
-    );
-    println!("ratio engine/raw: {:.2}", engine / raw);
-    println!(
-        "whole migration: total {} ms, downtime {} ms (hash check on the receiver {} ms)",
-        report.stats.total_time, report.stats.downtime, rreport.hash_check_time
-    );
-    // Source and target live in this one process: two guests, two budgets.
-    let pages = size / 4096;
-    let budget_kib = 2 * (size + (64 << 20) + pages / 4) / 1024;
-    if let Some(hwm) = hwm {
-        println!(
-            "peak RSS after the migration: {} MiB; two guests plus two budgets of 64 MiB + 2 \
-             bits/page: {} MiB",
-            hwm / 1024,
-            budget_kib / 1024
-        );
+/// Write one word of every page of `len` bytes at `ptr` (a region of a VM nobody runs), so
+/// that the kernel has backed every page before a run.
+fn prefault(ptr: *mut u8, len: usize) {
+    for offset in (0..len).step_by(PAGE) {
+        // SAFETY: `offset + 8 <= len` inside a live, 8-byte aligned region of a target VM that
+        // is not running and that no other thread accesses yet; the store is atomic, as every
+        // access of the software VM to its memory is.
+        let word = unsafe { &*ptr.add(offset).cast::<AtomicU64>() };
+        word.store(0, Ordering::Relaxed);
     }
-    Ok(())
+}
+
+/// `n` plain TCP connections carrying `src`'s memory, 1/n each, into `target`'s memory.
+/// Bytes per second from the first connect to the last byte read.
+fn raw_stream(src: &SoftVm, target: SoftVm, n: usize) -> Result<f64, Error> {
+    let from = MigrationSource::memory(src)
+        .region_memory(0)
+        .ok_or("the source has no region 0")?;
+    let to = MigrationTarget::memory(&target)
+        .region_memory(0)
+        .ok_or("the target has no region 0")?;
+    let len = from.len().min(to.len());
+    // SAFETY: the source VM is idle (its vCPUs write nothing) and lives across this call; the
+    // slice is only read.
+    let from = unsafe { std::slice::from_raw_parts(from.as_ptr().cast_const(), len) };
+    // SAFETY: the target VM has not run and is not migrating: nothing else accesses its memory
+    // while this slice (dropped before `target`) lives.
+    let to = unsafe { std::slice::from_raw_parts_mut(to.as_ptr(), len) };
+    let share = (len / PAGE).div_ceil(n) * PAGE;
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    perf_control("enable");
+    let t = Instant::now();
+    let got = std::thread::scope(|s| -> Result<u64, Error> {
+        let readers: Vec<_> = listeners
+            .iter()
+            .zip(to.chunks_mut(share))
+            .map(|(l, dst)| s.spawn(move || read_into(l, dst)))
+            .collect();
+        let writers: Vec<_> = listeners
+            .iter()
+            .zip(from.chunks(share))
+            .map(|(l, bytes)| {
+                let addr = l.local_addr();
+                s.spawn(move || -> std::io::Result<()> {
+                    let mut stream = TcpStream::connect(addr?)?;
+                    stream.set_nodelay(true)?;
+                    for chunk in bytes.chunks(RAW_CHUNK) {
+                        stream.write_all(chunk)?;
+                    }
+                    stream.shutdown(std::net::Shutdown::Write)
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().map_err(|_| "raw writer panicked")??;
+        }
+        let mut got = 0;
+        for r in readers {
+            got += r.join().map_err(|_| "raw reader panicked")??;
+        }
+        Ok(got)
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    perf_control("disable");
+    if got != len as u64 {
+        return Err(format!("raw streams carried {got} bytes of {len}").into());
+    }
+    drop(target);
+    Ok(got as f64 / secs)
+}
+
+/// Accept one connection on `l` and read it into `dst` until it ends; the bytes read.
+fn read_into(l: &TcpListener, dst: &mut [u8]) -> std::io::Result<u64> {
+    let (mut s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+    let mut at = 0;
+    loop {
+        let end = (at + RAW_CHUNK).min(dst.len());
+        if at == end {
+            // Full: the stream must end here.
+            let mut probe = [0u8; 1];
+            return match s.read(&mut probe)? {
+                0 => Ok(at as u64),
+                _ => Err(std::io::Error::other("more bytes than the destination")),
+            };
+        }
+        let k = s.read(&mut dst[at..end])?;
+        if k == 0 {
+            return Ok(at as u64);
+        }
+        at += k;
+    }
+}
+
+/// Tell `perf record --control` (FIFOs in `PERF_CTL` and `PERF_ACK`) to `enable` or
+/// `disable` sampling, and wait for its ack. Nothing without `PERF_CTL`.
+fn perf_control(command: &str) {
+    let Some(ctl) = std::env::var_os("PERF_CTL") else {
+        return;
+    };
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ctl)
+        .and_then(|mut f| f.write_all(format!("{command}\n").as_bytes()));
+    if let Err(e) = sent {
+        eprintln!("PERF_CTL: {e}");
+        return;
+    }
+    if let Some(ack) = std::env::var_os("PERF_ACK") {
+        let mut buf = [0u8; 5];
+        if let Err(e) = std::fs::File::open(ack).and_then(|mut f| f.read(&mut buf)) {
+            eprintln!("PERF_ACK: {e}");
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }
 
 /// VmHWM from /proc/self/status, in KiB.

@@ -45,6 +45,21 @@ pub struct BlackoutCosts {
     pub digest_rate: Option<f64>,
 }
 
+impl BlackoutCosts {
+    /// Each cost the lower of two probes' (and the faster digest).
+    pub fn fastest(&self, other: &BlackoutCosts) -> BlackoutCosts {
+        BlackoutCosts {
+            pause: self.pause.min(other.pause),
+            state: self.state.min(other.state),
+            resume: self.resume.min(other.resume),
+            digest_rate: match (self.digest_rate, other.digest_rate) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
 /// The expected downtime, phase by phase ([`DowntimeBreakdown`], microseconds): the probe's
 /// pause, state and resume (plus a restore as long as the save), the last harvest's time plus
 /// `remaining_bytes` at `bandwidth`, and — when `digest_bytes` must be digested in the

@@ -93,6 +93,26 @@ pub enum MigrateError {
         /// Its message.
         message: String,
     },
+    /// The source had committed (sent `Commit`: the destination may run the guest) when the
+    /// migration failed without the destination saying it stopped: whether the guest runs
+    /// there is unknown. The source's guest stays paused; resume it only once you know the
+    /// destination does not run it ([`Vcpus::resume`](crate::Vcpus::resume)).
+    #[error(
+        "outcome unknown: {0}; the source had committed, so the destination may be running the \
+         guest — the source's copy stays paused: resume it only if the destination is not \
+         running it"
+    )]
+    OutcomeUnknown(Box<MigrateError>),
+    /// The destination was ready but the link to the source failed before the source's
+    /// `Commit`: the guest never ran here, and the source, which may have committed, keeps
+    /// its copy paused.
+    #[error(
+        "the link to the source failed after this side was ready and before the source \
+         committed{}: the guest never ran here; the source keeps its copy paused and may \
+         report the outcome as unknown — resume it there",
+        .0.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+    )]
+    Uncommitted(Option<Box<MigrateError>>),
     /// The source cancelled the migration.
     #[error("the source cancelled the migration")]
     Cancelled,

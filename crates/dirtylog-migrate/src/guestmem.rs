@@ -2,12 +2,14 @@
 //!
 //! While the guest runs, a page can change under the reader at any time. The engine copies
 //! pages into its own buffers before framing them (the CRC and the bytes on the wire must
-//! agree) and tests pages for zero in place. Both read the memory one aligned 64-bit word at a
-//! time with relaxed atomic loads: a torn *page* is harmless (the write that tore it set the
-//! page's dirty bit after the page was re-armed, so a later round sends the page again), and
-//! word-sized atomic loads keep every individual read well defined even when the concurrent
-//! writer is Rust code (the software VM's vCPU threads) rather than a guest behind KVM. They
-//! cost about 20% against `memcpy` (6.8 against 8.5 GB/s on the project machine).
+//! agree) and tests pages for zero in place. A torn *page* is harmless (the write that tore
+//! it set the page's dirty bit after the page was re-armed, so a later round sends the page
+//! again); every individual read must still be well defined even when the concurrent writer
+//! is Rust code (the software VM's vCPU threads) rather than a guest behind KVM. The zero test
+//! reads one aligned 64-bit word at a time with relaxed atomic loads; the copy is one
+//! `rep movsb` in inline assembly on x86-64 (racy hardware loads outside Rust's memory model,
+//! see [`copy_out`]), word-sized atomic loads elsewhere, which cost about 20% against
+//! `memcpy` (6.8 against 8.5 GB/s on the project machine).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -36,9 +38,37 @@ fn words(mem: RegionMemory, offset: usize, len: usize) -> &'static [AtomicU64] {
     unsafe { std::slice::from_raw_parts(mem.as_ptr().add(offset).cast::<AtomicU64>(), len / 8) }
 }
 
-/// Copy `dst.len()` bytes from `offset` of `mem` into `dst`, word by word.
+/// Copy `dst.len()` bytes from `offset` of `mem` into `dst`.
+///
+/// On x86-64 one `rep movsb` (the kernel's `copy_from_user`, and the fastest copy on CPUs
+/// with ERMS/FSRM: about 30% faster here than the word loop, which the compiler cannot
+/// vectorise because the loads are atomic). It runs as inline assembly, outside Rust's
+/// abstract machine: its reads are plain hardware loads, which may race with the guest's or
+/// the software VM's writes and then see a mix of old and new bytes (the same guarantee as
+/// byte-wise atomic loads, and what SpiderMonkey's racy memcpy of shared memory relies on);
+/// no Rust code observes `dst` until the asm has finished. Elsewhere, word by word with
+/// relaxed atomic loads.
 pub(crate) fn copy_out(mem: RegionMemory, offset: usize, dst: &mut [u8]) {
     let src = words(mem, offset, dst.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `src` covers exactly `dst.len()` readable bytes of the region (checked by
+        // `words`), `dst` is `dst.len()` writable bytes we borrow exclusively, and the two do
+        // not overlap (`dst` is a private buffer, not guest memory). `rep movsb` reads and
+        // writes only those bytes, with the direction flag clear (the ABI guarantees it at
+        // any asm boundary), and clobbers only rcx, rsi, rdi, declared here. The racy reads of
+        // `src` are hardware loads, as explained above.
+        unsafe {
+            std::arch::asm!(
+                "rep movsb",
+                inout("rcx") dst.len() => _,
+                inout("rsi") src.as_ptr().cast::<u8>() => _,
+                inout("rdi") dst.as_mut_ptr() => _,
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
     for (d, s) in dst.chunks_exact_mut(8).zip(src) {
         d.copy_from_slice(&s.load(Ordering::Relaxed).to_ne_bytes());
     }

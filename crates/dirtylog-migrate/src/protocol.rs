@@ -35,48 +35,61 @@
 //!   VcpuState  id, blob    (one per vCPU)  ──────────────────▶  restore_state(id, blob)
 //!   Device     name, version, bytes  (zero or more)  ────────▶  validate, no duplicates;
 //!                                                              restore_device(name, …)
-//!   then one of:
-//!
-//!   strict (the digest of the paused memory ran beside the final round):
-//!   MemHash    slot, mem_digest(region)  (one per region)  ──▶  remember
-//!   Done       (on every connection)  ───────────────────────▶  all N done after the same
-//!                                                              rounds; every vCPU, every
-//!                                                              hash present; each equals
-//!                                                              the digest of the page
-//!                                                              hashes recorded as frames
-//!                                                              landed → resume the guest
-//!                                           ◀── Ack 0  (on connection 0's return direction)
-//!
-//!   background (default) / off:
-//!   Resume     verify = 1 / 0;  Done on the other connections ▶  all N done after the same
-//!                                                              rounds; every vCPU present
-//!                                                              → resume the guest
-//!                                           ◀── Resumed  resume_us    (downtime ends here)
-//!   (digest the paused memory: every byte)
-//!   MemHash    slot, mem_digest(region)  (background only)  ─▶  remember
-//!   Done  ───────────────────────────────────────────────────▶  hashes match the recorded
-//!                                                              page hashes (memory as it
+//!   MemHash    slot, mem_digest(region)  (strict only: the digest of the paused memory
+//!              ran beside the final round)  ─────────────▶  remember
+//!   Prepare    verify = strict | background | none; Done on the other connections
+//!                                                       ──▶  all N done after the same
+//!                                                              rounds; every vCPU present;
+//!                                                              strict: each hash equals the
+//!                                                              digest of the page hashes
+//!                                                              recorded as frames landed
+//!                                           ◀── Prepared  (ready; the guest does not run)
+//!   ── the source commits: from here on it never resumes the guest on its own ──
+//!   Commit  ─────────────────────────────────────────────────▶  resume the guest
+//!                                           ◀── Resumed  resume_us      (downtime ends here)
+//!   background: digest the paused memory (every byte), then
+//!   MemHash    slot, mem_digest(region)  ────────────────────▶  compare with the recorded
+//!                                                              page hashes (the memory as it
 //!                                                              arrived, not as the running
 //!                                                              guest changed it since)
-//!                                           ◀── Ack 0
-//!                                               or Error: the destination guest was stopped
+//!   Done  ───────────────────────────────────────────────────▶
+//!                                           ◀── Ack 0  (the memory is proven equal)
+//!                                               or Error: the destination stopped its guest
 //!                                               first; the source resumes its own
 //!
 //!   the source stays paused after Ack 0: the guest runs at the destination
 //! ```
 //!
-//! **Failure**, at any point before the `Ack`: the side that gives up says why — the source
-//! with `Error` (or `Cancel` when pre-copy does not converge) on every connection, the
-//! destination with `Error` on connection 0's return direction — and closes its connections.
-//! The source then un-throttles and resumes its guest; the destination drops its target,
-//! which never ran — or, after `Resume`, ran only until the check failed: dropping it stops it
-//! before the `Error` goes out. Among the causes: a malformed or out-of-range frame, a CRC or
+//! **Failure**: the side that gives up says why — the source with `Error` (or `Cancel` when
+//! pre-copy does not converge) on every connection, the destination with `Error` on
+//! connection 0's return direction — and closes its connections. Before `Commit` the source
+//! then un-throttles and resumes its guest, and the destination drops its target, which never
+//! ran; after it, see below (a failed background check stops the destination's guest before
+//! its `Error` goes out, and the source resumes on that `Error`). Among the causes: a malformed or out-of-range frame, a CRC or
 //! hash mismatch, a target that cannot restore a vCPU state or does not know a device
 //! section's name or version.
 //!
-//! **Known gap** (both modes): if the link dies after the destination sent `Ack 0` and before
-//! the source read it, the destination runs the guest and the source resumes its own. The
-//! protocol that rules this out is issue 10's switchover work.
+//! **Exactly one running guest.** The destination runs the guest only on `Commit`; the source
+//! sends `Commit` only after `Prepared`, and from then on resumes its guest only on the
+//! destination's `Error` (sent with its guest stopped). So:
+//! - a failure before `Commit` was sent: the source resumes; the destination, which never ran
+//!   the guest, drops it;
+//! - the link lost after `Commit` was sent: the source keeps its copy paused and returns
+//!   [`MigrateError::OutcomeUnknown`](crate::MigrateError::OutcomeUnknown); the destination
+//!   runs the guest if `Commit` arrived (and says, in [`ReceiveReport::warning`](
+//!   crate::ReceiveReport::warning), that the end was not confirmed), or else returns
+//!   [`MigrateError::Uncommitted`](crate::MigrateError::Uncommitted) without having run it.
+//!   Either the guest runs at the destination, or it runs nowhere and both sides said why;
+//!   never on both. `dirtylog migrate recover` then resumes the source's copy or discards it.
+//!
+//! QEMU compared: QEMU's destination starts the guest when the stream ends, and the source
+//! moves to `postmigrate` without waiting for a word back unless the return path is on; with
+//! `pause-before-switchover` a management layer can hold the source before the device state
+//! goes, but the hand-over itself is not acknowledged: a link lost at the end leaves it to
+//! the management layer to find out which side runs. Here the two round trips
+//! (`Prepare`/`Prepared`, `Commit`/`Resumed`) cost about 0.2 ms on loopback.
+//! `tests/switchover.rs` cuts the link, and separately swallows one message, at every step,
+//! in every verify mode, and checks the rule above.
 //!
 //! **Ordering.** Within a round, frames on different connections are independent, and each
 //! page travels at most once per round (the receiver refuses overlaps). Between rounds the

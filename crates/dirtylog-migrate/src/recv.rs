@@ -56,11 +56,15 @@ use crate::vcpu::VcpuRestore;
 use crate::vm::MigrationTarget;
 use crate::wire::{
     self, Decoder, Encoder, GuestMemoryMut, Message, PageRange, StreamHeader, WireError,
-    MAX_CONNECTIONS, MAX_DEVICE_SECTIONS, MAX_GUEST_MEMORY, RESUME_THEN_VERIFY,
+    MAX_CONNECTIONS, MAX_DEVICE_SECTIONS, MAX_GUEST_MEMORY, VERIFY_BACKGROUND, VERIFY_STRICT,
 };
 
-/// Read buffer per connection.
-const READ_BUFFER: usize = 256 << 10;
+/// Read buffer per connection, for frame headers and small frames: `Pages` data is read
+/// straight into guest memory, [`wire::PAGES_PIECE`] at a time, past the buffer (which
+/// `BufReader` does for reads at least its capacity); what the buffer did read ahead of a
+/// frame's data is copied once more, so it is small.
+const READ_BUFFER: usize = 64 << 10;
+const _: () = assert!(READ_BUFFER <= wire::PAGES_PIECE);
 
 /// How to receive.
 #[derive(Clone, Debug)]
@@ -200,17 +204,22 @@ fn finish<T, C: Transport>(
 ) -> Result<(T, ReceiveReport), MigrateError> {
     let fallback = || StreamHeader::new(wire::MIN_PAGE_SIZE, 1, Vec::new());
     match outcome {
-        Ok((target, report, header)) => {
+        Ok((target, mut report, header)) => {
             let mut enc = Encoder::back_channel(&mut reply, header);
-            match enc.send(Message::Ack { code: 0 }) {
-                Ok(()) => Ok((target, report)),
-                // The guest runs here, but the source cannot know: it will resume its own.
-                // Dropping the target stops this one.
-                Err(e) => Err(MigrateError::Wire {
-                    connection: 0,
-                    source: e,
-                }),
+            // Committed: the guest runs here whatever becomes of the acknowledgement. Without
+            // it the source keeps its copy paused and reports the outcome as unknown — which
+            // is also what it must do when the end could not be confirmed here (a warning):
+            // `Ack 0` says the memory was checked, so it is not sent then.
+            if report.warning.is_some() {
+                return Ok((target, report));
             }
+            if let Err(e) = enc.send(Message::Ack { code: 0 }) {
+                report.warning.get_or_insert(format!(
+                    "the guest runs here, but the final acknowledgement could not be sent \
+                     ({e}): the source keeps its copy paused and reports the outcome as unknown"
+                ));
+            }
+            Ok((target, report))
         }
         Err((error, header)) => {
             let code = match &error {
@@ -259,12 +268,16 @@ where
             what: "cloning a connection",
             source,
         })?;
-        Decoder::new(BufReader::with_capacity(READ_BUFFER, reader)).map_err(|source| {
-            MigrateError::Wire {
-                connection: 0,
-                source,
-            }
-        })
+        let mut input =
+            Decoder::new(BufReader::with_capacity(READ_BUFFER, reader)).map_err(|source| {
+                MigrateError::Wire {
+                    connection: 0,
+                    source,
+                }
+            })?;
+        // Each page is hashed as it lands, while it is still in cache.
+        input.set_hash_pages(true);
+        Ok(input)
     };
     let mut first_input = open(&first).map_err(|e| (e, None))?;
     let header = first_input.header().clone();
@@ -367,7 +380,6 @@ where
     if let Some(e) = lock(&shared.failure).take() {
         return Err(fail(e));
     }
-    let done_at = Instant::now();
     let Some(Some((control, _))) = outcomes.first() else {
         return Err(fail(MigrateError::protocol(
             0,
@@ -401,65 +413,127 @@ where
     }
 
     let mut hashes = control.hashes;
-    let (verify, verify_start) = match control.resume {
-        None => (Verify::Strict, Instant::now()),
-        Some((mode, resume_at)) => {
-            // Every connection thread has ended: no frame writes guest memory any more.
-            target
-                .vcpus()
-                .resume()
-                .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
-            let resume_us = micros(resume_at.elapsed());
-            let verify_start = Instant::now();
-            let mut enc = Encoder::back_channel(&mut *reply, header.clone());
-            // If the source cannot hear this, it will not let go of the guest: stop ours
-            // (returning drops the target).
-            enc.send(Message::Resumed { resume_us })
-                .and_then(|()| enc.flush())
-                .map_err(|e| fail(MigrateError::wire(0)(e)))?;
-            let verify = if mode == RESUME_THEN_VERIFY {
-                Verify::Background
-            } else {
-                Verify::Off
-            };
-            let before = input.position();
-            let read = read_digests(&mut input, &header, &mut hashes, verify);
-            shared
-                .bytes
-                .fetch_add(input.position() - before, Ordering::Relaxed);
-            read.map_err(fail)?;
-            (verify, verify_start)
-        }
+    let Some((mode, prepare_at)) = control.prepare else {
+        return Err(fail(MigrateError::protocol(
+            0,
+            "Done on connection 0 without Prepare",
+        )));
     };
-    drop(input);
-
-    // Check the memory as it arrived against the source's paused memory.
-    let t = Instant::now();
-    if verify != Verify::Off {
+    let verify = match mode {
+        VERIFY_STRICT => Verify::Strict,
+        VERIFY_BACKGROUND => Verify::Background,
+        _ => Verify::Off,
+    };
+    let check = |hashes: &[Option<u64>]| -> Result<Duration, MigrateError> {
+        // The memory as it arrived against the source's paused memory.
+        let t = Instant::now();
         for (i, region) in header.regions().iter().enumerate() {
             let Some(expected) = hashes[i] else {
-                return Err(fail(MigrateError::protocol(
+                return Err(MigrateError::protocol(
                     0,
-                    format!("Done without the hash of slot {}", region.slot),
-                )));
+                    format!("no memory hash of slot {}", region.slot),
+                ));
             };
             let actual = shared.digests[i].digest();
             if actual != expected {
-                return Err(fail(MigrateError::HashMismatch {
+                return Err(MigrateError::HashMismatch {
                     slot: region.slot,
                     expected,
                     actual,
-                }));
+                });
             }
         }
+        Ok(t.elapsed())
+    };
+    let mut hash_check_time = Duration::ZERO;
+    match verify {
+        Verify::Strict => hash_check_time = check(&hashes).map_err(fail)?,
+        _ if hashes.iter().any(Option::is_some) => {
+            return Err(fail(MigrateError::protocol(
+                0,
+                format!("memory hashes before a Prepare for verify {verify}"),
+            )))
+        }
+        _ => {}
     }
-    let hash_check_time = t.elapsed();
-    if verify == Verify::Strict {
-        target
-            .vcpus()
-            .resume()
-            .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
+
+    // Ready: every state restored, (strict) the memory checked. The guest runs on Commit only.
+    let mut replies = Encoder::back_channel(&mut *reply, header.clone());
+    replies
+        .send(Message::Prepared)
+        .and_then(|()| replies.flush())
+        .map_err(|e| fail(MigrateError::wire(0)(e)))?;
+    let before = input.position();
+    let mut no_memory = ();
+    let commit = match input.next(&mut no_memory) {
+        Ok(Some(Message::Commit)) => Ok(()),
+        Ok(Some(Message::Cancel)) => Err(MigrateError::Cancelled),
+        Ok(Some(Message::Error { code, message })) => Err(MigrateError::Remote {
+            side: "source",
+            code,
+            message: message.into(),
+        }),
+        Ok(Some(other)) => Err(MigrateError::protocol(
+            0,
+            format!("{} where Commit was due", frame_name(&other)),
+        )),
+        Ok(None) => Err(MigrateError::Uncommitted(None)),
+        Err(e) => Err(MigrateError::Uncommitted(Some(Box::new(
+            MigrateError::wire(0)(e),
+        )))),
+    };
+    commit.map_err(fail)?;
+    let commit_at = Instant::now();
+    shared
+        .bytes
+        .fetch_add(input.position() - before, Ordering::Relaxed);
+
+    // Committed: the source will not run the guest unless this side says it stopped it. From
+    // here on, a failure of the link leaves the guest running here (with a warning); a
+    // failure of this side stops it and says so.
+    target
+        .vcpus()
+        .resume()
+        .map_err(|e| fail(MigrateError::vm("resume")(e)))?;
+    let resume_us = micros(commit_at.elapsed());
+    let resumed_at = Instant::now();
+    let mut warning = None;
+    if let Err(e) = replies
+        .send(Message::Resumed { resume_us })
+        .and_then(|()| replies.flush())
+    {
+        warning = Some(format!(
+            "the guest runs here, but the source could not be told ({e}): it keeps its copy \
+             paused and reports the outcome as unknown"
+        ));
     }
+    if warning.is_none() {
+        let before = input.position();
+        let read = read_digests(&mut input, &header, &mut hashes, verify);
+        shared
+            .bytes
+            .fetch_add(input.position() - before, Ordering::Relaxed);
+        match read {
+            Ok(()) if verify == Verify::Background => {
+                hash_check_time = check(&hashes).map_err(fail)?;
+            }
+            Ok(()) => {}
+            // The link died: the guest runs here, committed.
+            Err(e) if e.is_secondary() => {
+                warning = Some(format!(
+                    "the guest runs here, but the link to the source failed before the end \
+                     ({e}){}",
+                    if verify == Verify::Background {
+                        "; its memory could not be checked"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    drop(input);
     let report = ReceiveReport {
         total_time: ms(start.elapsed()),
         transferred: shared.bytes.load(Ordering::Relaxed),
@@ -471,17 +545,18 @@ where
         verify,
         hash_check_time: ms(hash_check_time),
         verify_after_resume_time: match verify {
-            Verify::Strict => 0,
-            _ => ms(verify_start.elapsed()),
+            Verify::Background => ms(resumed_at.elapsed()),
+            _ => 0,
         },
-        resume_time: ms(done_at.elapsed()),
+        resume_time: ms(resumed_at.saturating_duration_since(prepare_at)),
+        warning,
     };
     drop(shared);
     Ok((target, report, header))
 }
 
-/// After `Resume`, on connection 0: one `MemHash` per region and `Done` ([`Verify::Background`]),
-/// or `Done` alone ([`Verify::Off`]). Nothing may touch guest memory any more.
+/// After `Resumed`, on connection 0: one `MemHash` per region and `Done` ([`Verify::Background`]),
+/// or `Done` alone. Nothing may touch guest memory any more.
 fn read_digests<C: Transport>(
     input: &mut Input<C>,
     header: &StreamHeader,
@@ -512,7 +587,7 @@ fn read_digests<C: Transport>(
                 return Err(MigrateError::protocol(
                     0,
                     format!(
-                        "unexpected {} after Resume (verify {verify})",
+                        "unexpected {} after Commit (verify {verify})",
                         frame_name(&other)
                     ),
                 ))
@@ -631,8 +706,8 @@ struct ConnOutcome {
     hashes: Vec<Option<u64>>,
     /// Connection 0: device sections restored.
     devices: usize,
-    /// Connection 0 ended with `Resume`: its verify field, and when it arrived.
-    resume: Option<(u32, Instant)>,
+    /// Connection 0 ended with `Prepare`: its verify field, and when it arrived.
+    prepare: Option<(u32, Instant)>,
 }
 
 /// State shared by the connection threads.
@@ -717,7 +792,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         what: "stream before its Done frame",
                     }))
                 }
-                Some(Message::Pages { range, data }) => {
+                Some(Message::Pages { range, data: _ }) => {
                     if switchover {
                         return Err(late("Pages frame"));
                     }
@@ -725,8 +800,20 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         .header
                         .check_range(range)
                         .map_err(MigrateError::wire(conn))?;
-                    // Hashed now, while the page is still in cache; never read again.
-                    self.digests[index].record(range.first_page, data);
+                    // The decoder hashed each page as it landed (CRC-checked since); the
+                    // memory is never read again.
+                    let hashes = input.page_hashes();
+                    if hashes.len() as u64 != range.npages {
+                        return Err(MigrateError::protocol(
+                            conn,
+                            format!(
+                                "{} page hashes for the {} pages of a Pages frame",
+                                hashes.len(),
+                                range.npages
+                            ),
+                        ));
+                    }
+                    self.digests[index].record_hashes(range.first_page, hashes);
                     normal += range.npages;
                 }
                 Some(Message::ZeroPages(range)) => {
@@ -862,11 +949,12 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         ));
                     }
                 }
-                Some(Message::Resume { verify }) if control => {
-                    if rounds == 0 || hashing {
+                Some(Message::Prepare { verify }) if control => {
+                    if rounds == 0 || (hashing && verify != VERIFY_STRICT) {
                         return Err(MigrateError::protocol(
                             conn,
-                            "Resume before any round or after the memory hashes",
+                            "Prepare before any round, or after memory hashes outside strict \
+                             verification",
                         ));
                     }
                     let at = Instant::now();
@@ -878,7 +966,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         vcpus,
                         hashes,
                         devices: devices.len(),
-                        resume: Some((verify, at)),
+                        prepare: Some((verify, at)),
                     };
                 }
                 Some(Message::Done) => {
@@ -890,7 +978,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         vcpus,
                         hashes,
                         devices: devices.len(),
-                        resume: None,
+                        prepare: None,
                     };
                 }
                 Some(Message::Cancel) => return Err(MigrateError::Cancelled),
@@ -1079,7 +1167,9 @@ fn frame_name(msg: &Message<'_>) -> &'static str {
         Message::Cancel => "Cancel frame",
         Message::Hello { .. } => "Hello frame",
         Message::Device { .. } => "Device frame",
-        Message::Resume { .. } => "Resume frame",
+        Message::Prepare { .. } => "Prepare frame",
+        Message::Prepared => "Prepared frame",
+        Message::Commit => "Commit frame",
         Message::Resumed { .. } => "Resumed frame",
     }
 }

@@ -70,7 +70,7 @@ use crate::vcpu::{is_unsupported, Vcpus};
 use crate::vm::MigrationSource;
 use crate::wire::{
     self, Decoder, Encoder, Message, PageRange, Region, StreamHeader, MAX_CONNECTIONS,
-    MAX_DEVICE_SECTIONS, MAX_PAGES_BYTES, RESUME_THEN_VERIFY, RESUME_UNVERIFIED,
+    MAX_DEVICE_SECTIONS, MAX_PAGES_BYTES, VERIFY_BACKGROUND, VERIFY_NONE, VERIFY_STRICT,
 };
 
 /// Most bytes of send buffers over all connections together.
@@ -81,6 +81,8 @@ const SPAN_WORDS: usize = 64;
 const QUEUE_DEPTH: usize = 2;
 /// How long the destination gets to explain a failure before the connections are cut.
 const GRACE: Duration = Duration::from_millis(500);
+/// Most probes of the blackout's fixed costs before a limit they exceed is called unreachable.
+const MAX_PROBES: u32 = 3;
 /// Bytes of guest memory the setup probe digests to time the strict mode's check.
 const PROBE_DIGEST_BYTES: usize = 32 << 20;
 /// How often the progress callback runs at most.
@@ -296,6 +298,7 @@ pub fn send_on<S: MigrationSource, T: Transport>(
         paused: false,
         throttled: false,
         dirty_limited: false,
+        committed: false,
     };
     let result =
         Shared::new(source, &config).and_then(|shared| shared.run(streams, &mut guard, progress));
@@ -322,11 +325,29 @@ struct SourceGuard<'a, S: MigrationSource> {
     paused: bool,
     throttled: bool,
     dirty_limited: bool,
+    /// The source has sent `Commit`: the destination may run the guest, so this side must
+    /// not resume it unless the destination says it stopped.
+    committed: bool,
 }
 
 impl<S: MigrationSource> SourceGuard<'_, S> {
     fn recover(&mut self, error: MigrateError) -> MigrateError {
         let mut error = error;
+        // After `Commit`, only the destination's own word that it gave up (an `Error` frame,
+        // which it sends with its guest stopped) lets this side run the guest again.
+        let rolled_back = matches!(
+            error,
+            MigrateError::Remote {
+                side: "destination",
+                ..
+            }
+        );
+        if self.committed && !rolled_back {
+            if self.tracking {
+                let _ = self.source.tracker().stop();
+            }
+            return MigrateError::OutcomeUnknown(Box::new(error));
+        }
         if self.throttled {
             if let Err(e) = self.source.vcpus().throttle(0) {
                 error = MigrateError::ResumeFailed {
@@ -367,28 +388,23 @@ enum Job {
     Span(Box<Span>),
     /// End the round on this connection.
     RoundEnd { round: u64, dirty_pages: u64 },
-    /// End the stream: on connection 0, first the vCPU states, the device sections and what
-    /// [`Control::then`] says.
+    /// On connection 0, the switchover frames up to `Prepare` (the connection stays open);
+    /// on the others, `Done`.
     Finish(Option<Arc<Control>>),
-    /// Connection 0, after `Resume`: the digests, then `Done`.
+    /// Connection 0, after `Prepared`: `Commit`.
+    Commit,
+    /// Connection 0, after `Resumed`: the digests (background), then `Done`.
     Verify(Vec<(u32, u64)>),
     /// Tell the destination why we give up, and stop.
     Abort { cancel: bool, message: Arc<str> },
 }
 
-/// The switchover frames of connection 0.
+/// The switchover frames of connection 0: the states, (strict) the digests, `Prepare`.
 struct Control {
     vcpus: Vec<Vec<u8>>,
     devices: Vec<DeviceSection>,
-    then: Then,
-}
-
-/// What follows the states on connection 0.
-enum Then {
-    /// Strict: the digests and `Done`; the connection ends.
-    Hashes(Vec<(u32, u64)>),
-    /// `Resume` with this verify field; the connection waits for [`Job::Verify`].
-    Resume(u32),
+    hashes: Vec<(u32, u64)>,
+    verify: u32,
 }
 
 /// Dirty pages of a run of bitmap words of one region.
@@ -413,6 +429,7 @@ enum Event {
 }
 
 enum Reply {
+    Prepared,
     Resumed,
     Ack(u32),
     Error(u32, String),
@@ -424,15 +441,20 @@ enum Reply {
 /// The destination's replies so far, with when they came.
 #[derive(Default)]
 struct Replies {
+    prepared: Option<Instant>,
     resumed: Option<Instant>,
     acked: Option<Instant>,
 }
 
 impl Replies {
-    /// Keep `Resumed` and `Ack 0`; any other reply is the destination giving up.
+    /// Keep `Prepared`, `Resumed` and `Ack 0`, in that order; any other reply is the
+    /// destination giving up (after `Commit`: with its guest stopped).
     fn take(&mut self, reply: Reply) -> Result<(), MigrateError> {
         match reply {
-            Reply::Resumed if self.resumed.is_none() => self.resumed = Some(Instant::now()),
+            Reply::Prepared if self.prepared.is_none() => self.prepared = Some(Instant::now()),
+            Reply::Resumed if self.prepared.is_some() && self.resumed.is_none() => {
+                self.resumed = Some(Instant::now())
+            }
             Reply::Ack(0) => self.acked = Some(Instant::now()),
             other => return Err(reply_error(other)),
         }
@@ -724,7 +746,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             self.send_round(ctl, 0, Phase::Bulk, harvest_time, 0, 0, progress)?;
         // After the bulk pass, which has read (and so mapped) every page, as the switchover's
         // digest will find them.
-        let costs = self.probe(guard)?;
+        let mut costs = self.probe(guard)?;
+        let mut probes = 1;
         let limits = Limits {
             downtime: config.downtime_limit,
             max_rounds: config.max_rounds,
@@ -762,9 +785,21 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             self.stats.expected_downtime = ms(expected);
             self.stats.remaining = pages * self.sh.page_size;
             // What the blackout costs with nothing left to send: if that alone exceeds the
-            // limit, more rounds cannot meet it.
-            let floor =
+            // limit, more rounds cannot meet it. A probe taken in a burst of load on the host
+            // overstates it, so the verdict waits for up to three probes (their fastest).
+            let mut floor =
                 convergence::expected_breakdown(&costs, harvest_time, 0, bandwidth, digest_bytes);
+            while Duration::from_micros(floor.total()) > limits.downtime && probes < MAX_PROBES {
+                costs = costs.fastest(&self.probe(guard)?);
+                probes += 1;
+                floor = convergence::expected_breakdown(
+                    &costs,
+                    harvest_time,
+                    0,
+                    bandwidth,
+                    digest_bytes,
+                );
+            }
             if Duration::from_micros(floor.total()) > limits.downtime {
                 match config.on_timeout {
                     TimeoutPolicy::Cancel => {
@@ -869,39 +904,41 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             )?;
             let final_at = Instant::now();
             let mut replies = Replies::default();
-            if let Some(hasher) = hasher {
-                let (hashes, _) = join(hasher)?;
-                let digested_at = Instant::now();
-                let control = Control {
-                    vcpus,
-                    devices,
-                    then: Then::Hashes(hashes),
-                };
-                ctl.finish(self.sh, control, &mut replies)?;
-                self.report(progress, Phase::WaitingForAck, round, 0, 0, true);
-                let acked_at = ctl.wait_reply(self.sh, &mut replies, |r| r.acked)?;
-                return Ok((final_at, digested_at, acked_at, None));
-            }
-            let resume = match config.verify {
-                Verify::Off => RESUME_UNVERIFIED,
-                _ => RESUME_THEN_VERIFY,
+            // Strict: the digests go before Prepare, and the destination checks them before
+            // it answers.
+            let (hashes, verify) = match hasher {
+                Some(hasher) => (join(hasher)?.0, VERIFY_STRICT),
+                None if config.verify == Verify::Off => (Vec::new(), VERIFY_NONE),
+                None => (Vec::new(), VERIFY_BACKGROUND),
+            };
+            // The blackout waits for the digest in strict mode only.
+            let digested_at = if verify == VERIFY_STRICT {
+                Instant::now()
+            } else {
+                final_at
             };
             let control = Control {
                 vcpus,
                 devices,
-                then: Then::Resume(resume),
+                hashes,
+                verify,
             };
             ctl.finish(self.sh, control, &mut replies)?;
+            ctl.wait_reply(self.sh, &mut replies, |r| r.prepared)?;
+            // The point of no return: from here on this side never resumes the guest on its
+            // own (SourceGuard::recover), so the destination may run it.
+            guard.committed = true;
+            ctl.commit(self.sh)?;
             let resumed_at = ctl.wait_reply(self.sh, &mut replies, |r| r.resumed)?;
             // The guest runs at the destination; ours stays paused until the check passes.
             self.report(progress, Phase::Verifying, round, 0, 0, true);
             let hashes = match config.verify {
-                Verify::Off => Vec::new(),
-                _ => digest().0,
+                Verify::Background => digest().0,
+                Verify::Strict | Verify::Off => Vec::new(),
             };
             ctl.verify(self.sh, hashes, &mut replies)?;
             let acked_at = ctl.wait_reply(self.sh, &mut replies, |r| r.acked)?;
-            Ok((final_at, final_at, resumed_at, Some(acked_at)))
+            Ok((final_at, digested_at, resumed_at, acked_at))
         })?;
         let (final_at, digested_at, resumed_at, acked_at) = phases;
         let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
@@ -944,7 +981,10 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             downtime_limit: limit,
             downtime_limit_exceeded: self.stats.downtime > limit,
             verify: config.verify,
-            verify_time: acked_at.map_or(0, |a| ms(a - resumed_at)),
+            verify_time: match config.verify {
+                Verify::Background => ms(acked_at - resumed_at),
+                Verify::Strict | Verify::Off => 0,
+            },
             compression: self
                 .sh
                 .counters
@@ -1416,7 +1456,15 @@ impl Conns {
         )
     }
 
-    /// After `Resume`: send the digests and `Done` on connection 0.
+    /// After `Prepared`: send `Commit` on connection 0.
+    fn commit<S: MigrationSource>(&mut self, sender: &Shared<'_, S>) -> Result<(), MigrateError> {
+        if self.queues[0].send(Job::Commit).is_err() {
+            return Err(self.wait_failure(sender));
+        }
+        Ok(())
+    }
+
+    /// After `Resumed`: send the digests (if any) and `Done` on connection 0.
     fn verify<S: MigrationSource>(
         &mut self,
         sender: &Shared<'_, S>,
@@ -1518,16 +1566,21 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
                             bytes: d.bytes(),
                         })?;
                     }
-                    match &control.then {
-                        Then::Hashes(hashes) => return self.done(hashes).map(Some),
-                        Then::Resume(verify) => {
-                            self.send(Message::Resume { verify: *verify })?;
-                            self.flush()?;
-                            return Ok(Some(Event::Switched));
-                        }
+                    for &(slot, hash) in &control.hashes {
+                        self.send(Message::MemHash { slot, hash })?;
                     }
+                    self.send(Message::Prepare {
+                        verify: control.verify,
+                    })?;
+                    self.flush()?;
+                    return Ok(Some(Event::Switched));
                 }
                 Some(self.done(&[])?)
+            }
+            Job::Commit => {
+                self.send(Message::Commit)?;
+                self.flush()?;
+                None
             }
             Job::Verify(hashes) => Some(self.done(&hashes)?),
             Job::Abort { cancel, message } => {
@@ -1708,6 +1761,7 @@ fn read_replies<T: Transport>(
     let mut no_memory = ();
     let reply = loop {
         let reply = match decoder.next(&mut no_memory) {
+            Ok(Some(Message::Prepared)) => Reply::Prepared,
             Ok(Some(Message::Resumed { .. })) => Reply::Resumed,
             Ok(Some(Message::Ack { code })) => Reply::Ack(code),
             Ok(Some(Message::Error { code, message })) => Reply::Error(code, message.into()),
@@ -1720,9 +1774,9 @@ fn read_replies<T: Transport>(
             Err(e) => Reply::Broken(MigrateError::wire(0)(e)),
         };
         match reply {
-            // The guest runs at the destination; the acknowledgement of the check follows.
-            Reply::Resumed => {
-                if events.send(Event::Reply(Reply::Resumed)).is_err() {
+            // Steps of the switchover; the acknowledgement (or an error) ends the replies.
+            Reply::Prepared | Reply::Resumed => {
+                if events.send(Event::Reply(reply)).is_err() {
                     return;
                 }
             }
@@ -1739,12 +1793,12 @@ fn read_replies<T: Transport>(
 
 fn reply_error(reply: Reply) -> MigrateError {
     match reply {
-        Reply::Resumed => MigrateError::protocol(0, "the destination said Resumed twice"),
-        Reply::Ack(code) => MigrateError::Remote {
-            side: "destination",
-            code,
-            message: "negative acknowledgement".into(),
-        },
+        Reply::Prepared => MigrateError::protocol(0, "the destination said Prepared twice"),
+        Reply::Resumed => MigrateError::protocol(0, "the destination said Resumed out of turn"),
+        // Not an `Error` frame: not the destination's word that it stopped the guest.
+        Reply::Ack(code) => {
+            MigrateError::protocol(0, format!("the destination acknowledged with code {code}"))
+        }
         Reply::Error(code, message) => MigrateError::Remote {
             side: "destination",
             code,

@@ -207,8 +207,13 @@ pub struct ReceiveReport {
     /// Milliseconds from resuming the guest to the end of the memory check (background and
     /// off modes; `verify-after-resume-time`).
     pub verify_after_resume_time: u64,
-    /// Milliseconds from the sender's `Done` to the guest running (`resume-time`).
+    /// Milliseconds from the sender's `Prepare` to the guest running (`resume-time`).
     pub resume_time: u64,
+    /// Set when the guest runs here but the end of the migration could not be confirmed with
+    /// the source (the link failed after `Commit`): the source then keeps its paused copy and
+    /// reports the outcome as unknown; with background verification the memory was not
+    /// checked (`warning`).
+    pub warning: Option<String>,
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::MigrateError;
 
+pub mod tls;
+
 /// A connection of a migration: a blocking byte stream in both directions.
 ///
 /// The engines clone each connection (one thread writes it while another reads the replies)

@@ -25,7 +25,7 @@
 //! | 10   | `Cancel`    |                                             |                          |
 //! | 11   | `Hello`     | connection u32, connections u32, session u64 |                         |
 //! | 12   | `Device`    | version u32, name_len u32                   | name, then state bytes   |
-//! | 13   | `Resume`    | verify u32                                  |                          |
+//! | 13   | `Prepare`   | verify u32                                  |                          |
 //! | 14   | `Resumed`   | resume_us u64                               |                          |
 //! | 15   | `CompressedPages` | slot u32, first_page u64, npages u64, codec u32 | compressed pages |
 //!
@@ -88,7 +88,8 @@ pub use header::{PageRange, Region, StreamHeader};
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"DIRTYLG\0";
 /// The format version this build writes and reads. Version 4: `MemHash` carries
-/// [`mem_digest`](crate::digest::mem_digest) over page hashes, and `Resume`/`Resumed` let the
+/// [`mem_digest`](crate::digest::mem_digest) over page hashes, and `Prepare`/`Prepared`/
+/// `Commit`/`Resumed` hand the guest over exactly once and let the
 /// destination run the guest before the memory check.
 pub const VERSION: u32 = 4;
 /// Smallest page size a header may declare.
@@ -105,6 +106,11 @@ pub const MAX_REGIONS: usize = 512;
 pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
 /// Most bytes of page data in one `Pages` frame: 16 MiB, a multiple of every page size.
 pub const MAX_PAGES_BYTES: usize = 16 << 20;
+/// Most bytes of a `Pages` frame's data the [`Decoder`] asks for in one `read`, so that each
+/// piece is checked (and hashed, see [`Decoder::set_hash_pages`]) while still in cache. A
+/// [`BufReader`](std::io::BufReader) passes reads this large straight through when it has
+/// no capacity above it.
+pub const PAGES_PIECE: usize = 256 << 10;
 /// Largest `VcpuState` blob: 1 MiB, well above KVM's register, XSAVE and nested state.
 pub const MAX_VCPU_BLOB: usize = 1 << 20;
 /// Longest `Error` message, in bytes.
@@ -219,25 +225,35 @@ pub enum Message<'a> {
         /// The state, at most [`MAX_DEVICE_STATE`] bytes.
         bytes: &'a [u8],
     },
-    /// Sender to receiver, at switchover after the vCPU states and device sections: resume
-    /// the guest now, before the memory check. `verify` is [`RESUME_THEN_VERIFY`] when
-    /// `MemHash` frames follow (checked while the guest runs), [`RESUME_UNVERIFIED`] when
-    /// only `Done` does.
-    Resume {
-        /// [`RESUME_THEN_VERIFY`] or [`RESUME_UNVERIFIED`].
+    /// Sender to receiver, at switchover after the vCPU states, the device sections and (in
+    /// strict mode) the digests: everything the guest needs has been sent; get ready to run
+    /// it, but do not run it before [`Commit`](Message::Commit). `verify` says when the
+    /// memory is checked: [`VERIFY_STRICT`], [`VERIFY_BACKGROUND`] or [`VERIFY_NONE`].
+    Prepare {
+        /// [`VERIFY_STRICT`], [`VERIFY_BACKGROUND`] or [`VERIFY_NONE`].
         verify: u32,
     },
-    /// Receiver to sender, on the reply channel: the guest runs here (after a `Resume`).
+    /// Receiver to sender, on the reply channel: every state is restored (and, strict, the
+    /// memory checked); the guest will run here on `Commit`, and not before.
+    Prepared,
+    /// Sender to receiver: the source has stopped its guest for good; run it. After this
+    /// the source never resumes its guest on its own.
+    Commit,
+    /// Receiver to sender, on the reply channel: the guest runs here (after `Commit`).
     Resumed {
-        /// Microseconds from the `Resume` frame to the guest running.
+        /// Microseconds from the `Commit` frame to the guest running.
         resume_us: u64,
     },
 }
 
-/// [`Message::Resume`]: `MemHash` frames follow, then `Done`.
-pub const RESUME_THEN_VERIFY: u32 = 1;
-/// [`Message::Resume`]: only `Done` follows; the memory is not checked.
-pub const RESUME_UNVERIFIED: u32 = 0;
+/// [`Message::Prepare`]: no memory check; only `Done` follows `Commit`.
+pub const VERIFY_NONE: u32 = 0;
+/// [`Message::Prepare`]: `MemHash` frames follow the guest's resume (after `Commit`), then
+/// `Done`; the check runs while the guest runs.
+pub const VERIFY_BACKGROUND: u32 = 1;
+/// [`Message::Prepare`]: the `MemHash` frames came before it; the receiver checks them before
+/// it answers `Prepared`.
+pub const VERIFY_STRICT: u32 = 2;
 
 /// Check a device name: 1 to [`MAX_DEVICE_NAME`] bytes of ASCII letters, digits and `-_.:/`.
 pub fn check_device_name(name: &[u8]) -> Result<(), WireError> {
@@ -287,13 +303,15 @@ enum Kind {
     Cancel,
     Hello,
     Device,
-    Resume,
+    Prepare,
     Resumed,
     CompressedPages,
+    Prepared,
+    Commit,
 }
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 17] = [
         Kind::Header,
         Kind::Pages,
         Kind::ZeroPages,
@@ -306,9 +324,11 @@ impl Kind {
         Kind::Cancel,
         Kind::Hello,
         Kind::Device,
-        Kind::Resume,
+        Kind::Prepare,
         Kind::Resumed,
         Kind::CompressedPages,
+        Kind::Prepared,
+        Kind::Commit,
     ];
 
     fn from_u8(byte: u8) -> Option<Kind> {
@@ -329,7 +349,9 @@ impl Kind {
             Kind::Cancel => "Cancel frame",
             Kind::Hello => "Hello frame",
             Kind::Device => "Device frame",
-            Kind::Resume => "Resume frame",
+            Kind::Prepare => "Prepare frame",
+            Kind::Prepared => "Prepared frame",
+            Kind::Commit => "Commit frame",
             Kind::Resumed => "Resumed frame",
             Kind::CompressedPages => "CompressedPages frame",
         }
@@ -349,7 +371,8 @@ impl Kind {
             Kind::Ack => (4, 0),
             Kind::Hello => (16, 0),
             Kind::Device => (DEVICE_FIXED, MAX_DEVICE_NAME + MAX_DEVICE_STATE),
-            Kind::Resume => (4, 0),
+            Kind::Prepare => (4, 0),
+            Kind::Prepared | Kind::Commit => (0, 0),
             Kind::Resumed => (8, 0),
             Kind::CompressedPages => (COMPRESSED_FIXED, MAX_COMPRESSED_BYTES),
         }
@@ -464,7 +487,9 @@ fn encode_fields<'a>(msg: Message<'a>) -> (Kind, Fixed, &'a [u8]) {
         Message::Error { code, message } => (Kind::Error, f.u32(code), message.as_bytes()),
         Message::Ack { code } => (Kind::Ack, f.u32(code), &[]),
         Message::Cancel => (Kind::Cancel, f, &[]),
-        Message::Resume { verify } => (Kind::Resume, f.u32(verify), &[]),
+        Message::Prepare { verify } => (Kind::Prepare, f.u32(verify), &[]),
+        Message::Prepared => (Kind::Prepared, f, &[]),
+        Message::Commit => (Kind::Commit, f, &[]),
         Message::Resumed { resume_us } => (Kind::Resumed, f.u64(resume_us), &[]),
         Message::Hello {
             connection,
@@ -518,7 +543,9 @@ fn decode_fields<'a>(kind: Kind, fixed: &[u8], data: &'a [u8]) -> Result<Message
         },
         Kind::Ack => Message::Ack { code: f.u32() },
         Kind::Cancel => Message::Cancel,
-        Kind::Resume => Message::Resume { verify: f.u32() },
+        Kind::Prepare => Message::Prepare { verify: f.u32() },
+        Kind::Prepared => Message::Prepared,
+        Kind::Commit => Message::Commit,
         Kind::Resumed => Message::Resumed { resume_us: f.u64() },
         Kind::Hello => Message::Hello {
             connection: f.u32(),
@@ -592,7 +619,7 @@ impl StreamHeader {
                 })
             }
             Message::MemHash { slot, .. } => self.region(slot).map(drop),
-            Message::Resume { verify } if verify > RESUME_THEN_VERIFY => {
+            Message::Prepare { verify } if verify > VERIFY_STRICT => {
                 Err(WireError::ResumeMode(verify))
             }
             Message::Device { name, bytes, .. } => check_device(name.as_bytes(), bytes.len()),
@@ -912,6 +939,46 @@ impl<R: Read> Input<R> {
         Ok(())
     }
 
+    /// Read a `Pages` frame's data into `buf` like [`payload`](Self::payload), in pieces of
+    /// at most [`PAGES_PIECE`] bytes, each added to the CRC as soon as it has landed and, with
+    /// `hashes`, each page it completes hashed into `hashes` right after, while it is still in
+    /// cache. `buf` holds whole pages of `page` bytes.
+    fn pages_payload(
+        &mut self,
+        buf: &mut [u8],
+        page: usize,
+        mut hashes: Option<&mut Vec<u64>>,
+    ) -> Result<(), WireError> {
+        let page = page.max(1);
+        let (mut n, mut hashed) = (0, 0);
+        while n < buf.len() {
+            let end = buf.len().min(n + PAGES_PIECE);
+            match self.reader.read(&mut buf[n..end]) {
+                Ok(0) => break,
+                Ok(k) => {
+                    self.crc = crc32c::crc32c_append(self.crc, &buf[n..n + k]);
+                    n += k;
+                    if let Some(hashes) = hashes.as_deref_mut() {
+                        while hashed + page <= n {
+                            hashes.push(crate::digest::mem_hash(&buf[hashed..hashed + page]));
+                            hashed += page;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.position += n as u64;
+        if n < buf.len() {
+            return Err(WireError::Truncated {
+                offset: self.position,
+                what: Kind::Pages.name(),
+            });
+        }
+        Ok(())
+    }
+
     /// Read the frame's CRC and compare it with the running one.
     fn check_crc(&mut self, kind: Kind) -> Result<(), WireError> {
         let mut stored = [0; 4];
@@ -939,6 +1006,10 @@ pub struct Decoder<R> {
     header: StreamHeader,
     buf: Vec<u8>,
     decompressor: Decompressor,
+    /// [`Decoder::set_hash_pages`].
+    hash_pages: bool,
+    /// The page hashes of the last `Pages` message, with `hash_pages`.
+    page_hashes: Vec<u64>,
 }
 
 impl<R: Read> Decoder<R> {
@@ -963,6 +1034,8 @@ impl<R: Read> Decoder<R> {
             header,
             buf,
             decompressor: Decompressor::default(),
+            hash_pages: false,
+            page_hashes: Vec::new(),
         })
     }
 
@@ -974,7 +1047,27 @@ impl<R: Read> Decoder<R> {
             header,
             buf: Vec::new(),
             decompressor: Decompressor::default(),
+            hash_pages: false,
+            page_hashes: Vec::new(),
         }
+    }
+
+    /// Hash every page of each `Pages` message's data with
+    /// [`mem_hash`](crate::digest::mem_hash) while decoding it: a piece of at most
+    /// [`PAGES_PIECE`] bytes at a time, as soon as it has landed and been added to the CRC,
+    /// while it is still in cache (a compressed frame's pages right after decompression). The
+    /// hashes of the last `Pages` message are then [`page_hashes`](Self::page_hashes). Off by
+    /// default.
+    pub fn set_hash_pages(&mut self, on: bool) {
+        self.hash_pages = on;
+        self.page_hashes.clear();
+    }
+
+    /// With [`set_hash_pages`](Self::set_hash_pages) on, the hash of each page of the last
+    /// message [`next`](Self::next) returned if it was `Pages` (in page order, one per page of
+    /// its range); empty otherwise.
+    pub fn page_hashes(&self) -> &[u64] {
+        &self.page_hashes
     }
 
     /// The stream's header.
@@ -1003,6 +1096,7 @@ impl<R: Read> Decoder<R> {
     where
         M: GuestMemoryMut + ?Sized,
     {
+        self.page_hashes.clear();
         let Some((kind, len)) = self.input.frame_head()? else {
             return Ok(None);
         };
@@ -1016,12 +1110,16 @@ impl<R: Read> Decoder<R> {
         let data = if kind == Kind::Pages {
             let range = Fields(fixed).range();
             let index = self.header.check_pages(range, data_len)?;
-            destination(&self.header, memory, index, range)?
+            let data = destination(&self.header, memory, index, range)?;
+            let page = self.header.page_size() as usize;
+            let hashes = self.hash_pages.then_some(&mut self.page_hashes);
+            self.input.pages_payload(data, page, hashes)?;
+            data
         } else {
             self.buf.resize(data_len, 0);
+            self.input.payload(&mut self.buf, kind)?;
             &mut self.buf[..]
         };
-        self.input.payload(data, kind)?;
         self.input.check_crc(kind)?;
         let msg = decode_fields(kind, fixed, data)?;
         self.header.validate(&msg)?;
@@ -1053,6 +1151,11 @@ impl<R: Read> Decoder<R> {
                 codec,
                 source,
             })?;
+        if self.hash_pages {
+            let page = self.header.page_size() as usize;
+            let hashes = out.chunks(page).map(crate::digest::mem_hash);
+            self.page_hashes.extend(hashes);
+        }
         Ok(Message::Pages { range, data: out })
     }
 

@@ -73,6 +73,10 @@ fn faulty_with(
         // estimate counts (a 5 ms limit would be refused as unreachable before any fault).
         downtime_limit: Duration::from_millis(if verify == Verify::Strict { 1000 } else { 5 }),
         max_bandwidth: Some(32 << 20),
+        // Whatever the estimate says on a loaded machine, switch over within a few rounds:
+        // the faults, not the limit, must end these migrations.
+        on_timeout: TimeoutPolicy::Switchover,
+        max_rounds: 5,
         io_timeout: Duration::from_secs(5),
         ack_timeout: Duration::from_secs(5),
         verify,
@@ -122,9 +126,9 @@ fn connection_cut_during_a_round_three_connections() {
 fn connection_cut_during_switchover() {
     let runs = faulty_in_every_mode(2, Fault::CutAfterFlag(0), |p| p.phase == Phase::Switchover);
     for (verify, src, ..) in runs {
-        // The source paused its guest for the setup probe and for the final round; it runs
-        // again after each.
-        assert_eq!(src.resume_count(), 2, "{verify}");
+        // The source paused its guest for the setup probe (more than one on a loaded
+        // machine) and for the final round; it runs again after each.
+        assert!(src.resume_count() >= 2, "{verify}: {}", src.resume_count());
     }
 }
 

@@ -275,18 +275,23 @@ fn wrong_magic_and_version_are_rejected() {
     assert_eq!(&s[..8], &MAGIC);
 }
 
-/// The switchover frames of the background check: `Resume` carries a known verify mode,
-/// `Resumed` the destination's resume time.
+/// The switchover frames: `Prepare` carries a known verify mode, `Prepared` and `Commit`
+/// nothing, `Resumed` the destination's resume time.
 #[test]
-fn resume_frames_round_trip_and_unknown_modes_are_refused() {
-    use dirtylog_migrate::wire::{RESUME_THEN_VERIFY, RESUME_UNVERIFIED};
+fn switchover_frames_round_trip_and_unknown_modes_are_refused() {
+    use dirtylog_migrate::wire::{VERIFY_BACKGROUND, VERIFY_NONE, VERIFY_STRICT};
     for msg in [
-        Message::Resume {
-            verify: RESUME_THEN_VERIFY,
+        Message::Prepare {
+            verify: VERIFY_BACKGROUND,
         },
-        Message::Resume {
-            verify: RESUME_UNVERIFIED,
+        Message::Prepare {
+            verify: VERIFY_NONE,
         },
+        Message::Prepare {
+            verify: VERIFY_STRICT,
+        },
+        Message::Prepared,
+        Message::Commit,
         Message::Resumed { resume_us: 1234 },
     ] {
         let mut stream = Vec::new();
@@ -297,10 +302,10 @@ fn resume_frames_round_trip_and_unknown_modes_are_refused() {
     }
     let mut stream = Vec::new();
     let mut enc = Encoder::new(&mut stream, header()).unwrap();
-    let err = enc.send(Message::Resume { verify: 2 }).unwrap_err();
-    assert_eq!(err.to_string(), "Resume frame with unknown verify mode 2");
+    let err = enc.send(Message::Prepare { verify: 3 }).unwrap_err();
+    assert_eq!(err.to_string(), "Prepare frame with unknown verify mode 3");
     let err = next_error(&stream_with(&raw_frame(13, &7u32.to_le_bytes())));
-    assert_eq!(err.to_string(), "Resume frame with unknown verify mode 7");
+    assert_eq!(err.to_string(), "Prepare frame with unknown verify mode 7");
 }
 
 #[test]
@@ -407,8 +412,8 @@ fn absurd_lengths_fail_before_reading_or_allocating() {
 
 #[test]
 fn unknown_types_flags_and_misplaced_headers_are_rejected() {
-    let err = next_error(&stream_with(&raw_frame(16, &[])));
-    assert_eq!(err.to_string(), "unknown frame type 16");
+    let err = next_error(&stream_with(&raw_frame(18, &[])));
+    assert_eq!(err.to_string(), "unknown frame type 18");
 
     let mut done = raw_frame(7, &[]);
     done[1] = 0x40;

@@ -1,60 +1,213 @@
-//! Loopback bulk throughput of a KVM guest's migration against a raw TCP stream of the same
-//! size, measured in the same run.
+//! Loopback bulk throughput of a KVM guest's migration against raw TCP streams of the same
+//! bytes, in alternated pairs.
 //!
 //! ```text
 //! cargo run --release -p dirtylog-testvm --example kvm_loopback_throughput -- \
-//!     [MiB] [connections] [clear-log|dirty-log|ring|ring:ENTRIES] [huge-pages|no-huge-pages] [target: same]
+//!     [--mib 1024] [--pairs 5] [--connections 1,2,4] [--memory prefault|fresh] \
+//!     [--tracker clear-log|dirty-log|ring|ring:ENTRIES] [--huge-pages yes|no] \
+//!     [--target-huge-pages yes|no] [--only engine|raw]
 //! ```
 //!
-//! Boots an idle KVM guest of `MiB` (default 1024) whose memory the host first fills with
-//! non-zero bytes (so no page takes the zero-page shortcut), migrates it over 127.0.0.1 to a
-//! KVM target in this process with the given connections (default 1), and measures the bulk
-//! pass (round 0: copy out of guest memory, frame, CRC, send; receive, CRC, validate, write
-//! into the target VM's memory). Then it pushes the same number of bytes through one plain TCP
-//! connection (4 MiB writes; the reader `read`s into a guest-sized buffer backed like the
-//! target's memory), before and after the migration, and prints them, the ratio against the
-//! faster raw run, and the migration's downtime.
+//! For each connection count N and each of `--pairs` pairs, one process boots a halted KVM
+//! guest of `--mib` MiB (one vCPU in `cli; hlt`: it writes nothing) whose memory the host
+//! fills with non-zero bytes (no page takes the zero-page shortcut), then runs
+//! - the **engine**: the guest migrated over 127.0.0.1 with N connections to a [`KvmTarget`]
+//!   in this process; its bulk pass (round 0: copy out of guest memory, frame, CRC, send;
+//!   receive, CRC, validate, write into the target VM's memory, hash each page) is timed by
+//!   the sender, from the round's start to the last connection's `RoundEnd`;
+//! - the **raw** baseline: N plain TCP connections carrying the same regions' bytes in 4 MiB
+//!   writes (chunk k on connection k mod N), each reader `read`ing straight into the same
+//!   place of another [`KvmTarget`]'s memory, from the first connect to the last byte read;
+//!
+//! alternating which goes first (pair 0 raw first, pair 1 engine first, …). Both
+//! destinations are KVM targets built from the stream header before the clock starts, so their
+//! memory is mapped and advised alike (`--target-huge-pages`); with `--memory prefault` (the
+//! default) every page of it is faulted in (`MADV_POPULATE_WRITE`) first, so that neither run
+//! pays the kernel's first-touch page zeroing (on this nested host its cost swings with what
+//! the outer hypervisor backs, and it is not the engine's cost); `--memory fresh` leaves both
+//! untouched, as a real destination's memory is. It prints each pair, the medians, and the
+//! median of the per-pair ratios engine/raw.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use dirtylog_migrate::wire::StreamHeader;
 use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{receive, send, MigrationMemory, ReceiveConfig, SendConfig};
 use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, TargetOptions};
-use dirtylog_testvm::{GuestMemory, MemoryOptions};
+use dirtylog_testvm::Program;
 
-fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut args = std::env::args().skip(1);
-    let mib: u64 = args.next().map_or(Ok(1024), |a| a.parse())?;
-    let connections: usize = args.next().map_or(Ok(1), |a| a.parse())?;
-    let tracker: TrackerKind = match args.next() {
-        None => TrackerKind::ClearLog,
-        Some(t) => t.parse()?,
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Bytes per raw `write`, and per raw chunk.
+const RAW_CHUNK: usize = 4 << 20;
+
+struct Args {
+    mib: u64,
+    pairs: usize,
+    connections: Vec<usize>,
+    prefault: bool,
+    tracker: TrackerKind,
+    huge_pages: bool,
+    target_huge_pages: Option<bool>,
+    only: Option<String>,
+}
+
+fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        mib: 1024,
+        pairs: 5,
+        connections: vec![1, 2, 4],
+        prefault: true,
+        tracker: TrackerKind::ClearLog,
+        huge_pages: true,
+        target_huge_pages: None,
+        only: None,
     };
-    let huge_pages = args.next().as_deref() != Some("no-huge-pages");
-    let target_huge_pages = args
-        .next()
-        .as_deref()
-        .map_or(huge_pages, |a| a != "no-huge-pages");
-    let size = mib << 20;
+    let yes = |v: String| match v.as_str() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => Err(format!("{v}: use yes or no")),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--mib" => a.mib = value()?.parse()?,
+            "--pairs" => a.pairs = value()?.parse()?,
+            "--connections" => {
+                a.connections = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--memory" => {
+                a.prefault = match value()?.as_str() {
+                    "prefault" => true,
+                    "fresh" => false,
+                    m => return Err(format!("--memory {m}: use prefault or fresh").into()),
+                }
+            }
+            "--tracker" => a.tracker = value()?.parse()?,
+            "--huge-pages" => a.huge_pages = yes(value()?)?,
+            "--target-huge-pages" => a.target_huge_pages = Some(yes(value()?)?),
+            "--only" => a.only = Some(value()?),
+            _ => return Err(format!("unknown argument {flag}").into()),
+        }
+    }
+    if a.mib == 0 || a.pairs == 0 || a.connections.iter().any(|&n| n == 0 || n > 64) {
+        return Err("--mib and --pairs must be at least 1, connections 1..=64".into());
+    }
+    Ok(a)
+}
 
+fn main() -> Result<(), Error> {
+    let args = parse_args()?;
+    let size = args.mib.checked_mul(1 << 20).ok_or("--mib too large")?;
+    let target_huge_pages = args.target_huge_pages.unwrap_or(args.huge_pages);
+    let pages = |h: bool| if h { "huge pages" } else { "4 KiB pages" };
+    println!(
+        "KVM guest {} MiB, tracker {}, source {}, target {}, all pages non-zero, {} alternated \
+         pairs per connection count, destination memory {}",
+        args.mib,
+        args.tracker.name(),
+        pages(args.huge_pages),
+        pages(target_huge_pages),
+        args.pairs,
+        if args.prefault {
+            "pre-faulted (MADV_POPULATE_WRITE before the clock starts)"
+        } else {
+            "fresh (first touch during the run)"
+        }
+    );
+    let opts = TargetOptions {
+        huge_pages: target_huge_pages,
+        ..TargetOptions::default()
+    };
+    let gib = |b: f64| b / f64::from(1 << 30);
+    let mut summary = Vec::new();
+    for &n in &args.connections {
+        let (mut engine, mut raw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for pair in 0..args.pairs {
+            let src = boot_filled(size, args.tracker, args.huge_pages)?;
+            let header = StreamHeader::new(src.page_size(), 1, src.regions())?;
+            let raw_first = pair % 2 == 0;
+            let (mut e, mut r) = (0.0, 0.0);
+            for run in 0..2 {
+                let is_raw = (run == 0) == raw_first;
+                let wanted = if is_raw { "raw" } else { "engine" };
+                if args.only.as_deref().is_some_and(|o| o != wanted) {
+                    continue;
+                }
+                let target = KvmTarget::new(&header, &opts)?;
+                if args.prefault {
+                    for i in 0..header.regions().len() {
+                        let mem = MigrationMemory::region_memory(&target, i)
+                            .ok_or("the target has fewer regions than the header")?;
+                        populate(mem.as_ptr(), mem.len())?;
+                    }
+                }
+                if is_raw {
+                    r = raw_stream(&src, &target, n)?;
+                } else {
+                    e = engine_bulk(&src, target, n)?;
+                }
+            }
+            src.shutdown()?;
+            println!(
+                "  {n} conn, pair {pair} ({} first): engine {:.2} GiB/s, raw {:.2} GiB/s, \
+                 ratio {:.2}",
+                if raw_first { "raw" } else { "engine" },
+                gib(e),
+                gib(r),
+                e / r
+            );
+            engine.push(e);
+            raw.push(r);
+            ratio.push(e / r);
+        }
+        let line = format!(
+            "{n} conn: engine {:.2} GiB/s ({:.2}-{:.2}), raw {:.2} GiB/s ({:.2}-{:.2}), \
+             median of per-pair ratios {:.2} ({:.2}-{:.2})",
+            gib(median(&engine)),
+            gib(min(&engine)),
+            gib(max(&engine)),
+            gib(median(&raw)),
+            gib(min(&raw)),
+            gib(max(&raw)),
+            median(&ratio),
+            min(&ratio),
+            max(&ratio),
+        );
+        println!("{line}");
+        summary.push(line);
+    }
+    println!("summary (medians, ranges in parentheses):");
+    for line in summary {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// Boot a halted guest of `size` bytes and fill its main slot with non-zero words.
+fn boot_filled(size: u64, tracker: TrackerKind, huge_pages: bool) -> Result<KvmSource, Error> {
     let src = KvmSource::boot(&GuestConfig {
         mem_bytes: size,
-        vcpus: 2,
+        vcpus: 1,
         dirty_rate: Some(0),
         working_set_bytes: 1 << 20,
         mailbox_every: 0,
         tracker,
         huge_pages,
+        program: Program::Halt,
         ..GuestConfig::default()
     })?;
-    // Fill the main slot from the host. The idle guest writes nothing.
     let mem = src.region_memory(1).ok_or("the source has no region 1")?;
     for page in 0..mem.len() / 4096 {
         // SAFETY: `page * 4096 + 8 <= len` inside the source's mapping of region 1, which
-        // lives as long as `src`; no vCPU writes this memory (the guest is idle) and the
-        // engine is not running yet.
+        // lives as long as `src`; the halted guest writes nothing and the engine is not
+        // running yet.
         unsafe {
             mem.as_ptr()
                 .add(page * 4096)
@@ -62,135 +215,144 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .write_volatile(page as u64 | 1 << 63);
         }
     }
+    Ok(src)
+}
 
-    // The same bytes over a raw socket, once before the migration and once after: this nested
-    // host makes first touches of memory it has not backed yet expensive, so whichever run
-    // comes first can pay more; the ratio is taken against the faster raw run.
-    let raw_before = raw_stream(size + size / 4096 * 32, size, target_huge_pages)?;
-
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let receiver = std::thread::spawn(move || {
-        receive(&listener, &ReceiveConfig::default(), |h| {
-            KvmTarget::new(
-                h,
-                &TargetOptions {
-                    huge_pages: target_huge_pages,
-                    ..TargetOptions::default()
-                },
-            )
-        })
-        .map(|(target, report)| (target.guest_writes(), report))
-    });
-    let config = SendConfig {
-        connections,
-        timeout: Some(Duration::from_secs(120)),
-        ..SendConfig::default()
-    };
-    let report = send(&src, addr, &config, &mut |_| {})?;
-    let (_, rreport) = receiver.join().map_err(|_| "receiver panicked")??;
-    src.shutdown()?;
-    let bulk = &report.rounds[0];
-    let bulk_bytes = bulk.transferred;
-    let bulk_s = bulk.stats.send_time_us as f64 / 1e6;
-    let engine = bulk_bytes as f64 / bulk_s;
-
-    // The raw stream after the migration, on memory the migration has just freed.
-    let (got, raw_s) = raw_stream(bulk_bytes, size, target_huge_pages)?;
-    let raw = got as f64 / raw_s;
-    let raw_before = raw_before.0 as f64 / raw_before.1;
-
-    let gib = |b: f64| b / f64::from(1 << 30);
-    println!(
-        "KVM guest {mib} MiB, {connections} connection(s), tracker {}, source {}, target {}, \
-         all pages non-zero",
-        tracker.name(),
-        if huge_pages {
-            "huge pages"
-        } else {
-            "4 KiB pages"
-        },
-        if target_huge_pages {
-            "huge pages"
-        } else {
-            "4 KiB pages"
-        }
-    );
-    println!(
-        "engine bulk pass: {bulk_bytes} bytes in {bulk_s:.3} s = {:.2} GiB/s ({} pages sent, {} zero)",
-        gib(engine),
-        bulk.stats.sent_pages,
-        bulk.stats.zero_pages
-    );
-    println!(
-        "raw TCP stream:   {got} bytes in {raw_s:.3} s = {:.2} GiB/s (before the migration: \
-         {:.2} GiB/s)",
-        gib(raw),
-        gib(raw_before)
-    );
-    println!("ratio engine/raw: {:.2}", engine / raw.max(raw_before));
-    println!(
-        "whole migration: total {} ms, downtime {} ms (hash check on the receiver {} ms)",
-        report.stats.total_time, report.stats.downtime, rreport.hash_check_time
-    );
+/// Fault in every page of the mapping at `ptr` (page-aligned, `len` bytes) for writing,
+/// without changing its contents.
+fn populate(ptr: *mut u8, len: usize) -> Result<(), Error> {
+    // SAFETY: advice on exactly the range of a live anonymous mapping a target owns; it only
+    // faults pages in (zero-filled, as they read already).
+    let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
+    if r != 0 {
+        return Err(format!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error()).into());
+    }
     Ok(())
 }
 
-/// Push `bytes` through one plain TCP connection in 4 MiB writes into a reader that `read`s
-/// into a buffer of `size` bytes backed like the target's guest memory (fresh anonymous memory,
-/// with the same huge-page advice). Returns the bytes read and the seconds taken.
-fn raw_stream(
-    bytes: u64,
-    size: u64,
-    huge_pages: bool,
-) -> Result<(u64, f64), Box<dyn std::error::Error + Send + Sync>> {
+/// Migrate `src` into `target` (already built and prepared) over `n` loopback connections;
+/// the bulk pass's bytes per second.
+fn engine_bulk(src: &KvmSource, target: KvmTarget, n: usize) -> Result<f64, Error> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let buffer = GuestMemory::new(
-        size as usize,
-        MemoryOptions {
-            no_huge_pages: !huge_pages,
-            populate: false,
-        },
-    )?;
-    if huge_pages {
-        // SAFETY: advice on exactly the range of the live mapping `buffer` owns.
-        unsafe {
-            libc::madvise(
-                buffer.host_addr() as *mut libc::c_void,
-                buffer.len(),
-                libc::MADV_HUGEPAGE,
-            )
-        };
-    }
-    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (mut s, _) = listener.accept()?;
-        // SAFETY: `buffer` is a live mapping of `size` bytes owned by this thread from here
-        // on; nothing else accesses it while the slice exists.
-        let memory =
-            unsafe { std::slice::from_raw_parts_mut(buffer.host_addr() as *mut u8, buffer.len()) };
-        let mut at = 0usize;
-        let mut total = 0u64;
-        loop {
-            let end = (at + (4 << 20)).min(memory.len());
-            let n = s.read(&mut memory[at..end])?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n as u64;
-            at = (at + n) % memory.len();
-        }
+    let receiver = std::thread::spawn(move || {
+        let (target, _) = receive(&listener, &ReceiveConfig::default(), move |_| Ok(target))?;
+        target.shutdown()?;
+        Ok::<(), Error>(())
     });
-    let chunk = vec![0x5au8; 4 << 20];
-    let t = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        s.write_all(&chunk[..n])?;
-        left -= n as u64;
+    let config = SendConfig {
+        connections: n,
+        timeout: Some(Duration::from_secs(120)),
+        ..SendConfig::default()
+    };
+    let report = send(src, addr, &config, &mut |_| {})?;
+    receiver.join().map_err(|_| "receiver panicked")??;
+    let bulk = report.rounds.first().ok_or("no bulk round")?;
+    Ok(bulk.transferred as f64 / (bulk.stats.send_time_us.max(1) as f64 / 1e6))
+}
+
+/// `n` plain TCP connections carrying every region of `src` into the same region of
+/// `target`, 4 MiB chunk k on connection k mod n. Bytes per second from the first connect to
+/// the last byte read.
+fn raw_stream(src: &KvmSource, target: &KvmTarget, n: usize) -> Result<f64, Error> {
+    let mut from: Vec<&[u8]> = Vec::new();
+    let mut to: Vec<&mut [u8]> = Vec::new();
+    for i in 0..src.regions().len() {
+        let (Some(s), Some(d)) = (
+            src.region_memory(i),
+            MigrationMemory::region_memory(target, i),
+        ) else {
+            return Err(format!("region {i} missing on one side").into());
+        };
+        let len = s.len().min(d.len());
+        // SAFETY: the source guest is halted (it writes nothing) and `src` outlives this
+        // call; the slice is only read.
+        let s = unsafe { std::slice::from_raw_parts(s.as_ptr().cast_const(), len) };
+        // SAFETY: the target has not resumed and is not migrating: nothing else accesses its
+        // memory while this slice (which ends with this call, before `target`) lives.
+        let d = unsafe { std::slice::from_raw_parts_mut(d.as_ptr(), len) };
+        from.extend(s.chunks(RAW_CHUNK));
+        to.extend(d.chunks_mut(RAW_CHUNK));
     }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let got = reader.join().map_err(|_| "reader panicked")??;
-    Ok((got, t.elapsed().as_secs_f64()))
+    let total: usize = from.iter().map(|c| c.len()).sum();
+    let mut readers_to: Vec<Vec<&mut [u8]>> = (0..n).map(|_| Vec::new()).collect();
+    for (k, chunk) in to.into_iter().enumerate() {
+        readers_to[k % n].push(chunk);
+    }
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let t = Instant::now();
+    let got = std::thread::scope(|s| -> Result<u64, Error> {
+        let readers: Vec<_> = listeners
+            .iter()
+            .zip(readers_to)
+            .map(|(l, dst)| s.spawn(move || read_into(l, dst)))
+            .collect();
+        let writers: Vec<_> = listeners
+            .iter()
+            .enumerate()
+            .map(|(k, l)| {
+                let addr = l.local_addr();
+                let from = &from;
+                s.spawn(move || -> std::io::Result<()> {
+                    let mut stream = TcpStream::connect(addr?)?;
+                    stream.set_nodelay(true)?;
+                    for chunk in from.iter().skip(k).step_by(n) {
+                        stream.write_all(chunk)?;
+                    }
+                    stream.shutdown(std::net::Shutdown::Write)
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().map_err(|_| "raw writer panicked")??;
+        }
+        let mut got = 0;
+        for r in readers {
+            got += r.join().map_err(|_| "raw reader panicked")??;
+        }
+        Ok(got)
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    if got != total as u64 {
+        return Err(format!("raw streams carried {got} bytes of {total}").into());
+    }
+    Ok(got as f64 / secs)
+}
+
+/// Accept one connection on `l` and read it into `dst`, chunk after chunk, until it ends;
+/// the bytes read.
+fn read_into(l: &TcpListener, dst: Vec<&mut [u8]>) -> std::io::Result<u64> {
+    let (mut s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+    let mut got = 0;
+    for chunk in dst {
+        s.read_exact(chunk)?;
+        got += chunk.len() as u64;
+    }
+    let mut probe = [0u8; 1];
+    match s.read(&mut probe)? {
+        0 => Ok(got),
+        _ => Err(std::io::Error::other("more bytes than the destination")),
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }

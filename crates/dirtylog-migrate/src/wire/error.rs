@@ -187,8 +187,8 @@ pub enum WireError {
         /// The connection count declared.
         connections: u32,
     },
-    /// A `Resume` frame with a verify mode this build does not know.
-    #[error("Resume frame with unknown verify mode {0}")]
+    /// A `Prepare` frame with a verify mode this build does not know.
+    #[error("Prepare frame with unknown verify mode {0}")]
     ResumeMode(u32),
     /// An `Error` frame's message is not UTF-8.
     #[error("Error frame message is not valid UTF-8")]

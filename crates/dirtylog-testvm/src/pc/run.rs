@@ -30,7 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dirtylog::sync::lock;
-use dirtylog_migrate::{receive_on, send_on, ReceiveConfig, SendConfig, SendReport, VmError};
+use dirtylog_migrate::{
+    receive_on, send_on, MigrateError, ReceiveConfig, SendConfig, SendReport, Vcpus, VmError,
+};
 
 use super::bus::{PcBus, PcExit};
 use super::machine::{err, Console, Log, Pc, PcConfig};
@@ -278,6 +280,18 @@ pub fn migrate_to_new_pc(
             .map_err(|_| err("the receiving thread panicked"))?;
         match (sent, received) {
             (Ok(report), Ok((target, _))) => Ok((target, report)),
+            // The source had committed and lost track of the destination: it left its guest
+            // paused for whoever sees both sides — here, this function. Keep the source's.
+            (Err(e @ MigrateError::OutcomeUnknown(_)), received) => {
+                if let Ok((target, _)) = received {
+                    let _ = target.shutdown();
+                }
+                Vcpus::resume(src)
+                    .map_err(|r| err(format!("sending: {e}; resuming the source: {r}")))?;
+                Err(err(format!(
+                    "sending: {e} — resolved here: the destination stopped, the source resumed"
+                )))
+            }
             (Err(e), Ok((target, _))) => {
                 // The engine resumed the source; the destination must not run too.
                 let _ = target.shutdown();
