@@ -53,7 +53,7 @@ def ours():
     rate = dirtylog_rate()
     p = subprocess.run(['timeout', '-k', '5', '120', dl, 'demo', '--kernel', elf, '--mem', '1G', '--vcpus', '1',
                         '--json', '--warmup-ms', '3000'], capture_output=True, text=True)
-    j = json.loads(p.stdout)
+    j = json.loads(p.stdout.splitlines()[-1])  # the last JSON line: the outcome
     m = j['source']['migration']
     samples = [e for e in j['destination'] if e.get('event') == 'sample']
     after = None
