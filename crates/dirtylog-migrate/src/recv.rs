@@ -80,6 +80,10 @@ pub struct ReceiveConfig {
     pub max_connections: u32,
     /// Most guest memory accepted, in bytes. Default [`MAX_GUEST_MEMORY`] (1 TiB).
     pub max_guest_memory: u64,
+    /// How long a first connection may stay silent before [`receive`] drops it and accepts
+    /// another (so that an idle connection opened first cannot hold up the real sender, which
+    /// writes its header at once). Default 5 s.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ReceiveConfig {
@@ -90,6 +94,7 @@ impl Default for ReceiveConfig {
             io_timeout: Duration::from_secs(60),
             max_connections: MAX_CONNECTIONS,
             max_guest_memory: MAX_GUEST_MEMORY,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -127,12 +132,29 @@ where
         Ok(stream)
     };
     let forever = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-    let first = accept(
-        config
-            .accept_timeout
-            .map_or(forever, |t| Instant::now() + t),
-        "the first connection",
-    )?;
+    let deadline = config
+        .accept_timeout
+        .map_or(forever, |t| Instant::now() + t);
+    // A connection that says nothing within the handshake timeout is dropped, and the next
+    // one accepted, until the accept deadline.
+    let first = loop {
+        let first = accept(deadline, "the first connection")?;
+        let speaks = first
+            .wait_readable(config.handshake_timeout)
+            .map_err(|source| MigrateError::Connect {
+                what: "waiting for the first connection's header".into(),
+                source,
+            })?;
+        if speaks {
+            transport::configure(&first, config.io_timeout).map_err(|source| {
+                MigrateError::Connect {
+                    what: "setting up the first connection".into(),
+                    source,
+                }
+            })?;
+            break first;
+        }
+    };
     receive_with(first, config, make_target, |i| {
         accept(
             Instant::now() + config.connections_timeout,

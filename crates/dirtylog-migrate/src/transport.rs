@@ -43,6 +43,13 @@ pub trait Transport: Read + Write + Send + Sized + 'static {
     fn prepare(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Wait at most `timeout` for the peer to send something, without consuming it: `false`
+    /// if it stays silent (the receiver then drops the connection and accepts another). The
+    /// default cannot tell and says `true`. May change the read timeout: set it again after.
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let _ = timeout;
+        Ok(true)
+    }
 }
 
 impl Transport for TcpStream {
@@ -61,6 +68,21 @@ impl Transport for TcpStream {
     fn prepare(&self) -> io::Result<()> {
         self.set_nonblocking(false)?;
         self.set_nodelay(true)
+    }
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        TcpStream::set_read_timeout(self, Some(timeout.max(Duration::from_millis(1))))?;
+        match self.peek(&mut [0u8; 1]) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -14,7 +14,8 @@ use dirtylog_migrate::soft::Watch;
 use dirtylog_migrate::wire::{Decoder, Encoder, Message, Region, StreamHeader};
 use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{
-    send, MigrateError, Phase, Progress, SendConfig, SendReport, TimeoutPolicy, Verify,
+    send, MigrateError, Phase, Progress, ReceiveConfig, SendConfig, SendReport, TimeoutPolicy,
+    Verify,
 };
 
 fn source() -> SoftVm {
@@ -407,4 +408,31 @@ fn hostile_hello_is_refused() {
         "{err}"
     );
     assert!(!resumed.load(Ordering::SeqCst));
+}
+
+/// A connection opened first that never says anything is dropped after the handshake
+/// timeout, and the real sender, which connects after it, migrates (before, the receiver read
+/// the idle connection until its I/O timeout and failed the migration).
+#[test]
+fn an_idle_first_connection_does_not_hold_up_the_sender() {
+    let src = source();
+    let (addr, receiver, _) = spawn_receiver(ReceiveConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..recv_config()
+    });
+    let idle = TcpStream::connect(addr).unwrap();
+    let config = SendConfig {
+        downtime_limit: Duration::from_secs(1),
+        ..send_config(1)
+    };
+    let sent = send(&src, addr, &config, &mut |_| {});
+    let report = sent.expect("the real sender migrates");
+    assert!(src.is_paused());
+    let (dst, rrep) = receiver
+        .join()
+        .unwrap()
+        .expect("the receiver takes the real sender");
+    assert_eq!(rrep.transferred, report.stats.transferred);
+    assert_same_memory(&src, &dst);
+    drop(idle);
 }
