@@ -1095,3 +1095,25 @@ proptest! {
         }
     }
 }
+
+/// A TLS peer meeting a plain one is named as such: a ClientHello where the preamble should
+/// be, and a TLS alert where a reply frame should be.
+#[test]
+fn a_tls_peer_is_recognised() {
+    let hello = [
+        0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0x5a, 0x5a, 0x5a,
+    ];
+    let err = Decoder::new(&hello[..]).unwrap_err();
+    assert!(err.to_string().contains("the peer speaks TLS"), "{err}");
+    let alert = [0x15u8, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
+    let mut replies = Decoder::back_channel(&alert[..], header());
+    let err = replies.next(&mut ()).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("unknown frame type 21 (the peer speaks TLS"),
+        "{err}"
+    );
+    // Other bytes get no such hint.
+    let err = next_error(&stream_with(&raw_frame(18, &[])));
+    assert_eq!(err.to_string(), "unknown frame type 18");
+}

@@ -27,7 +27,7 @@ pub enum WireError {
         what: &'static str,
     },
     /// The stream does not start with [`MAGIC`](super::MAGIC).
-    #[error("bad magic {0:02x?}: not a dirtylog migration stream")]
+    #[error("bad magic {magic:02x?}: not a dirtylog migration stream{hint}", magic = .0, hint = tls_hint(.0[0]))]
     BadMagic([u8; 8]),
     /// The stream's version is not [`VERSION`](super::VERSION).
     #[error("unsupported stream version {0} (this build speaks version {VERSION})")]
@@ -63,7 +63,7 @@ pub enum WireError {
     #[error("total guest memory of {0} bytes exceeds the limit of {MAX_GUEST_MEMORY} bytes")]
     TooMuchMemory(u64),
     /// A frame's type byte is not one this version defines.
-    #[error("unknown frame type {0}")]
+    #[error("unknown frame type {kind}{hint}", kind = .0, hint = tls_hint(*.0))]
     UnknownType(u8),
     /// A known frame where the stream needs another: a header mid-stream, or a message first.
     #[error("unexpected {found}: expected {expected}")]
@@ -286,5 +286,17 @@ fn io_message(e: &io::Error) -> String {
             "timed out: the peer sent or took nothing within the I/O timeout".to_string()
         }
         _ => e.to_string(),
+    }
+}
+
+/// What a first byte that is a TLS record type means here: the peer speaks TLS and this side
+/// does not (22: a handshake; 21: an alert, such as a TLS receiver refusing a plain sender).
+fn tls_hint(first: u8) -> &'static str {
+    match first {
+        22 | 21 => {
+            " (the peer speaks TLS and this side does not: give both sides the same \
+             --tls-cert/--tls-key/--tls-ca or --psk-file options)"
+        }
+        _ => "",
     }
 }
