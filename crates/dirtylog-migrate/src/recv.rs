@@ -21,12 +21,12 @@
 //!
 //! **Switchover.** After the last round, connection 0 carries the vCPU states, then the device
 //! sections (each validated, unique by name, handed to the target's
-//! [`DeviceState::restore_device`](crate::DeviceState::restore_device)), then either
-//! - one digest per region ([`mem_digest`](crate::digest::mem_digest)) and `Done`
-//!   ([`Verify::Strict`]): the digests are checked, then the guest resumed; or
-//! - `Resume` ([`Verify::Background`] or [`Verify::Off`]): the guest is resumed at once and
-//!   `Resumed` sent back; then the digests (if any) and `Done` follow and are checked while
-//!   the guest runs.
+//! [`DeviceState::restore_device`](crate::DeviceState::restore_device)), then (strict only)
+//! one digest per region ([`mem_digest`](crate::digest::mem_digest)), then `Prepare`: every
+//! thread is joined, strict digests are checked, and `Prepared` goes back. The guest is
+//! resumed only on the source's `Commit` (`Resumed` goes back); in background mode the
+//! digests and `Done` then follow and are checked while the guest runs. The hand-over and its
+//! failures are drawn in the [protocol](crate::protocol) docs.
 //!
 //! The check never reads guest memory: a [`DigestTable`] per region records each page's hash
 //! as its frame lands, so it describes the memory as it arrived, whatever the guest has
@@ -489,16 +489,9 @@ where
     let mut no_memory = ();
     let commit = match input.next(&mut no_memory) {
         Ok(Some(Message::Commit)) => Ok(()),
-        Ok(Some(Message::Cancel)) => Err(MigrateError::Cancelled),
-        Ok(Some(Message::Error { code, message })) => Err(MigrateError::Remote {
-            side: "source",
-            code,
-            message: message.into(),
-        }),
-        Ok(Some(other)) => Err(MigrateError::protocol(
-            0,
-            format!("{} where Commit was due", frame_name(&other)),
-        )),
+        Ok(Some(other)) => Err(source_gave_up(&other).unwrap_or_else(|| {
+            MigrateError::protocol(0, format!("{} where Commit was due", frame_name(&other)))
+        })),
         Ok(None) => Err(MigrateError::Uncommitted(None)),
         Err(e) => Err(MigrateError::Uncommitted(Some(Box::new(
             MigrateError::wire(0)(e),
@@ -597,22 +590,16 @@ fn read_digests<C: Transport>(
                 }
             }
             Some(Message::Done) => return Ok(()),
-            Some(Message::Cancel) => return Err(MigrateError::Cancelled),
-            Some(Message::Error { code, message }) => {
-                return Err(MigrateError::Remote {
-                    side: "source",
-                    code,
-                    message: message.into(),
-                })
-            }
             Some(other) => {
-                return Err(MigrateError::protocol(
-                    0,
-                    format!(
-                        "unexpected {} after Commit (verify {verify})",
-                        frame_name(&other)
-                    ),
-                ))
+                return Err(source_gave_up(&other).unwrap_or_else(|| {
+                    MigrateError::protocol(
+                        0,
+                        format!(
+                            "unexpected {} after Commit (verify {verify})",
+                            frame_name(&other)
+                        ),
+                    )
+                }))
             }
             None => {
                 return Err(MigrateError::wire(0)(WireError::Truncated {
@@ -624,6 +611,20 @@ fn read_digests<C: Transport>(
     }
 }
 
+/// The source's `Cancel` or `Error`, as the error it ends the migration with; `None` for any
+/// other frame.
+fn source_gave_up(msg: &Message<'_>) -> Option<MigrateError> {
+    match *msg {
+        Message::Cancel => Some(MigrateError::Cancelled),
+        Message::Error { code, message } => Some(MigrateError::Remote {
+            side: "source",
+            code,
+            message: message.into(),
+        }),
+        _ => None,
+    }
+}
+
 /// The Hello frame that must follow the header on every connection.
 fn hello<C: Transport>(input: &mut Input<C>, conn: usize) -> Result<(u32, u32, u64), MigrateError> {
     match input.next(&mut ()).map_err(MigrateError::wire(conn))? {
@@ -632,19 +633,15 @@ fn hello<C: Transport>(input: &mut Input<C>, conn: usize) -> Result<(u32, u32, u
             connections,
             session,
         }) => Ok((connection, connections, session)),
-        Some(Message::Error { code, message }) => Err(MigrateError::Remote {
-            side: "source",
-            code,
-            message: message.into(),
-        }),
-        Some(Message::Cancel) => Err(MigrateError::Cancelled),
-        Some(other) => Err(MigrateError::protocol(
-            conn,
-            format!(
-                "expected a Hello frame after the header, got {}",
-                frame_name(&other)
-            ),
-        )),
+        Some(other) => Err(source_gave_up(&other).unwrap_or_else(|| {
+            MigrateError::protocol(
+                conn,
+                format!(
+                    "expected a Hello frame after the header, got {}",
+                    frame_name(&other)
+                ),
+            )
+        })),
         None => Err(MigrateError::wire(conn)(WireError::Truncated {
             offset: input.position(),
             what: "stream before its Hello frame",
@@ -1003,19 +1000,13 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         prepare: None,
                     };
                 }
-                Some(Message::Cancel) => return Err(MigrateError::Cancelled),
-                Some(Message::Error { code, message }) => {
-                    return Err(MigrateError::Remote {
-                        side: "source",
-                        code,
-                        message: message.into(),
-                    })
-                }
                 Some(other) => {
-                    return Err(MigrateError::protocol(
-                        conn,
-                        format!("unexpected {} on this connection", frame_name(&other)),
-                    ))
+                    return Err(source_gave_up(&other).unwrap_or_else(|| {
+                        MigrateError::protocol(
+                            conn,
+                            format!("unexpected {} on this connection", frame_name(&other)),
+                        )
+                    }))
                 }
             }
         };

@@ -204,8 +204,8 @@ pub struct ReceiveReport {
     pub verify: crate::Verify,
     /// Milliseconds spent checking the memory digests (`hash-check-time`).
     pub hash_check_time: u64,
-    /// Milliseconds from resuming the guest to the end of the memory check (background and
-    /// off modes; `verify-after-resume-time`).
+    /// Milliseconds from resuming the guest to the end of the memory check (background mode;
+    /// 0 otherwise; `verify-after-resume-time`).
     pub verify_after_resume_time: u64,
     /// Milliseconds from the sender's `Prepare` to the guest running (`resume-time`).
     pub resume_time: u64,

@@ -749,6 +749,18 @@ pub fn client<S: Transport>(
     timeout: Duration,
     peer: &str,
 ) -> Result<TlsStream<S>, TlsError> {
+    let conn = client_connection(tls, server_name)?;
+    let mut conn = Connection::Client(conn);
+    let mut sock = sock;
+    with_timeout(&sock, Some(timeout.max(Duration::from_millis(1))), peer)?;
+    handshake(&mut conn, &mut sock, &tls.mode, Side::Sender, peer)?;
+    with_timeout(&sock, None, peer)?;
+    TlsStream::new(conn, sock, peer.to_string(), tls, None)
+}
+
+/// The client side of a TLS session to `server_name` (a fixed name in PSK mode, where the
+/// certificate is not checked), before any byte is exchanged.
+fn client_connection(tls: &TlsConfig, server_name: &str) -> Result<ClientConnection, TlsError> {
     let name = if tls.is_psk() {
         PSK_SERVER_NAME
     } else {
@@ -760,14 +772,8 @@ pub fn client<S: Transport>(
              --tls-server-name)"
         ))
     })?;
-    let conn = ClientConnection::new(tls.client.clone(), name)
-        .map_err(|e| TlsError::Config(format!("TLS setup: {e}")))?;
-    let mut conn = Connection::Client(conn);
-    let mut sock = sock;
-    with_timeout(&sock, Some(timeout.max(Duration::from_millis(1))), peer)?;
-    handshake(&mut conn, &mut sock, &tls.mode, Side::Sender, peer)?;
-    with_timeout(&sock, None, peer)?;
-    TlsStream::new(conn, sock, peer.to_string(), tls, None)
+    ClientConnection::new(tls.client.clone(), name)
+        .map_err(|e| TlsError::Config(format!("TLS setup: {e}")))
 }
 
 /// [`client`] with the handshake deferred to the first read or write (which then fail with
@@ -779,19 +785,7 @@ pub fn client_deferred<S: Transport>(
     server_name: &str,
     peer: &str,
 ) -> Result<TlsStream<S>, TlsError> {
-    let name = if tls.is_psk() {
-        PSK_SERVER_NAME
-    } else {
-        server_name
-    };
-    let name = ServerName::try_from(name.to_string()).map_err(|e| {
-        TlsError::Config(format!(
-            "server name {server_name:?}: {e} (use a DNS name or an IP address, \
-             --tls-server-name)"
-        ))
-    })?;
-    let conn = ClientConnection::new(tls.client.clone(), name)
-        .map_err(|e| TlsError::Config(format!("TLS setup: {e}")))?;
+    let conn = client_connection(tls, server_name)?;
     TlsStream::new(
         Connection::Client(conn),
         sock,
