@@ -27,17 +27,20 @@ pub enum Cmd {
     ///
     /// Pre-copy: a bulk pass of all memory (zero pages as markers), then rounds of the pages
     /// dirtied meanwhile (the KVM tracker's log merged with the VMM's own writes), until the
-    /// expected downtime fits --downtime-ms; then the guest is paused, the rest and the vCPU
-    /// state are sent with a hash of each memslot, and the receiver resumes the guest once
-    /// every hash matches. If anything fails before the receiver acknowledges, this guest is
-    /// resumed and the command exits non-zero. Bounded: at most --max-rounds rounds (each at
+    /// expected downtime fits --downtime-ms (and, with --settle, while rounds keep halving);
+    /// then the guest is paused, the rest and the vCPU state are sent, the receiver resumes
+    /// the guest once this side commits, and every memslot is checked (--verify). If anything
+    /// fails before the commit, or the receiver reports a failed check after it, this guest
+    /// is resumed and the command exits non-zero; if the link is lost after the commit, the
+    /// guest stays paused here until `dirtylog migrate recover` decides. Bounded: at most --max-rounds rounds (each at
     /// most the guest's memory) and --timeout-s seconds before switchover.
     Send(SendArgs),
     /// Wait for one migration, run the guest it brings, and report it.
     ///
     /// Builds an empty KVM VM with the memory layout the stream announces, fills it, loads
-    /// the vCPU states, and resumes the guest only when every memslot's hash matches the
-    /// source's; exits non-zero, never having run the guest, otherwise. Prints the bound
+    /// the vCPU states, and resumes the guest only when the source commits; every memslot's
+    /// digest is checked before (--verify strict on the sender) or right after (background,
+    /// the default) the resume, and a failed check stops the guest and exits non-zero. Prints the bound
     /// address first ("listening on ADDR"; with --json, a {"event":"listening"} line).
     Receive(ReceiveArgs),
     /// Answer a `migrate send` that lost the link after it committed (outcome unknown) and
