@@ -11,6 +11,12 @@
 //! buffer for one frame (at most [`wire::MAX_DEVICE_STATE`] for a
 //! device section).
 //!
+//! **Admission.** [`receive`] bounds each accepted connection's handshake (TLS, header,
+//! `Hello`) by [`ReceiveConfig::handshake_timeout`]; a connection that does not complete it
+//! — silent, trickling, failing its TLS handshake, or for connections 1.. carrying garbage
+//! or another session's `Hello` — is dropped, told to [`ReceiveConfig::on_refused`] (escaped),
+//! and the next one accepted; a receive that gives up says how many it refused and why.
+//!
 //! **Concurrency.** One thread per connection decodes into the shared target memory. A thread
 //! only ever holds a `&mut [u8]` for the pages of the frame it is decoding, after atomically
 //! *claiming* them in a per-round bitmap: a page claimed twice in one round (a confused or
@@ -37,16 +43,17 @@
 //! it had been resumed for a background check — before the source hears of it.
 
 use std::collections::HashSet;
-use std::io::BufReader;
+use std::fmt;
+use std::io::{self, BufReader, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use dirtylog::sync::lock;
 use dirtylog::DirtyBitmap;
 use std::time::{Duration, Instant};
 
 use crate::digest::{DigestTable, Verify};
-use crate::error::{code, MigrateError, VmError};
+use crate::error::{code, escape_controls, MigrateError, VmError};
 use crate::guestmem;
 use crate::memory::{MigrationMemory, RegionMemory};
 use crate::send::check_region_memory;
@@ -66,8 +73,11 @@ use crate::wire::{
 const READ_BUFFER: usize = 64 << 10;
 const _: () = assert!(READ_BUFFER <= wire::PAGES_PIECE);
 
+/// Told about each connection [`receive`] refused ([`ReceiveConfig::on_refused`]).
+pub type RefusedHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// How to receive.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ReceiveConfig {
     /// How long to wait for the first connection; `None` to wait for ever. Default `None`.
     pub accept_timeout: Option<Duration>,
@@ -80,10 +90,37 @@ pub struct ReceiveConfig {
     pub max_connections: u32,
     /// Most guest memory accepted, in bytes. Default [`MAX_GUEST_MEMORY`] (1 TiB).
     pub max_guest_memory: u64,
-    /// How long a first connection may stay silent before [`receive`] drops it and accepts
-    /// another (so that an idle connection opened first cannot hold up the real sender, which
-    /// writes its header at once). Default 5 s.
+    /// How long [`receive`] gives each accepted connection to say who it is — its stream
+    /// header and `Hello`, from the first byte to the last — after its TLS handshake, if any
+    /// (which a [`TlsListener`](crate::transport::tls::TlsListener) bounds with its own
+    /// handshake timeout: give both the same). A connection that stays silent, trickles,
+    /// fails its TLS handshake, or (for the second and later connections) sends anything but
+    /// this migration's header and `Hello` — garbage, another session's — is dropped and
+    /// the next one accepted, until the accept deadline (first connection) or
+    /// [`connections_timeout`](Self::connections_timeout) (the others). So someone who
+    /// merely reaches the port cannot fail the real sender's migration, nor hold it up
+    /// longer than this per connection; the sender writes its header at once. (A first
+    /// connection that sends a bad header still fails the receive, with an `Error` back to
+    /// it: with plain TCP nothing tells a broken sender from an intruder.) Default 5 s.
     pub handshake_timeout: Duration,
+    /// Called with one line (every control character escaped) for each connection refused
+    /// that way, for a log; the error of a receive that gives up says how many there were
+    /// and why the first was refused. Default `None`.
+    pub on_refused: Option<RefusedHook>,
+}
+
+impl fmt::Debug for ReceiveConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiveConfig")
+            .field("accept_timeout", &self.accept_timeout)
+            .field("connections_timeout", &self.connections_timeout)
+            .field("io_timeout", &self.io_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("max_guest_memory", &self.max_guest_memory)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("on_refused", &self.on_refused.as_ref().map(|_| "Fn"))
+            .finish()
+    }
 }
 
 impl Default for ReceiveConfig {
@@ -95,11 +132,148 @@ impl Default for ReceiveConfig {
             max_connections: MAX_CONNECTIONS,
             max_guest_memory: MAX_GUEST_MEMORY,
             handshake_timeout: Duration::from_secs(5),
+            on_refused: None,
         }
     }
 }
 
-type Input<C> = Decoder<BufReader<C>>;
+type Input<C> = Decoder<BufReader<Timed<C>>>;
+
+/// A connection read under a deadline while it has one: each read may last only what is
+/// left of it, so a peer cannot stretch a handshake by trickling its bytes.
+struct Timed<C> {
+    conn: C,
+    until: Option<Instant>,
+}
+
+impl<C: Transport> Read for Timed<C> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the handshake deadline passed",
+                ));
+            }
+            self.conn.set_read_timeout(Some(left))?;
+        }
+        self.conn.read(buf)
+    }
+}
+
+/// The connections [`receive`] turned away while waiting for the sender's.
+#[derive(Default)]
+struct Refused {
+    count: usize,
+    first: Option<String>,
+}
+
+impl Refused {
+    fn note(&mut self, config: &ReceiveConfig, why: &str) {
+        let why = escape_controls(why);
+        if let Some(hook) = &config.on_refused {
+            hook(&why);
+        }
+        self.count += 1;
+        self.first.get_or_insert(why);
+    }
+
+    /// ` (1 connection refused meanwhile: WHY)`, ` (N connections refused meanwhile, the
+    /// first: WHY)`, or nothing.
+    fn summary(&self) -> String {
+        match (&self.first, self.count) {
+            (None, _) => String::new(),
+            (Some(first), 1) => format!(" (1 connection refused meanwhile: {first})"),
+            (Some(first), n) => format!(" ({n} connections refused meanwhile, the first: {first})"),
+        }
+    }
+}
+
+/// `a connection from ADDR`, or `a connection` when the transport does not know the address.
+fn a_connection<S: 'static>(stream: &S) -> String {
+    match transport::tls::peer_addr(stream) {
+        Some(a) => format!("a connection from {a}"),
+        None => "a connection".into(),
+    }
+}
+
+/// Accept a connection before `deadline` that starts speaking within the handshake timeout:
+/// one that stays silent, or fails its TLS handshake, is dropped (and noted), and the next
+/// one accepted.
+fn accept_speaking<L: Listener>(
+    listener: &L,
+    deadline: Instant,
+    what: &str,
+    config: &ReceiveConfig,
+    refused: &mut Refused,
+) -> Result<L::Stream, MigrateError> {
+    let gave_up = |source: io::Error, refused: &Refused| MigrateError::Connect {
+        what: format!("accepting {what}{}", refused.summary()),
+        source,
+    };
+    loop {
+        // Connections queued faster than they are refused do not stretch the deadline.
+        if refused.count > 0 && Instant::now() >= deadline {
+            return Err(gave_up(
+                io::Error::new(io::ErrorKind::TimedOut, "no connection arrived in time"),
+                refused,
+            ));
+        }
+        let stream = match listener.accept_before(deadline) {
+            Ok(s) => s,
+            // A failed TLS handshake (PermissionDenied), or a peer gone before its accept.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::PermissionDenied
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                refused.note(config, &e.to_string());
+                continue;
+            }
+            Err(e) => return Err(gave_up(e, refused)),
+        };
+        let who = a_connection(&stream);
+        match stream.wait_readable(config.handshake_timeout) {
+            Ok(true) => {}
+            Ok(false) => {
+                refused.note(
+                    config,
+                    &format!(
+                        "{who} sent nothing within {:?}; dropped",
+                        config.handshake_timeout
+                    ),
+                );
+                continue;
+            }
+            Err(e) => {
+                refused.note(config, &format!("{who} failed before saying anything: {e}"));
+                continue;
+            }
+        }
+        match transport::configure(&stream, config.io_timeout) {
+            Ok(()) => return Ok(stream),
+            Err(e) => refused.note(config, &format!("setting up {who} failed: {e}")),
+        }
+    }
+}
+
+/// Where the connections after the first come from.
+enum More<'a, C> {
+    /// Handed over by the caller, in any order: the first that fails its handshake fails the
+    /// migration.
+    Given(std::vec::IntoIter<C>),
+    /// Accepted, each speaking ([`accept_speaking`]), before the deadline given: one that
+    /// does not send this migration's header and `Hello` within the handshake timeout is
+    /// dropped (and noted), and the next one accepted.
+    Accepted {
+        accept: &'a mut dyn FnMut(usize, Instant, &mut Refused) -> Result<C, MigrateError>,
+        refused: &'a mut Refused,
+    },
+}
 
 /// Receive one migration on `listener` (a [`TcpListener`](std::net::TcpListener), a
 /// [`UnixListener`](std::os::unix::net::UnixListener), or what
@@ -116,51 +290,53 @@ where
     T: MigrationTarget,
     F: FnOnce(&StreamHeader) -> Result<T, VmError>,
 {
-    let accept = |deadline: Instant, what: &str| {
-        let stream = listener
-            .accept_before(deadline)
-            .map_err(|source| MigrateError::Connect {
-                what: format!("accepting {what}"),
-                source,
-            })?;
-        transport::configure(&stream, config.io_timeout).map_err(|source| {
-            MigrateError::Connect {
-                what: format!("setting up {what}"),
-                source,
-            }
-        })?;
-        Ok(stream)
-    };
-    let forever = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
     let deadline = config
         .accept_timeout
-        .map_or(forever, |t| Instant::now() + t);
-    // A connection that says nothing within the handshake timeout is dropped, and the next
-    // one accepted, until the accept deadline.
-    let first = loop {
-        let first = accept(deadline, "the first connection")?;
-        let speaks = first
-            .wait_readable(config.handshake_timeout)
-            .map_err(|source| MigrateError::Connect {
-                what: "waiting for the first connection's header".into(),
-                source,
-            })?;
-        if speaks {
-            transport::configure(&first, config.io_timeout).map_err(|source| {
-                MigrateError::Connect {
-                    what: "setting up the first connection".into(),
-                    source,
-                }
-            })?;
-            break first;
-        }
-    };
-    receive_with(first, config, make_target, |i| {
-        accept(
-            Instant::now() + config.connections_timeout,
-            &format!("connection {i}"),
+        .map_or_else(far_future, |t| after(Instant::now(), t));
+    // A connection that says nothing within the handshake timeout, or fails its TLS
+    // handshake, is dropped, and the next one accepted, until the accept deadline.
+    let mut refused = Refused::default();
+    let first = accept_speaking(
+        listener,
+        deadline,
+        "the first connection",
+        config,
+        &mut refused,
+    )?;
+    let mut accept = |k: usize, deadline: Instant, refused: &mut Refused| {
+        accept_speaking(
+            listener,
+            deadline,
+            &format!("connection {k}"),
+            config,
+            refused,
         )
-    })
+    };
+    receive_with(
+        first,
+        config,
+        make_target,
+        More::Accepted {
+            accept: &mut accept,
+            refused: &mut refused,
+        },
+    )
+}
+
+/// A deadline no receive reaches.
+fn far_future() -> Instant {
+    after(Instant::now(), Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// `t + d`, or as far as the clock goes (no overflow panic for a huge `d`).
+fn after(t: Instant, d: Duration) -> Instant {
+    let mut d = d;
+    loop {
+        if let Some(at) = t.checked_add(d) {
+            return at;
+        }
+        d /= 2;
+    }
 }
 
 /// [`receive`] on connections the caller accepted, of any [`Transport`]: `first`, then `more`
@@ -176,20 +352,14 @@ where
     T: MigrationTarget,
     F: FnOnce(&StreamHeader) -> Result<T, VmError>,
 {
-    let mut more = more.into_iter();
-    receive_with(first, config, make_target, |i| {
-        more.next().ok_or_else(|| MigrateError::Connect {
-            what: format!("connection {i}"),
-            source: std::io::ErrorKind::NotConnected.into(),
-        })
-    })
+    receive_with(first, config, make_target, More::Given(more.into_iter()))
 }
 
 fn receive_with<C, T, F>(
     first: C,
     config: &ReceiveConfig,
     make_target: F,
-    mut next: impl FnMut(usize) -> Result<C, MigrateError>,
+    mut more: More<'_, C>,
 ) -> Result<(T, ReceiveReport), MigrateError>
 where
     C: Transport,
@@ -208,7 +378,7 @@ where
             first,
             config,
             make_target,
-            &mut next,
+            &mut more,
             &killer,
             &mut reply,
             start,
@@ -275,7 +445,7 @@ fn receive_inner<C, T, F>(
     first: C,
     config: &ReceiveConfig,
     make_target: F,
-    next: &mut dyn FnMut(usize) -> Result<C, MigrateError>,
+    more: &mut More<'_, C>,
     killer: &Killer,
     reply: &mut C,
     start: Instant,
@@ -285,11 +455,15 @@ where
     T: MigrationTarget,
     F: FnOnce(&StreamHeader) -> Result<T, VmError>,
 {
-    let open = |stream: &C| -> Result<Input<C>, MigrateError> {
-        let reader = Transport::try_clone(stream).map_err(|source| MigrateError::Io {
+    // Accepted connections say who they are within the handshake timeout; the caller's
+    // keep the timeouts it set.
+    let accepted = matches!(more, More::Accepted { .. });
+    let open = |stream: &C, until: Option<Instant>| -> Result<Input<C>, MigrateError> {
+        let conn = Transport::try_clone(stream).map_err(|source| MigrateError::Io {
             what: "cloning a connection",
             source,
         })?;
+        let reader = Timed { conn, until };
         let mut input =
             Decoder::new(BufReader::with_capacity(READ_BUFFER, reader)).map_err(|source| {
                 MigrateError::Wire {
@@ -301,7 +475,22 @@ where
         input.set_hash_pages(true);
         Ok(input)
     };
-    let mut first_input = open(&first).map_err(|e| (e, None))?;
+    // The handshake over: reads are bounded by the I/O timeout again.
+    let settle = |input: &mut Input<C>| -> Result<(), MigrateError> {
+        let timed = input.get_mut().get_mut();
+        if timed.until.take().is_some() {
+            timed
+                .conn
+                .set_read_timeout(Some(config.io_timeout))
+                .map_err(|source| MigrateError::Io {
+                    what: "setting a connection's timeout",
+                    source,
+                })?;
+        }
+        Ok(())
+    };
+    let handshake_until = || accepted.then(|| after(Instant::now(), config.handshake_timeout));
+    let mut first_input = open(&first, handshake_until()).map_err(|e| (e, None))?;
     let header = first_input.header().clone();
     let fail = |e: MigrateError| (e, Some(header.clone()));
     let (n, session) = match hello(&mut first_input, 0) {
@@ -314,6 +503,7 @@ where
         }
         Err(e) => return Err(fail(e)),
     };
+    settle(&mut first_input).map_err(fail)?;
     if n > config.max_connections {
         return Err(fail(MigrateError::protocol(
             0,
@@ -339,27 +529,64 @@ where
     // The other connections, in any order, each with the same header and session.
     let mut inputs: Vec<Option<Input<C>>> = (0..n).map(|_| None).collect();
     inputs[0] = Some(first_input);
-    for k in 1..n as usize {
-        let stream = next(k).map_err(fail)?;
-        let _ = killer.add(&stream);
-        let mut input = open(&stream).map_err(|e| fail(renumber(e, k)))?;
+    let admit = |stream: &C,
+                 k: usize,
+                 until: Option<Instant>,
+                 inputs: &[Option<Input<C>>]|
+     -> Result<(usize, Input<C>), MigrateError> {
+        let mut input = open(stream, until).map_err(|e| renumber(e, k))?;
         if input.header() != &header {
-            return Err(fail(MigrateError::protocol(
+            return Err(MigrateError::protocol(
                 k,
                 "its stream header differs from connection 0's",
-            )));
+            ));
         }
-        let (i, count, id) = hello(&mut input, k).map_err(fail)?;
+        let (i, count, id) = hello(&mut input, k)?;
         let i = i as usize;
         if count != n || id != session || i == 0 || inputs[i].is_some() {
-            return Err(fail(MigrateError::protocol(
+            return Err(MigrateError::protocol(
                 k,
                 format!(
                     "Hello for connection {i} of {count} (session {id:#x}) does not belong to \
                      this migration of {n} connections (session {session:#x}) or repeats one"
                 ),
-            )));
+            ));
         }
+        settle(&mut input)?;
+        Ok((i, input))
+    };
+    for k in 1..n as usize {
+        let (stream, (i, input)) = match more {
+            More::Given(given) => {
+                let stream = given.next().ok_or_else(|| {
+                    fail(MigrateError::Connect {
+                        what: format!("connection {k}"),
+                        source: io::ErrorKind::NotConnected.into(),
+                    })
+                })?;
+                let admitted = admit(&stream, k, None, &inputs).map_err(fail)?;
+                (stream, admitted)
+            }
+            More::Accepted { accept, refused } => {
+                let deadline = after(Instant::now(), config.connections_timeout);
+                loop {
+                    let stream = accept(k, deadline, refused).map_err(fail)?;
+                    let until = handshake_until().map(|t| t.min(deadline));
+                    match admit(&stream, k, until, &inputs) {
+                        Ok(admitted) => break (stream, admitted),
+                        // Not this migration's: dropped; the sender's is still to come.
+                        Err(e) => refused.note(
+                            config,
+                            &format!(
+                                "{} in place of connection {k}: {e}; dropped",
+                                a_connection(&stream)
+                            ),
+                        ),
+                    }
+                }
+            }
+        };
+        let _ = killer.add(&stream);
         inputs[i] = Some(input);
     }
 

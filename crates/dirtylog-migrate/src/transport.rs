@@ -233,6 +233,11 @@ impl Transport for Stream {
     fn prepare(&self) -> io::Result<()> {
         both!(self, s => Transport::prepare(s))
     }
+    /// TCP peeks; a Unix socket cannot tell (the standard library has no `peek` for it) and
+    /// says `true`: only a local process can reach it.
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        both!(self, s => Transport::wait_readable(s, timeout))
+    }
 }
 
 /// Where connections come from on the receiving side: [`TcpListener`], [`UnixListener`] or

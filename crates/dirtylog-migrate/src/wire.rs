@@ -1163,6 +1163,12 @@ impl<R: Read> Decoder<R> {
     pub fn into_inner(self) -> R {
         self.input.reader
     }
+
+    /// The reader, to change its settings (a timeout) between frames; reading from it
+    /// directly puts the decoder out of step with the stream.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.input.reader
+    }
 }
 
 /// Read the header frame that follows the preamble.

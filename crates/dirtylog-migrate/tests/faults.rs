@@ -436,3 +436,59 @@ fn an_idle_first_connection_does_not_hold_up_the_sender() {
     assert_same_memory(&src, &dst);
     drop(idle);
 }
+
+/// A sender that goes silent after its Hello: the receiver's read times out and says so —
+/// "timed out", with the connection — never a bare "Resource temporarily unavailable (os
+/// error 11)", and no guest runs.
+#[test]
+fn a_silent_sender_is_reported_as_a_timeout() {
+    let (addr, receiver, running) = spawn_receiver(ReceiveConfig {
+        io_timeout: Duration::from_millis(300),
+        ..recv_config()
+    });
+    let header = StreamHeader::new(
+        4096,
+        1,
+        vec![Region {
+            slot: 0,
+            gpa: 0,
+            size: 1 << 20,
+        }],
+    )
+    .unwrap();
+    let mut enc = Encoder::new(TcpStream::connect(addr).unwrap(), header).unwrap();
+    enc.send(Message::Hello {
+        connection: 0,
+        connections: 1,
+        session: 3,
+    })
+    .unwrap();
+    enc.flush().unwrap();
+    let e = match receiver.join().unwrap() {
+        Ok(_) => panic!("a silent sender's migration completed"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.starts_with("connection 0: "), "{e}");
+    assert!(e.contains("timed out"), "{e}");
+    assert!(!e.contains("os error"), "{e}");
+    assert!(!running.load(Ordering::SeqCst));
+    drop(enc);
+}
+
+/// The largest timeouts a caller can give (the CLI's `--accept-timeout-s 18446744073709551615`
+/// once reached the engine as such) neither panic adding to the clock nor wrap to zero: a
+/// two-connection migration goes through.
+#[test]
+fn huge_receive_timeouts_neither_panic_nor_wrap() {
+    let src = source();
+    let (addr, receiver, _) = spawn_receiver(ReceiveConfig {
+        accept_timeout: Some(Duration::MAX),
+        connections_timeout: Duration::MAX,
+        handshake_timeout: Duration::MAX,
+        ..recv_config()
+    });
+    let sent = send(&src, addr, &send_config(2), &mut |_| {});
+    let (dst, _) = receiver.join().unwrap().expect("the receiver");
+    sent.expect("the sender");
+    assert_same_memory(&src, &dst);
+}

@@ -82,12 +82,27 @@ fn config(leaf: &(rcgen::Certificate, KeyPair), trust: &Ca) -> TlsConfig {
 /// A receiver thread on a fresh loopback port, over TLS (`Some`) or plain TCP; the flag is
 /// set if it ever built a target (so a refused migration provably ran nothing).
 fn spawn(tls: Option<TlsConfig>) -> (SocketAddr, JoinHandle<Received>, Arc<AtomicBool>) {
+    spawn_for(tls, Duration::from_secs(20))
+}
+
+/// [`spawn`] for a sender that will be refused: a refused connection is dropped and the
+/// receiver waits on for the real sender, so it gives up only after `ACCEPT_AFTER_REFUSAL`.
+fn spawn_refusing(tls: Option<TlsConfig>) -> (SocketAddr, JoinHandle<Received>, Arc<AtomicBool>) {
+    spawn_for(tls, ACCEPT_AFTER_REFUSAL)
+}
+
+const ACCEPT_AFTER_REFUSAL: Duration = Duration::from_secs(2);
+
+fn spawn_for(
+    tls: Option<TlsConfig>,
+    accept_timeout: Duration,
+) -> (SocketAddr, JoinHandle<Received>, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let built = Arc::new(AtomicBool::new(false));
     let b = built.clone();
     let config = ReceiveConfig {
-        accept_timeout: Some(Duration::from_secs(20)),
+        accept_timeout: Some(accept_timeout),
         ..recv_config()
     };
     let handle = std::thread::spawn(move || {
@@ -143,7 +158,9 @@ fn source() -> SoftVm {
 }
 
 /// A refused migration: both sides fail with messages containing the given words, the
-/// receiver never built a target, and the source guest runs on.
+/// receiver never built a target, and the source guest runs on. A TLS receiver (non-empty
+/// `receiver_says`) did not stop at the refusal: it waited on for a real sender until its
+/// accept timeout, and then said how many connections it refused and why.
 fn assert_refused(
     src: &SoftVm,
     sent: Result<SendReport, MigrateError>,
@@ -163,6 +180,13 @@ fn assert_refused(
     }
     for w in receiver_says {
         assert!(r.contains(w), "receiver's error lacks {w:?}: {r}");
+    }
+    if !receiver_says.is_empty() {
+        assert!(
+            r.contains("accepting the first connection (1 connection refused meanwhile: "),
+            "{r}"
+        );
+        assert!(r.contains("no connection arrived in time"), "{r}");
     }
     assert!(!built.load(Ordering::SeqCst), "the receiver built a target");
     assert!(!src.is_paused(), "the source guest must run on");
@@ -245,7 +269,7 @@ fn sender_certificate_from_another_ca_is_refused() {
     // The sender trusts the right CA, but its own certificate comes from another.
     let client = config(&leaf(&other, &["sender"], false, false), &good);
     let src = source();
-    let (addr, receiver, built) = spawn(Some(server));
+    let (addr, receiver, built) = spawn_refusing(Some(server));
     let sent = send_to(&src, addr, 1, Some((&client, "127.0.0.1")));
     assert_refused(
         &src,
@@ -263,7 +287,7 @@ fn receiver_certificate_from_another_ca_is_refused() {
     let server = config(&leaf(&other, &["127.0.0.1"], true, false), &good);
     let client = config(&leaf(&good, &["sender"], false, false), &good);
     let src = source();
-    let (addr, receiver, built) = spawn(Some(server));
+    let (addr, receiver, built) = spawn_refusing(Some(server));
     let sent = send_to(&src, addr, 1, Some((&client, "127.0.0.1")));
     assert_refused(
         &src,
@@ -284,7 +308,7 @@ fn expired_sender_certificate_is_refused() {
     let server = config(&leaf(&ca, &["127.0.0.1"], true, false), &ca);
     let client = config(&leaf(&ca, &["sender"], false, true), &ca);
     let src = source();
-    let (addr, receiver, built) = spawn(Some(server));
+    let (addr, receiver, built) = spawn_refusing(Some(server));
     let sent = send_to(&src, addr, 1, Some((&client, "127.0.0.1")));
     assert_refused(
         &src,
@@ -302,7 +326,7 @@ fn expired_receiver_certificate_is_refused() {
     let server = config(&leaf(&ca, &["127.0.0.1"], true, true), &ca);
     let client = config(&leaf(&ca, &["sender"], false, false), &ca);
     let src = source();
-    let (addr, receiver, built) = spawn(Some(server));
+    let (addr, receiver, built) = spawn_refusing(Some(server));
     let sent = send_to(&src, addr, 1, Some((&client, "127.0.0.1")));
     assert_refused(
         &src,
@@ -320,7 +344,7 @@ fn wrong_server_name_is_refused() {
     let server = config(&leaf(&ca, &["receiver.example"], true, false), &ca);
     let client = config(&leaf(&ca, &["sender"], false, false), &ca);
     let src = source();
-    let (addr, receiver, built) = spawn(Some(server));
+    let (addr, receiver, built) = spawn_refusing(Some(server));
     let sent = send_to(&src, addr, 1, Some((&client, "127.0.0.1")));
     assert_refused(
         &src,
@@ -347,7 +371,7 @@ fn psk_migration_with_three_connections() {
 #[test]
 fn wrong_psk_is_refused() {
     let src = source();
-    let (addr, receiver, built) = spawn(Some(TlsConfig::psk(&[1; 32]).unwrap()));
+    let (addr, receiver, built) = spawn_refusing(Some(TlsConfig::psk(&[1; 32]).unwrap()));
     let other = TlsConfig::psk(&[2; 32]).unwrap();
     let sent = send_to(&src, addr, 1, Some((&other, "x")));
     assert_refused(
@@ -375,7 +399,7 @@ fn short_psk_file_is_refused() {
 #[test]
 fn plain_sender_against_a_tls_receiver_is_refused() {
     let src = source();
-    let (addr, receiver, built) = spawn(Some(TlsConfig::psk(&[1; 32]).unwrap()));
+    let (addr, receiver, built) = spawn_refusing(Some(TlsConfig::psk(&[1; 32]).unwrap()));
     let sent = send_to(&src, addr, 1, None);
     assert_refused(
         &src,
@@ -467,7 +491,7 @@ fn replayed_psk_session_is_refused() {
     );
 
     // The sender's bytes replayed, as fast as they go, to a new receiver with the same key.
-    let (addr, receiver, built) = spawn(Some(t));
+    let (addr, receiver, built) = spawn_refusing(Some(t));
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     let writer = {
@@ -491,5 +515,106 @@ fn replayed_psk_session_is_refused() {
     };
     eprintln!("receiver: {e}");
     assert!(e.contains("TLS with"), "{e}");
+    assert!(
+        e.contains("1 connection refused meanwhile: TLS with"),
+        "{e}"
+    );
     assert!(!built.load(Ordering::SeqCst), "the receiver built a target");
+}
+
+/// Intruders against a mutual-TLS receiver, before its first connection and between the
+/// accepts of a 3-connection migration: a certificate from another CA, an expired one, none
+/// at all (a pre-shared-key client), a plain TCP client and an idle connection. Each is
+/// refused and dropped — its own side told why — and the real sender's migration completes.
+#[test]
+fn tls_intruders_are_refused_and_the_sender_migrates() {
+    let (good, other) = (ca("the CA"), ca("another CA"));
+    let server = config(&leaf(&good, &["127.0.0.1"], true, false), &good);
+    let client = config(&leaf(&good, &["sender"], false, false), &good);
+    let wrong_ca = config(&leaf(&other, &["sender"], false, false), &good);
+    let expired = config(&leaf(&good, &["sender"], false, true), &good);
+    let no_cert = TlsConfig::psk(&[5; 32]).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = refused.clone();
+    let config = ReceiveConfig {
+        handshake_timeout: Duration::from_millis(500),
+        on_refused: Some(Arc::new(move |l: &str| log.lock().unwrap().push(l.into()))),
+        ..recv_config()
+    };
+    let receiver = std::thread::spawn(move || {
+        let l =
+            TlsListener::new(listener, server).with_handshake_timeout(Duration::from_millis(500));
+        receive(&l, &config, |h| {
+            let vm = SoftVm::target(h, TrackerKind::DirtyLog)?;
+            vm.keep_resume_image();
+            Ok(vm)
+        })
+    });
+    let tcp = || {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    // An intruder's handshake runs in its own thread; its TCP connection is made here, so
+    // the listen queue has the order written below.
+    let intruder = |t: &TlsConfig| {
+        let (s, t) = (tcp(), t.clone());
+        std::thread::spawn(move || {
+            tls::client(s, &t, "127.0.0.1", Duration::from_secs(10), "receiver")
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    };
+    let i_wrong_ca = intruder(&wrong_ca);
+    let c0 = tls::client(tcp(), &client, "127.0.0.1", Duration::from_secs(10), "r").unwrap();
+    let idle = tcp();
+    let c1 = tls::client_deferred(tcp(), &client, "127.0.0.1", "r").unwrap();
+    let i_no_cert = intruder(&no_cert);
+    let mut plain = tcp();
+    plain.write_all(b"not TLS at all\r\n").unwrap();
+    let i_expired = intruder(&expired);
+    let c2 = tls::client_deferred(tcp(), &client, "127.0.0.1", "r").unwrap();
+
+    let src = source();
+    let sent = send_on(&src, vec![c0, c1, c2], &send_config(3), &mut |_| {});
+    let report = sent.expect("the real sender migrates");
+    let (dst, rrep) = receiver
+        .join()
+        .unwrap()
+        .expect("the receiver takes the sender");
+    assert_same_memory(&src, &dst);
+    assert_eq!(rrep.connections, 3);
+    assert_eq!(rrep.transferred, report.stats.transferred);
+
+    // Each intruder was told why, clearly.
+    let told = |h: JoinHandle<Result<(), String>>| h.join().unwrap().expect_err("refused");
+    let s = told(i_wrong_ca);
+    assert!(s.contains("does not trust our certificate"), "{s}");
+    let s = told(i_expired);
+    assert!(s.contains("our certificate has expired"), "{s}");
+    let s = told(i_no_cert);
+    assert!(s.contains("requires a client certificate"), "{s}");
+
+    let lines = refused.lock().unwrap().clone();
+    eprintln!("refused:\n{}", lines.join("\n"));
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    for words in [
+        &["not signed by a CA in --tls-ca"][..],
+        &["sent nothing within 500ms", "dropped"],
+        &["sent no certificate"],
+        &["does not speak TLS"],
+        &["outside its validity period"],
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("127.0.0.1:") && words.iter().all(|w| l.contains(w))),
+            "no refusal with {words:?}: {lines:#?}"
+        );
+    }
+    drop((idle, plain));
 }

@@ -796,6 +796,8 @@ pub fn client_deferred<S: Transport>(
 }
 
 /// Run the receiver's side of the handshake on an accepted, blocking `sock` (see [`client`]).
+/// `timeout` bounds the whole handshake, proofs included, however slowly the peer sends its
+/// bytes: someone who merely reaches the port cannot hold the receiver longer.
 pub fn server<S: Transport>(
     sock: S,
     tls: &TlsConfig,
@@ -807,9 +809,54 @@ pub fn server<S: Transport>(
     let mut conn = Connection::Server(conn);
     let mut sock = sock;
     with_timeout(&sock, Some(timeout.max(Duration::from_millis(1))), peer)?;
-    handshake(&mut conn, &mut sock, &tls.mode, Side::Receiver, peer)?;
+    let mut bounded = Deadline {
+        until: Instant::now().checked_add(timeout),
+        sock: &mut sock,
+    };
+    handshake(&mut conn, &mut bounded, &tls.mode, Side::Receiver, peer)?;
     with_timeout(&sock, None, peer)?;
     TlsStream::new(conn, sock, peer.to_string(), tls, None)
+}
+
+/// A socket whose every read and write is bounded by what is left until `until` (`None`:
+/// by the socket's own timeouts), so that a whole exchange is bounded.
+struct Deadline<'a, S> {
+    sock: &'a mut S,
+    until: Option<Instant>,
+}
+
+impl<S: Transport> Deadline<'_, S> {
+    fn arm(&self) -> io::Result<()> {
+        let Some(until) = self.until else {
+            return Ok(());
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake's deadline passed",
+            ));
+        }
+        self.sock.set_read_timeout(Some(left))?;
+        self.sock.set_write_timeout(Some(left))
+    }
+}
+
+impl<S: Transport> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.sock.read(buf)
+    }
+}
+
+impl<S: Transport> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
 }
 
 fn with_timeout<S: Transport>(sock: &S, t: Option<Duration>, peer: &str) -> Result<(), TlsError> {
@@ -867,8 +914,10 @@ pub fn connect(
 }
 
 /// A [`Listener`] whose connections are [`TlsStream`]s: each accepted connection runs the
-/// receiver's handshake (bounded by the handshake timeout) before it is handed over. A
-/// failed handshake is returned as the accept's error (`PermissionDenied`, with the reason).
+/// receiver's handshake (the whole of it bounded by the handshake timeout; a connection that
+/// sends nothing within it is not even answered) before it is handed over. A failed
+/// handshake is returned as the accept's error (`PermissionDenied`, with the reason):
+/// [`receive`](crate::receive) then drops that connection and goes on accepting.
 #[derive(Debug)]
 pub struct TlsListener<L> {
     inner: L,
@@ -904,21 +953,48 @@ impl<L: Listener> Listener for TlsListener<L> {
     fn accept_before(&self, deadline: Instant) -> io::Result<Self::Stream> {
         let sock = self.inner.accept_before(deadline)?;
         let peer = peer_name(&sock);
+        let refused = |why: String| {
+            TlsError::Handshake {
+                peer: peer.clone(),
+                why,
+            }
+            .into_io()
+        };
+        // A sender starts its handshake at once: a silent connection is dropped unanswered.
+        match sock.wait_readable(self.handshake_timeout) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(refused(format!(
+                    "it sent nothing within {:?} (a sender starts its handshake at once); \
+                     dropped",
+                    self.handshake_timeout
+                )))
+            }
+            Err(e) => return Err(refused(explain_io(&e, Side::Receiver))),
+        }
         server(sock, &self.tls, self.handshake_timeout, &peer).map_err(TlsError::into_io)
     }
 }
 
 /// The peer's address for messages, when the transport knows it.
 fn peer_name<S: 'static>(sock: &S) -> String {
+    peer_addr(sock).map_or_else(|| "the sender".to_string(), |a| a.to_string())
+}
+
+/// The peer's TCP address, when `sock` is a TCP connection (plain or in a [`TlsStream`]).
+pub(crate) fn peer_addr<S: 'static>(sock: &S) -> Option<SocketAddr> {
     let any: &dyn std::any::Any = sock;
-    let addr: Option<SocketAddr> = if let Some(Stream::Tcp(t)) = any.downcast_ref::<Stream>() {
+    if let Some(Stream::Tcp(t)) = any.downcast_ref::<Stream>() {
         t.peer_addr().ok()
     } else if let Some(t) = any.downcast_ref::<std::net::TcpStream>() {
         t.peer_addr().ok()
+    } else if let Some(t) = any.downcast_ref::<TlsStream<Stream>>() {
+        peer_addr(&*lock(&t.inner.control))
+    } else if let Some(t) = any.downcast_ref::<TlsStream<std::net::TcpStream>>() {
+        peer_addr(&*lock(&t.inner.control))
     } else {
         None
-    };
-    addr.map_or_else(|| "the sender".to_string(), |a| a.to_string())
+    }
 }
 
 /// Whether plain TCP to or on `addr` stays on this host: a loopback address, or a Unix
@@ -1289,7 +1365,7 @@ impl<S: Transport> Write for TlsStream<S> {
         Ok(n)
     }
 
-    /// The slices (up to [`WRITE_CHUNK`] bytes of them) encrypted as one run of records and
+    /// The slices (up to `WRITE_CHUNK` (256 KiB) bytes of them) encrypted as one run of records and
     /// written with one socket write: a frame's head, data and CRC do not become three records
     /// and three system calls.
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
