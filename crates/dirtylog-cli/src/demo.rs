@@ -88,6 +88,17 @@ struct ReceiverProcess {
     pending: std::cell::RefCell<std::collections::VecDeque<String>>,
 }
 
+/// However the demo ends (an error returned with `?` included), its receiver does not
+/// outlive it.
+impl Drop for ReceiverProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl ReceiverProcess {
     fn spawn(run_for_ms: u64, tls: &crate::tls::TlsArgs) -> Result<Self, String> {
         let exe = std::env::current_exe()

@@ -97,7 +97,7 @@ pub struct GuestArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate(pub Option<u64>);
 
-fn parse_rate(s: &str) -> Result<Rate, String> {
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
     if s.eq_ignore_ascii_case("max") {
         return Ok(Rate(None));
     }
@@ -287,6 +287,12 @@ impl GuestArgs {
     pub fn config(&self, m: &MigrationArgs) -> Result<GuestConfig, String> {
         if self.vcpus == 0 {
             return Err("--vcpus must be at least 1".into());
+        }
+        if self.mem == 0 || self.mem % 4096 != 0 {
+            return Err(format!(
+                "--mem {}: use a positive multiple of 4 KiB (e.g. 1G, 256M)",
+                self.mem
+            ));
         }
         Ok(GuestConfig {
             mem_bytes: self.mem,
@@ -1011,6 +1017,10 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
     );
     let mut config = ReceiveConfig {
         accept_timeout: (a.accept_timeout_s > 0).then(|| Duration::from_secs(a.accept_timeout_s)),
+        // Connections that are not the sender's are dropped, and the receive goes on: say so.
+        on_refused: Some(Arc::new(|line: &str| {
+            eprintln!("receiver: refused a connection: {line}")
+        })),
         ..ReceiveConfig::default()
     };
     if let Some(max) = a.max_memory.or_else(host_memory) {
@@ -1052,7 +1062,8 @@ fn run_receive(a: ReceiveArgs) -> Result<ExitCode, String> {
     let received = match tls {
         None => receive(&listener, &config, make),
         Some(tls) => receive(
-            &dirtylog_migrate::transport::tls::TlsListener::new(listener, tls),
+            &dirtylog_migrate::transport::tls::TlsListener::new(listener, tls)
+                .with_handshake_timeout(config.handshake_timeout),
             &config,
             make,
         ),

@@ -50,30 +50,37 @@ pub struct Args {
     json: bool,
 }
 
-/// Parse `1G`, `256M`, `64K` or a plain number of bytes.
+/// Parse a number of bytes with an optional binary suffix, in any case: `K`/`KiB`, `M`/`MiB`,
+/// `G`/`GiB`, `T`/`TiB` (`1G` = `1GiB` = 2³⁰ bytes). `1GB` and the like are refused with a
+/// hint, as people mean 10⁹ or 2³⁰ by them.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => {
-                    return Err(format!(
-                        "unknown size suffix '{c}' in '{s}': use K, M, G or T"
-                    ))
-                }
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suffix) = (&s[..digits], s[digits..].trim());
     let n: u64 = num
         .parse()
         .map_err(|_| format!("'{s}' is not a size: use e.g. 1G, 256M or 4096"))?;
-    n.checked_mul(mult)
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        "T" | "TIB" => 40,
+        "KB" | "MB" | "GB" | "TB" => {
+            let unit = &suffix[..1];
+            return Err(format!(
+                "'{s}' is ambiguous: write {n}{unit} or {n}{unit}iB for the binary size (the \
+                 unit here), or the number of bytes for the decimal one"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "unknown size suffix '{suffix}' in '{s}': use K, M, G or T (or KiB, MiB, GiB, \
+                 TiB)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
@@ -191,5 +198,17 @@ mod tests {
         assert!(parse_size("99999999999T")
             .unwrap_err()
             .contains("too large"));
+        // The forms people type: binary with or without "iB", any case; "GB" refused with a
+        // hint rather than guessed.
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("2 MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("16T"), Ok(16 << 40));
+        assert_eq!(parse_size("512B"), Ok(512));
+        let e = parse_size("1GB").unwrap_err();
+        assert!(e.contains("ambiguous") && e.contains("1G or 1GiB"), "{e}");
+        assert!(parse_size("1Gi").unwrap_err().contains("suffix"));
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("").is_err());
     }
 }

@@ -214,3 +214,71 @@ fn bad_tls_options_are_refused_before_any_work() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A TLS receiver is not ended by connections that fail their handshake: a plain TCP client
+/// (with terminal escapes in what it sends), a client with the wrong pre-shared key and an
+/// idle connection are each refused (logged on stderr, escaped; the wrong key's client told
+/// why), and the receiver waits on for the real sender until its accept timeout, then exits 1
+/// listing the refusals, without ever having built a guest. No /dev/kvm needed: it never does.
+#[test]
+fn refused_connections_do_not_end_a_tls_receive() {
+    use dirtylog_migrate::transport::tls::{self, TlsConfig};
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpStream;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let d = dir("refused");
+    std::fs::write(d.join("psk"), [0x11u8; 32]).unwrap();
+    let mut child = Command::new(EXE)
+        .args(["migrate", "receive", "--listen", "127.0.0.1:0", "--json"])
+        .args(["--psk-file", &d.join("psk").to_string_lossy()])
+        .args(["--accept-timeout-s", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "listening", "{first}");
+    let addr = first["address"].as_str().unwrap().to_string();
+
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    plain.write_all(b"\x1b[2Jhello\n").unwrap();
+    let wrong = TlsConfig::psk(&[0x22; 32]).unwrap();
+    let told = tls::client(
+        TcpStream::connect(&addr).unwrap(),
+        &wrong,
+        "x",
+        Duration::from_secs(20),
+        "receiver",
+    )
+    .map(drop)
+    .expect_err("a wrong key is refused")
+    .to_string();
+    assert!(told.contains("refused our pre-shared-key proof"), "{told}");
+    let idle = TcpStream::connect(&addr).unwrap();
+
+    let last: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{last}\n{err}");
+    assert_eq!(last["event"], "failed", "{last}");
+    let e = last["error"].as_str().unwrap();
+    assert!(
+        e.contains("3 connections refused meanwhile, the first: TLS with 127.0.0.1:"),
+        "{e}"
+    );
+    assert!(e.contains("does not speak TLS"), "{e}");
+    assert!(e.contains("no connection arrived in time"), "{e}");
+    let refusals: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("receiver: refused a connection: "))
+        .collect();
+    assert_eq!(refusals.len(), 3, "{err}");
+    assert!(err.contains("pre-shared-key proof is wrong"), "{err}");
+    assert!(err.contains("sent nothing within"), "{err}");
+    assert!(!err.contains('\x1b'), "{err}");
+    drop((plain, idle));
+    let _ = std::fs::remove_dir_all(&d);
+}
