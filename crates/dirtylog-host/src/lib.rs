@@ -16,11 +16,32 @@
 //! what it reports) and [`TrackerKind::ClearLog`](dirtylog::TrackerKind::ClearLog) (a harvest
 //! is a snapshot; `clear` re-protects). A ring has no meaning here: there are no vCPUs whose
 //! writes could be queued per thread, so it is refused.
+//!
+//! Pieces: [`HostMemory`] (a mapping of a [`HostBacking`]: anonymous, memfd, 2 MiB hugetlb),
+//! [`HostRegion`] (what a tracker watches: a `HostMemory`, or a caller's own mapping),
+//! [`HostDirtyTracker`] (the tracker; example there), [`probe`] (which methods work here, for
+//! `dirtylog caps`), [`HostError`] (every failure, typed).
 
 #![warn(missing_docs)]
 
+mod async_wp;
+pub mod caps;
 pub mod error;
+mod fault_log;
+mod memory;
+mod method;
+mod mprotect;
+mod region;
+#[cfg(feature = "harness")]
+pub mod selftest;
+mod sync_wp;
 mod sys;
+mod tracker;
 mod watch;
 
+pub use caps::{probe, BackingCaps, HostCaps, MethodCaps};
 pub use error::HostError;
+pub use memory::{free_huge_pages, HostBacking, HostMemory, ParseHostBackingError, HUGE_PAGE_SIZE};
+pub use method::{HostMethod, ParseHostMethodError};
+pub use region::HostRegion;
+pub use tracker::{HostDirtyTracker, HostTrackerConfig};
