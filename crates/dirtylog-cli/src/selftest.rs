@@ -7,6 +7,8 @@ use clap::{Args as ClapArgs, ValueEnum};
 use dirtylog::selftest::{self, IterationReport, SelftestBackend, SelftestConfig, Summary};
 use dirtylog::softmmu::{FlushKind, SoftmmuSelftest};
 use dirtylog::TrackerKind;
+use dirtylog_host::selftest::HostSelftest;
+use dirtylog_host::{HostBacking, HostMethod};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -14,6 +16,34 @@ pub enum Backend {
     Softmmu,
     /// Real guests on /dev/kvm.
     Kvm,
+    /// This process's own memory: writer threads take the vCPUs' place, and the tracker is
+    /// userfaultfd write-protect + PAGEMAP_SCAN or a fallback (`--method`). Modes dirty-log
+    /// and clear-log; a ring has no meaning here (no vCPU queues its writes).
+    Host,
+}
+
+/// `--method` for `--backend host`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// userfaultfd `WP_ASYNC` + one `PAGEMAP_SCAN` per harvest (Linux 6.7+).
+    Async,
+    /// userfaultfd write-protect with a fault-handling thread.
+    Sync,
+    /// `mprotect` + a `SIGSEGV` handler.
+    Mprotect,
+    /// The three, one after the other.
+    All,
+}
+
+/// `--backing` for `--backend host`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory.
+    Anon,
+    /// A memfd mapped shared.
+    Memfd,
+    /// 2 MiB huge pages (needs pages reserved in /proc/sys/vm/nr_hugepages).
+    Hugetlb,
 }
 
 /// The `--tracker` value: every tracker, or one.
@@ -84,6 +114,13 @@ pub struct Args {
     /// Milliseconds the vCPUs run per iteration at least.
     #[arg(long, default_value_t = 10)]
     interval_ms: u64,
+    /// How host memory is tracked (`--backend host` only).
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    /// What backs the host memory (`--backend host` only; `--pages` counts 2 MiB pages with
+    /// hugetlb).
+    #[arg(long, value_enum)]
+    backing: Option<Backing>,
     /// Remote TLB flush hooks of the softmmu arch (ignored for kvm: the kernel flushes).
     #[arg(long, value_enum, default_value_t = Flush::Ranged)]
     flush: Flush,
@@ -96,7 +133,28 @@ pub struct Args {
 }
 
 /// The trackers to run, with `--ring-entries` mapped into the ring's size.
-fn trackers(t: Trackers, ring_entries: Option<u32>) -> Result<Vec<TrackerKind>, String> {
+fn trackers(
+    backend: Backend,
+    t: Trackers,
+    ring_entries: Option<u32>,
+) -> Result<Vec<TrackerKind>, String> {
+    if backend == Backend::Host {
+        if ring_entries.is_some() {
+            return Err("--ring-entries has no meaning with --backend host (no rings)".into());
+        }
+        return match t {
+            Trackers::All => Ok(vec![TrackerKind::DirtyLog, TrackerKind::ClearLog]),
+            Trackers::One {
+                tracker: TrackerKind::Ring { .. },
+                ..
+            } => Err(
+                "--tracker ring has no meaning with --backend host: host memory has no \
+                      vCPUs whose writes a ring could queue; use dirty-log, clear-log or all"
+                    .into(),
+            ),
+            Trackers::One { tracker, .. } => Ok(vec![tracker]),
+        };
+    }
     let entries = ring_entries.unwrap_or(SelftestConfig::DEFAULT_RING_ENTRIES);
     let list = match t {
         Trackers::All => TrackerKind::all_with_ring(entries).to_vec(),
@@ -123,8 +181,24 @@ fn trackers(t: Trackers, ring_entries: Option<u32>) -> Result<Vec<TrackerKind>, 
     Ok(list)
 }
 
-fn backend(a: &Args, cfg: &SelftestConfig) -> Result<Box<dyn SelftestBackend>, String> {
+fn backend(
+    a: &Args,
+    cfg: &SelftestConfig,
+    method: Option<HostMethod>,
+) -> Result<Box<dyn SelftestBackend>, String> {
     match a.backend {
+        Backend::Host => {
+            let backing = match a.backing.unwrap_or(Backing::Anon) {
+                Backing::Anon => HostBacking::Anonymous,
+                Backing::Memfd => HostBacking::Memfd,
+                Backing::Hugetlb => HostBacking::HugeTlb,
+            };
+            let method = method.unwrap_or(HostMethod::Async);
+            Ok(Box::new(
+                HostSelftest::new(cfg, method, backing)
+                    .map_err(|e| format!("{method} on host memory: {e}"))?,
+            ))
+        }
         Backend::Softmmu => {
             let kind = match a.flush {
                 Flush::Ranged => FlushKind::Ranged,
@@ -154,13 +228,31 @@ fn validate(a: &Args) -> Result<(), String> {
     if a.iterations == 0 {
         return Err("--iterations must be at least 1".into());
     }
+    if a.backend != Backend::Host && (a.method.is_some() || a.backing.is_some()) {
+        return Err("--method and --backing are for --backend host only".into());
+    }
     Ok(())
 }
 
 pub fn run(a: Args) -> Result<ExitCode, String> {
     validate(&a)?;
     let mut summaries: Vec<(Summary, Vec<IterationReport>)> = Vec::new();
-    for tracker in trackers(a.tracker, a.ring_entries)? {
+    let methods: Vec<Option<HostMethod>> = match a.method {
+        None => vec![None],
+        Some(Method::Async) => vec![Some(HostMethod::Async)],
+        Some(Method::Sync) => vec![Some(HostMethod::Sync)],
+        Some(Method::Mprotect) => vec![Some(HostMethod::Mprotect)],
+        Some(Method::All) => vec![
+            Some(HostMethod::Async),
+            Some(HostMethod::Sync),
+            Some(HostMethod::Mprotect),
+        ],
+    };
+    let runs = trackers(a.backend, a.tracker, a.ring_entries)?;
+    for (method, tracker) in methods
+        .iter()
+        .flat_map(|&m| runs.iter().map(move |&t| (m, t)))
+    {
         let cfg = SelftestConfig {
             tracker,
             vcpus: a.vcpus,
@@ -170,7 +262,7 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
             seed: a.seed,
             ..SelftestConfig::default()
         };
-        let mut b = backend(&a, &cfg)?;
+        let mut b = backend(&a, &cfg, method)?;
         if !a.json {
             println!("== {tracker} on {}", b.describe());
         }
@@ -245,7 +337,21 @@ mod tests {
     }
 
     fn resolve(arg: &str, ring_entries: Option<u32>) -> Result<Vec<TrackerKind>, String> {
-        trackers(parse_trackers(arg)?, ring_entries)
+        trackers(Backend::Softmmu, parse_trackers(arg)?, ring_entries)
+    }
+
+    #[test]
+    fn host_memory_runs_the_two_bitmap_modes_and_refuses_a_ring() {
+        let host = |arg: &str, ring_entries| {
+            trackers(Backend::Host, parse_trackers(arg).unwrap(), ring_entries)
+        };
+        assert_eq!(
+            host("all", None),
+            Ok(vec![TrackerKind::DirtyLog, TrackerKind::ClearLog])
+        );
+        assert_eq!(host("clear-log", None), Ok(vec![TrackerKind::ClearLog]));
+        assert!(host("ring", None).unwrap_err().contains("no meaning"));
+        assert!(host("all", Some(1024)).is_err());
     }
 
     #[test]
