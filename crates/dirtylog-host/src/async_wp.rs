@@ -11,8 +11,9 @@
 //! nothing if the range is no longer registered (remapped under us); a hole is caught by an
 //! `msync(MS_ASYNC)` check after the scan.
 //!
-//! Cost: a first write ≈ 1.4–1.6 µs here (a minor fault; nested virtualisation); a harvest of
-//! 1 GiB all written ≈ 14 ms, 16 384 scattered pages ≈ 1.9 ms (reference B.7). Memory: the
+//! Cost (`cargo bench -p dirtylog-host --bench host`, BENCHMARKS.md): a first write ≈ 0.8–0.9 µs
+//! here (a minor fault the kernel resolves; nested virtualisation); a harvest of 1 GiB all
+//! written ≈ 4 ms, 1 % written ≈ 0.5 ms, within 1.06× of a bare `PAGEMAP_SCAN` loop. Memory: the
 //! reused output vector, ≤ 1 bit per page (at least 256 entries, 6 KiB; see [`vec_len`]);
 //! nothing else per page — the record of writes is the kernel's page tables.
 
@@ -30,11 +31,11 @@ pub(crate) const VEC_LEN: usize = 4096;
 const VEC_MIN: usize = 256;
 
 /// Entries for a region of `npages`: at most one run per two pages can be reported, and the
-/// vector stays within 1 bit per page (24-byte entries: `npages / 192`), between
-/// [`VEC_MIN`] and [`VEC_LEN`]. A 1 GiB region of 4 KiB pages gets 1365 entries (32 KiB):
+/// vector stays within 1 bit per page (24-byte entries: `npages / 200`, leaving room for the tracker's fixed bytes), between
+/// [`VEC_MIN`] and [`VEC_LEN`]. A 1 GiB region of 4 KiB pages gets 1310 entries (30.7 KiB):
 /// all written is one run and one call; 1% written in scattered pages (≈ 2600 runs) is two.
 pub(crate) fn vec_len(npages: usize) -> usize {
-    (npages / 192)
+    (npages / 200)
         .clamp(VEC_MIN, VEC_LEN)
         .min(npages.div_ceil(2))
         .max(1)
@@ -299,7 +300,7 @@ mod tests {
         assert_eq!(vec_len(1), 1);
         assert_eq!(vec_len(131), 66);
         assert_eq!(vec_len(4096), 256);
-        assert_eq!(vec_len(262_144), 1365); // 1 GiB: 32 KiB
+        assert_eq!(vec_len(262_144), 1310); // 1 GiB: 30.7 KiB
         assert!(vec_len(262_144) * 24 * 8 <= 262_144);
         assert_eq!(vec_len(1 << 30), 4096);
     }

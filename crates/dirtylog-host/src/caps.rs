@@ -170,37 +170,77 @@ impl HostCaps {
         HostMethod::ALL.into_iter().find(|&m| self.works(m))
     }
 
-    /// A text table for `dirtylog caps`: one line per method with yes/no per backing, then the
-    /// reasons for each no.
+    /// A text table for `dirtylog caps`: one line per method with yes/no per backing and what
+    /// a first write to a protected page costs, the method a tracker would pick, then the
+    /// userfaultfd features, the free huge pages and the reason for each no.
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "host memory tracking (kernel {})", self.kernel);
-        if let Some(f) = self.uffd_features {
-            let _ = writeln!(s, "  userfaultfd features offered: {f:#x}");
-        }
-        if let Some(e) = &self.uffd_error {
-            let _ = writeln!(s, "  userfaultfd: {e}");
-        }
-        let _ = writeln!(s, "  free 2 MiB huge pages: {}", self.free_huge_pages);
-        let _ = write!(s, "  {:<10}", "method");
+        let _ = writeln!(
+            s,
+            "host memory tracking (this process's own pages; kernel {})",
+            self.kernel
+        );
+        let _ = write!(s, "  {:<9}", "method");
         for b in HostBacking::ALL {
             let _ = write!(s, " {:<8}", b.name());
         }
-        s.push('\n');
+        let _ = writeln!(s, " a first write to a protected page costs");
         for m in &self.methods {
-            let _ = write!(s, "  {:<10}", m.method.name());
+            let _ = write!(s, "  {:<9}", m.method.name());
             for b in &m.backings {
                 let _ = write!(s, " {:<8}", if b.works { "yes" } else { "no" });
             }
-            s.push('\n');
+            let _ = writeln!(s, " {}", cost(m.method));
         }
+        match self.best() {
+            Some(m) => {
+                let _ = writeln!(s, "  best method here: {m} (the first that works on anon)");
+            }
+            None => {
+                let _ = writeln!(s, "  best method here: none (no method works on anon)");
+            }
+        }
+        match (&self.uffd_features, &self.uffd_error) {
+            (Some(f), _) => {
+                let _ = writeln!(s, "  userfaultfd features offered: {f:#x}");
+            }
+            (None, Some(e)) => {
+                let _ = writeln!(s, "  userfaultfd: {e}");
+            }
+            (None, None) => {}
+        }
+        let _ = writeln!(
+            s,
+            "  free 2 MiB huge pages: {} (hugetlb needs some: /proc/sys/vm/nr_hugepages)",
+            self.free_huge_pages
+        );
+        // Each reason once, with every method it applies to ("async, sync on hugetlb: ...").
+        let mut reasons: Vec<(HostBacking, &str, Vec<&'static str>)> = Vec::new();
         for m in &self.methods {
             for b in &m.backings {
                 if let Some(why) = &b.why_not {
-                    let _ = writeln!(s, "  {} on {}: {why}", m.method, b.backing);
+                    match reasons
+                        .iter_mut()
+                        .find(|(bk, w, _)| *bk == b.backing && *w == why.as_str())
+                    {
+                        Some((_, _, methods)) => methods.push(m.method.name()),
+                        None => reasons.push((b.backing, why, vec![m.method.name()])),
+                    }
                 }
             }
         }
+        for (backing, why, methods) in reasons {
+            let _ = writeln!(s, "  no: {} on {backing}: {why}", methods.join(", "));
+        }
         s
+    }
+}
+
+/// What a first write to a protected page costs with `method`, in words.
+fn cost(method: HostMethod) -> &'static str {
+    match method {
+        HostMethod::Async => "a minor fault the kernel resolves (Linux >= 6.7)",
+        HostMethod::Sync => "a round trip to a fault-handling thread",
+        HostMethod::Mprotect => "a SIGSEGV and an mprotect",
     }
 }

@@ -265,7 +265,7 @@ mod tests {
 #[cfg(test)]
 pub(crate) mod testing {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use crate::watch::WriteWatch;
     use crate::HostError;
@@ -574,47 +574,6 @@ pub(crate) mod testing {
         assert!(
             reported_total > 0,
             "the writers wrote nothing that was reported"
-        );
-    }
-
-    /// A measurement, not a check: ns per first write to a protected, populated page, and per
-    /// write to the same pages untracked, alternating rounds, medians. Printed.
-    pub(crate) fn print_first_write_cost(
-        name: &str,
-        make: impl Fn(&Mapping) -> Box<dyn WriteWatch>,
-    ) {
-        let pages = 4096u64;
-        let m = Mapping::anon(pages);
-        for p in 0..pages {
-            m.word(p).store(1, Ordering::Relaxed);
-        }
-        let w = make(&m);
-        let mut bits = vec![0u64; (pages / 64) as usize];
-        let (mut tracked, mut bare) = (Vec::new(), Vec::new());
-        for round in 0..9u64 {
-            w.arm().expect("arm");
-            let t = Instant::now();
-            for p in 0..pages {
-                m.word(p).store(round, Ordering::Relaxed);
-            }
-            tracked.push(t.elapsed().as_nanos() as f64 / pages as f64);
-            w.harvest(&mut bits, true).expect("harvest");
-            w.disarm().expect("disarm");
-            let t = Instant::now();
-            for p in 0..pages {
-                m.word(p).store(round, Ordering::Relaxed);
-            }
-            bare.push(t.elapsed().as_nanos() as f64 / pages as f64);
-        }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (t, b) = (median(&mut tracked), median(&mut bare));
-        println!(
-            "{name}: first write to a protected page {t:.0} ns, untracked write {b:.1} ns \
-             ({:.0}x), {pages} pages x 9 rounds, medians",
-            t / b
         );
     }
 }

@@ -27,8 +27,7 @@
 //! populated pages written in order, release build, medians of 9 rounds, nested
 //! virtualisation and a busy 2-core machine; an untracked write of the same pages took
 //! 20–30 ns), against ≈ 1.5 µs for async uffd-wp. Reproduce with
-//! `cargo test -p dirtylog-host --release --lib -- --ignored --nocapture --test-threads=1
-//! first_write_cost`. Each harvest costs one `mprotect` per run of written pages. Every
+//! `cargo bench -p dirtylog-host --bench host -- first-write` (BENCHMARKS.md). Each harvest costs one `mprotect` per run of written pages. Every
 //! writable page between read-only neighbours is a mapping of its own (a VMA): scattered
 //! writes to a large region approach `vm.max_map_count` (65 530 by default). When the
 //! handler's `mprotect` fails for that reason it makes the whole range writable and reports
@@ -740,15 +739,5 @@ mod tests {
             );
             assert!(stderr.contains(stderr_has), "{how}: stderr: {stderr}");
         }
-    }
-
-    /// A measurement, not a check: `cargo test -p dirtylog-host --release -- --ignored
-    /// --nocapture first_write_cost`.
-    #[test]
-    #[ignore = "a measurement: run with --ignored --nocapture"]
-    fn first_write_cost() {
-        testing::print_first_write_cost("mprotect", |m| {
-            Box::new(MprotectWatch::new(m.addr(), m.len(), PAGE).expect("new"))
-        });
     }
 }

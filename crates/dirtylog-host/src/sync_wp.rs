@@ -24,8 +24,7 @@
 //! written in order, release build, medians of 9 rounds, nested virtualisation and a busy
 //! 2-core machine; untracked 18–22 ns), about as dear as `mprotect` and several times async
 //! uffd-wp (≈ 1.5 µs, the kernel resolves the fault itself). Reproduce with
-//! `cargo test -p dirtylog-host --release --lib -- --ignored --nocapture --test-threads=1
-//! first_write_cost`. Faults of many writers are batched (up to 16 messages a read, one
+//! `cargo bench -p dirtylog-host --bench host -- first-write` (BENCHMARKS.md). Faults of many writers are batched (up to 16 messages a read, one
 //! lock). Each harvest costs one `UFFDIO_WRITEPROTECT` per run of written pages. Unlike
 //! `mprotect`, no mapping is split, and the kernel's own writes (`read(2)` into the region)
 //! are trapped and recorded too, when the process may trap kernel faults (root or
@@ -595,15 +594,5 @@ mod tests {
         let mut bits = [0u64; 1];
         assert_eq!(w.harvest(&mut bits, true).expect("harvest"), 1);
         assert_eq!(bits, [1 << 2]);
-    }
-
-    /// A measurement, not a check: `cargo test -p dirtylog-host --release -- --ignored
-    /// --nocapture first_write_cost`.
-    #[test]
-    #[ignore = "a measurement: run with --ignored --nocapture"]
-    fn first_write_cost() {
-        testing::print_first_write_cost("sync uffd-wp", |m| {
-            Box::new(SyncWatch::new(m.addr(), m.len(), PAGE).expect("new"))
-        });
     }
 }
