@@ -314,9 +314,13 @@ pub fn run(a: Args) -> Result<ExitCode, String> {
 }
 
 fn report(s: &Summary) {
+    let ring = match s.tracker {
+        TrackerKind::Ring { .. } => format!(" ring-full exits {}", s.ring_full_exits),
+        _ => String::new(),
+    };
     println!(
-        "{}: {} iterations, dirty {} clean {} writes {} ring-full exits {}",
-        s.tracker, s.iterations, s.dirty, s.clean, s.writes, s.ring_full_exits
+        "{}: {} iterations, dirty {} clean {} writes {}{ring}",
+        s.tracker, s.iterations, s.dirty, s.clean, s.writes
     );
     if s.passed() {
         println!("PASS: every dirty page held the current iteration and no write was lost");
