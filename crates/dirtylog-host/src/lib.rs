@@ -37,6 +37,7 @@ pub mod selftest;
 mod sync_wp;
 mod sys;
 mod tracker;
+pub mod uffd;
 mod watch;
 
 pub use caps::{probe, BackingCaps, HostCaps, MethodCaps};
