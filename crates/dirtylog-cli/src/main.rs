@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod dirty_rate;
 mod events;
 mod json;
 mod limits;
@@ -14,6 +15,7 @@ mod plot;
 mod recover;
 mod run;
 mod selftest;
+mod snapshot;
 mod tls;
 mod tracker;
 
@@ -38,7 +40,8 @@ enum Cmd {
     /// per-iteration dirty-memory / get / clear times, disable logging.
     Perf(perf::Args),
     /// Show what the running kernel's /dev/kvm offers for dirty logging (manual protect,
-    /// dirty ring sizes, memslots, ...).
+    /// dirty ring sizes, memslots, ...), and which methods track this process's own memory
+    /// (userfaultfd async or sync write-protect, mprotect) on which backings.
     Caps {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -63,17 +66,36 @@ enum Cmd {
     /// --migrate, the running guest is live-migrated back to back between PCs, on the
     /// guest's request or on a timer; one line per migration and a summary go to stderr.
     Run(run::Args),
+    /// How fast memory is dirtied (QEMU's calc-dirty-rate): page-sampling, dirty-bitmap or
+    /// dirty-ring (per vCPU), on a test guest or this process's memory written at a known
+    /// rate, set beside the writers' own counters. --help explains each mode's cost.
+    DirtyRate(dirty_rate::Args),
+    /// Incremental snapshots of a KVM guest into a directory: `create` (a full snapshot and
+    /// diffs, in stop, live or background mode), `restore` (eager or --lazy), `verify`,
+    /// `merge`, `info` (docs/SNAPSHOT.md).
+    #[command(subcommand)]
+    Snapshot(snapshot::Cmd),
 }
 
 /// `dirtylog caps`: the table, or JSON with the kernel's names in kebab-case
 /// (`KVM_CAP_DIRTY_LOG_RING` → `dirty-log-ring-bytes`).
 fn caps(json: bool) -> Result<ExitCode, String> {
     let c = dirtylog_testvm::Caps::probe().map_err(|e| e.to_string())?;
+    let host = dirtylog_host::probe();
     if json {
-        let v = serde_json::to_value(&c).map_err(|e| e.to_string())?;
+        let mut v = serde_json::to_value(&c).map_err(|e| e.to_string())?;
+        let h = serde_json::to_value(&host).map_err(|e| e.to_string())?;
+        match v.as_object_mut() {
+            Some(o) => {
+                o.insert("host".into(), h);
+            }
+            None => return Err("caps: the KVM capabilities are not a JSON object".into()),
+        }
         println!("{}", json::document(&json::kebab_keys(v))?);
     } else {
         print!("{}", c.table());
+        println!();
+        print!("{}", host.table());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -86,6 +108,8 @@ fn main() -> ExitCode {
         Cmd::Migrate(c) => migrate::run(c),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Run(a) => run::run(a),
+        Cmd::DirtyRate(a) => dirty_rate::run(a),
+        Cmd::Snapshot(c) => snapshot::run(c),
         Cmd::Caps { json } => caps(json),
     };
     match r {

@@ -36,6 +36,7 @@ pub use dirtylog_kvm::{error, ring, sys, vcpu_state};
 
 pub mod caps;
 pub mod dirty_limit;
+pub mod dirty_rate;
 pub mod guest;
 pub mod kernels;
 pub mod machine;
@@ -46,6 +47,7 @@ pub mod perf;
 pub mod reaper;
 pub mod runner;
 pub mod selftest;
+pub mod snapshot;
 pub mod target;
 pub mod vm;
 pub mod x86;

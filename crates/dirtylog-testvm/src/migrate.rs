@@ -246,9 +246,12 @@ fn err(msg: impl Into<String>) -> VmError {
 
 /// Sum of the vCPUs' write counters in the control region of `sys`.
 fn writes(sys: &GuestMemory, vcpus: u32) -> u64 {
-    (0..vcpus)
-        .map(|i| sys.read_u64(layout::CONTROL + control::vcpu(i) + control::WRITES))
-        .sum()
+    (0..vcpus).map(|i| writes_of(sys, i)).sum()
+}
+
+/// vCPU `i`'s write counter in the control region of `sys`.
+fn writes_of(sys: &GuestMemory, i: u32) -> u64 {
+    sys.read_u64(layout::CONTROL + control::vcpu(i) + control::WRITES)
 }
 
 fn region_memory(mem: &GuestMemory) -> RegionMemory {
@@ -260,7 +263,7 @@ fn region_memory(mem: &GuestMemory) -> RegionMemory {
     unsafe { RegionMemory::new(mem.host_addr() as *mut u8, mem.len()) }
 }
 
-fn encode_pacing(rate: Option<u64>) -> Vec<u8> {
+pub(crate) fn encode_pacing(rate: Option<u64>) -> Vec<u8> {
     rate.unwrap_or(u64::MAX).to_le_bytes().to_vec()
 }
 
@@ -454,6 +457,18 @@ impl KvmSource {
     /// Guest writes so far, all vCPUs.
     pub fn guest_writes(&self) -> u64 {
         writes(&self.inner.sys, self.inner.vcpus)
+    }
+
+    /// Each vCPU's guest writes so far, in vCPU order (`dirtylog dirty-rate`'s reference).
+    pub fn vcpu_writes(&self) -> Vec<u64> {
+        (0..self.inner.vcpus)
+            .map(|i| writes_of(&self.inner.sys, i))
+            .collect()
+    }
+
+    /// The guest memory slot (region 1), which the vCPUs' working sets are in.
+    pub fn guest_memory(&self) -> Arc<GuestMemory> {
+        self.inner.mems[1].clone()
     }
 
     /// Mailbox requests served by this VMM.
@@ -812,17 +827,17 @@ impl Default for TargetOptions {
 /// and [`resume`](VcpuRestore::resume). See the [module docs](self).
 pub struct KvmTarget {
     // Drop order: the vCPU threads stop first, then the vCPUs, the VM, the memory.
-    runner: Mutex<Option<Runner>>,
+    pub(crate) runner: Mutex<Option<Runner>>,
     vcpus: Mutex<Vec<Option<KvmVcpu>>>,
-    restored: Mutex<Vec<Option<Option<u64>>>>,
+    pub(crate) restored: Mutex<Vec<Option<Option<u64>>>>,
     mailbox: Mutex<Option<Arc<Mailbox>>>,
-    _vm: KvmVm,
+    pub(crate) _vm: KvmVm,
     regions: Vec<Region>,
     mems: Vec<Arc<GuestMemory>>,
     sys: Arc<GuestMemory>,
     vcpu_count: u32,
     /// What a source of this kind saves: incoming vCPU states may set only these MSRs.
-    spec: StateSpec,
+    pub(crate) spec: StateSpec,
     resumed: AtomicBool,
     start_paused: bool,
 }
