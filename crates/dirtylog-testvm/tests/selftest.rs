@@ -9,6 +9,15 @@ use dirtylog::TrackerKind;
 use dirtylog_testvm::KvmSelftest;
 
 fn run_with(tracker: TrackerKind, vcpus: u32) -> dirtylog::selftest::Summary {
+    run_with_min_writes(tracker, vcpus, SelftestConfig::default().min_writes)
+}
+
+/// Each iteration runs until the vCPUs made `min_writes` writes (and at least 10 ms).
+fn run_with_min_writes(
+    tracker: TrackerKind,
+    vcpus: u32,
+    min_writes: u64,
+) -> dirtylog::selftest::Summary {
     let _kvm = common::require_kvm();
     let cfg = SelftestConfig {
         tracker,
@@ -17,6 +26,7 @@ fn run_with(tracker: TrackerKind, vcpus: u32) -> dirtylog::selftest::Summary {
         iterations: 32,
         interval: Duration::from_millis(10),
         seed: 0x5eed + vcpus as u64,
+        min_writes,
         ..Default::default()
     };
     let mut b = KvmSelftest::new(&cfg).unwrap_or_else(|e| panic!("{tracker}: {e}"));
@@ -76,15 +86,29 @@ fn dirty_ring_2vcpu() {
     run_with(TrackerKind::Ring { entries: 4096 }, 2);
 }
 
+/// Writes per vCPU per iteration for the ring-full tests: with one collection at a random
+/// point, one side of it has at least half, 1024 — far above the 256-entry ring's soft-full
+/// mark (192) however slowly a loaded host runs the guest (the 10 ms interval alone gave
+/// ~250 per vCPU under load, and the ring then never filled).
+const RING_FULL_WRITES_PER_VCPU: u64 = 2048;
+
 #[test]
 fn dirty_ring_full_1vcpu() {
     // 256 entries (one page, the minimum): soft-full after 192, far below an iteration's writes.
-    let s = run_with(TrackerKind::Ring { entries: 256 }, 1);
+    let s = run_with_min_writes(
+        TrackerKind::Ring { entries: 256 },
+        1,
+        RING_FULL_WRITES_PER_VCPU,
+    );
     assert!(s.ring_full_exits > 0, "the ring never filled");
 }
 
 #[test]
 fn dirty_ring_full_2vcpu() {
-    let s = run_with(TrackerKind::Ring { entries: 256 }, 2);
+    let s = run_with_min_writes(
+        TrackerKind::Ring { entries: 256 },
+        2,
+        2 * RING_FULL_WRITES_PER_VCPU,
+    );
     assert!(s.ring_full_exits > 0, "the ring never filled");
 }
