@@ -172,7 +172,8 @@ fn load(
                 entry.len
             )));
         }
-        if check_data {
+        // The small files (bitmaps, states) always; the memory files with `check_data`.
+        if check_data || !name.ends_with(".raw") {
             let f = File::open(&fpath).map_err(|e| err(format!("{name}: {e}")))?;
             // Chunks wholly inside holes read as zeros: hashed without reading them.
             let extents = data_extents(&f, entry.len);
@@ -201,8 +202,9 @@ fn load(
 
 impl Chain {
     /// Open the chain ending at `tip`: every member's manifest parsed, parent links and
-    /// manifest hashes checked, every file's length checked, and with `check_data` every
-    /// chunk checksum. Errors name the member and say what to do.
+    /// manifest hashes checked, every file's length checked, the chunk checksums of the
+    /// small files (present bitmaps, states) checked, and with `check_data` those of the
+    /// memory files too. Errors name the member and say what to do.
     ///
     /// `tip` may also be a chain directory: its highest-numbered member is then the tip.
     pub fn open(tip: &Path, check_data: bool) -> Result<Chain, SnapshotError> {
@@ -344,6 +346,120 @@ impl Chain {
             files,
             owners,
         })
+    }
+
+    /// Check every chunk checksum of every member's files (what [`open`](Self::open) checks
+    /// with `check_data`), on up to `threads` threads: the chunks that may hold data are
+    /// split into contiguous shares, each read and hashed by one thread; chunks wholly in a
+    /// hole are compared with the zero chunk's checksum without reading. The error is the
+    /// one `open` would give for the member nearest the tip that fails.
+    pub(crate) fn check_data(&self, threads: usize) -> Result<(), SnapshotError> {
+        struct Job {
+            member: usize,
+            name: String,
+            path: PathBuf,
+            file: File,
+            len: u64,
+            want: Vec<Option<u64>>,
+        }
+        let mut jobs = Vec::new();
+        // (job, chunk) pairs to read.
+        let mut work: Vec<(usize, u64)> = Vec::new();
+        let mut bad: Vec<BadChunk> = Vec::new();
+        let mut full_zero: Option<u64> = None;
+        for (m, (dir, manifest)) in self.members.iter().zip(&self.manifests).enumerate() {
+            for entry in &manifest.files {
+                let path = dir.join(&entry.name);
+                let file = File::open(&path)
+                    .map_err(|e| SnapshotError::member(dir, format!("{}: {e}", entry.name)))?;
+                let extents = data_extents(&file, entry.len);
+                let j = jobs.len();
+                for c in 0..entry.len.div_ceil(CHUNK_SIZE) {
+                    let (st, en) = (c * CHUNK_SIZE, ((c + 1) * CHUNK_SIZE).min(entry.len));
+                    if extents.iter().any(|&(a, b)| a < en && st < b) {
+                        work.push((j, c));
+                    } else {
+                        let size = en - st;
+                        let zero = if size == CHUNK_SIZE {
+                            *full_zero.get_or_insert_with(|| {
+                                crate::format::zero_chunk_hash(CHUNK_SIZE as usize)
+                            })
+                        } else {
+                            crate::format::zero_chunk_hash(size as usize)
+                        };
+                        if parse_hex(&entry.chunks[c as usize]) != Some(zero) {
+                            bad.push((m, j, c));
+                        }
+                    }
+                }
+                jobs.push(Job {
+                    member: m,
+                    name: entry.name.clone(),
+                    path,
+                    file,
+                    len: entry.len,
+                    want: entry.chunks.iter().map(|h| parse_hex(h)).collect(),
+                });
+            }
+        }
+        let threads = threads.clamp(1, 16);
+        let share = work.len().div_ceil(threads).max(1);
+        let results: Vec<Result<Vec<BadChunk>, SnapshotError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = work
+                .chunks(share)
+                .map(|part| {
+                    let jobs = &jobs;
+                    s.spawn(move || {
+                        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+                        let mut out = Vec::new();
+                        for &(j, c) in part {
+                            let job = &jobs[j];
+                            let start = c * CHUNK_SIZE;
+                            let size = (job.len - start).min(CHUNK_SIZE) as usize;
+                            crate::format::read_full_at(
+                                &job.file,
+                                &job.path,
+                                &mut buf[..size],
+                                start,
+                            )?;
+                            if job.want[c as usize] != Some(mem_hash(&buf[..size])) {
+                                out.push((job.member, j, c));
+                            }
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SnapshotError::Usage("a checksum thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for r in results {
+            bad.extend(r?);
+        }
+        // The member nearest the tip first (as `open` walks), then file and chunk order.
+        let Some(&(m, j, c)) = bad
+            .iter()
+            .min_by_key(|&&(m, j, c)| (std::cmp::Reverse(m), j, c))
+        else {
+            return Ok(());
+        };
+        let job = &jobs[j];
+        let start = c * CHUNK_SIZE;
+        let end = (start + CHUNK_SIZE).min(job.len);
+        Err(SnapshotError::member(
+            &self.members[m],
+            format!(
+                "{}: chunk {c} (bytes {start}..{end}) fails its checksum (bit rot or \
+                 tampering): {RESTORE_EARLIER}",
+                job.name
+            ),
+        ))
     }
 
     /// The members' directories, base first.
@@ -496,6 +612,9 @@ impl Chain {
             .collect()
     }
 }
+
+/// A chunk that fails its checksum: (member, file job, chunk).
+type BadChunk = (usize, usize, u64);
 
 /// The byte ranges of `file` (of `len` bytes) that may hold data, from `SEEK_DATA` and
 /// `SEEK_HOLE`; the whole file if the file system cannot say.

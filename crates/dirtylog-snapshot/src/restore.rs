@@ -1,12 +1,14 @@
 //! Eager restore: check the whole chain, build the target, load every page, restore the vCPU
-//! and device state, check the memory's digest against the tip's record, then resume.
+//! and device state, check the memory's digest against the tip's record, then resume. The
+//! memory is loaded through userfaultfd where the target's memory allows (see
+//! `lazy::load_all`): no page is zero-filled before being overwritten, holes are not touched.
 //! Nothing runs if any check fails: the target is dropped without ever being resumed.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dirtylog_migrate::digest::mem_digest;
+use dirtylog_migrate::digest::{mem_digest, DigestTable};
 use dirtylog_migrate::wire::StreamHeader;
 use dirtylog_migrate::{
     DeviceState, MigrationMemory, MigrationTarget, RegionMemory, VcpuRestore, VmError,
@@ -145,10 +147,11 @@ pub(crate) fn restore_states<T: MigrationTarget>(
 }
 
 /// Rebuild the VM from the chain that ends at `tip` (base + diffs) and run it: open and check
-/// the chain (every checksum), build the target with `make_target` only then, load base then
-/// diffs into its memory, restore the vCPU and device state, check each region's digest
-/// against the tip's record, then resume the target's vCPUs (unless `opts.resume` is off).
-/// Nothing runs if any check fails. With `opts.lazy`, see [`lazy`](crate::lazy).
+/// the chain (every checksum, on two threads), build the target with `make_target` only
+/// then, load each page as of the tip into its memory (the data runs only: holes stay zero),
+/// restore the vCPU and device state, check each region's digest against the tip's record,
+/// then resume the target's vCPUs (unless `opts.resume` is off). Nothing runs if any check
+/// fails. With `opts.lazy`, see [`lazy`](crate::lazy).
 pub fn restore<T, F>(
     tip: &Path,
     make_target: F,
@@ -162,15 +165,92 @@ where
         return crate::lazy::restore(tip, make_target, opts);
     }
     let t0 = Instant::now();
-    let chain = Chain::open(tip, true)?;
+    let chain = Chain::open(tip, false)?;
+    // Every chunk checksum, before any target exists (on both of a small host's cores: a
+    // read of every member's data, from the page cache when the chain was just written).
+    chain.check_data(CHECK_THREADS)?;
     // Parse the states and the digests before any target exists.
     chain.vcpu_states()?;
     chain.device_sections()?;
     let digests = chain.memory_digests()?;
-    let mut check = t0.elapsed();
+    let checked = t0.elapsed();
+    let (target, mems, pages, bytes_read, tables) = load_target(&chain, make_target, opts)?;
+    let tc = Instant::now();
+    let page = u64::from(chain.header().page_size());
+    for (i, (r, want)) in chain.header().regions().iter().zip(&digests).enumerate() {
+        let got = match &tables {
+            Some(t) => t[i].digest(),
+            None => {
+                let mem = mems[i];
+                // SAFETY: the target has not been resumed and this restore has finished
+                // writing: no one writes its memory during the digest.
+                let bytes = unsafe { std::slice::from_raw_parts(mem.as_ptr(), mem.len()) };
+                mem_digest(bytes, page as usize)
+            }
+        };
+        if got != *want {
+            return Err(SnapshotError::HashMismatch {
+                slot: r.slot,
+                at: format!(
+                    "after restoring {}: the memory loaded differs from the snapshot's record \
+                     (the guest was not run)",
+                    tip.display()
+                ),
+                expected: *want,
+                actual: got,
+            });
+        }
+    }
+    restore_states(&chain, &target)?;
+    let check = checked + tc.elapsed();
+    if opts.resume {
+        target
+            .vcpus()
+            .resume()
+            .map_err(SnapshotError::vm("resume"))?;
+    }
+    let duration = t0.elapsed();
+    Ok((
+        target,
+        RestoreStats {
+            members: chain.members().len(),
+            pages,
+            bytes_read,
+            time_to_resume: duration,
+            duration,
+            check,
+            lazy: false,
+            resumed: opts.resume,
+            throughput_bytes_per_sec: (bytes_read as f64 / duration.as_secs_f64().max(1e-9)) as u64,
+        },
+    ))
+}
+
+/// Threads that check the chunk checksums.
+const CHECK_THREADS: usize = 2;
+
+/// What [`load_target`] built: the target, its memory, pages and bytes loaded, and the page
+/// hashes when loaded through userfaultfd (else the memory must be digested).
+type LoadedTarget<T> = (T, Vec<RegionMemory>, u64, u64, Option<Vec<DigestTable>>);
+
+/// Build the target and load the chain's memory into it, nothing resumed: through
+/// userfaultfd when the memory allows ([`lazy::load_all`](crate::lazy::load_all): no page
+/// zero-filled before it is overwritten, holes never touched), else with `read` into it.
+fn load_target<T, F>(
+    chain: &Chain,
+    make_target: F,
+    opts: &RestoreOptions,
+) -> Result<LoadedTarget<T>, SnapshotError>
+where
+    T: MigrationTarget,
+    F: FnOnce(&StreamHeader) -> Result<T, VmError>,
+{
     let target = make_target(chain.header()).map_err(SnapshotError::vm("create the target VM"))?;
     let mems = target_memory(&target, chain.header())?;
     let page = u64::from(chain.header().page_size());
+    if let Some(l) = crate::lazy::load_all(chain, &mems, page, opts.progress.as_ref())? {
+        return Ok((target, mems, l.data_pages, l.bytes_read, Some(l.tables)));
+    }
     let mut runs = Vec::new();
     for i in 0..mems.len() {
         for m in 0..chain.members().len() {
@@ -210,46 +290,5 @@ where
             }
         }
     }
-    restore_states(&chain, &target)?;
-    let tc = Instant::now();
-    for ((r, mem), want) in chain.header().regions().iter().zip(&mems).zip(digests) {
-        // SAFETY: the target has not been resumed and this restore has finished writing: no
-        // one writes its memory during the digest.
-        let bytes = unsafe { std::slice::from_raw_parts(mem.as_ptr(), mem.len()) };
-        let got = mem_digest(bytes, page as usize);
-        if got != want {
-            return Err(SnapshotError::HashMismatch {
-                slot: r.slot,
-                at: format!(
-                    "after restoring {}: the memory loaded differs from the snapshot's record \
-                     (the guest was not run)",
-                    tip.display()
-                ),
-                expected: want,
-                actual: got,
-            });
-        }
-    }
-    check += tc.elapsed();
-    if opts.resume {
-        target
-            .vcpus()
-            .resume()
-            .map_err(SnapshotError::vm("resume"))?;
-    }
-    let duration = t0.elapsed();
-    Ok((
-        target,
-        RestoreStats {
-            members: chain.members().len(),
-            pages: total / page,
-            bytes_read: total,
-            time_to_resume: duration,
-            duration,
-            check,
-            lazy: false,
-            resumed: opts.resume,
-            throughput_bytes_per_sec: (total as f64 / duration.as_secs_f64().max(1e-9)) as u64,
-        },
-    ))
+    Ok((target, mems, total / page, total, None))
 }

@@ -2,7 +2,8 @@
 //!
 //! A member is written in `DIR/.N.tmp-<pid>`: the memory files (sparse, pages written with
 //! `pwrite` at `page × page_size`, zero pages left as holes), then the present bitmaps and the
-//! state files; every file is fsynced, the chunk checksums computed, `manifest.json` written
+//! state files; every file is fsynced, the chunk checksums computed (from the bytes written
+//! for a chunk whose last write covered it whole, else by reading it back), `manifest.json` written
 //! and fsynced, the temporary directory fsynced, renamed to `DIR/N`, and `DIR` fsynced. Until
 //! the rename, readers do not see the member (they ignore names starting with `.`); after it,
 //! the member is complete on disk. Any failure removes the temporary directory.
@@ -94,6 +95,11 @@ pub(crate) struct Member {
     data: Vec<DirtyBitmap>,
     /// Chunks of each memory file written to.
     touched: Vec<DirtyBitmap>,
+    /// Chunks whose checksum is in `chunk_sums`: the last write to them covered them whole
+    /// (its bytes are the chunk's contents), so the commit need not read them back.
+    hashed: Vec<DirtyBitmap>,
+    /// The checksums of the `hashed` chunks.
+    chunk_sums: Vec<Vec<AtomicU64>>,
     /// The page hashes of the guest memory the chain holds, updated as pages are written.
     pub(crate) tables: Vec<DigestTable>,
     bytes: AtomicU64,
@@ -140,6 +146,18 @@ impl Member {
             touched: regions
                 .iter()
                 .map(|r| DirtyBitmap::new(r.size.div_ceil(CHUNK_SIZE)))
+                .collect(),
+            hashed: regions
+                .iter()
+                .map(|r| DirtyBitmap::new(r.size.div_ceil(CHUNK_SIZE)))
+                .collect(),
+            chunk_sums: regions
+                .iter()
+                .map(|r| {
+                    (0..r.size.div_ceil(CHUNK_SIZE))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
                 .collect(),
             tables,
             bytes: AtomicU64::new(0),
@@ -253,7 +271,32 @@ impl Member {
         }
         flush(&mut run, bytes.len())?;
         self.present[region].set_range(first, npages);
+        self.hash_chunks(region, first * self.page_size, bytes);
         Ok(())
+    }
+
+    /// After a write of `bytes` at byte `start` of region `region`'s file (whose contents
+    /// there are now exactly `bytes`: zero pages are holes or zeros): checksum the chunks it
+    /// covers whole, so that the commit need not read them back, and forget the checksum of
+    /// a chunk it covers in part. A chunk is written by one thread at a time (writers write
+    /// distinct pages, and a whole-chunk write holds all of the chunk's pages).
+    fn hash_chunks(&self, region: usize, start: u64, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let len = self.regions[region].size;
+        let end = start + bytes.len() as u64;
+        let hashed = &self.hashed[region];
+        for c in start / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE {
+            let (cs, ce) = (c * CHUNK_SIZE, ((c + 1) * CHUNK_SIZE).min(len));
+            if cs >= start && ce <= end {
+                let sum = mem_hash(&bytes[(cs - start) as usize..(ce - start) as usize]);
+                self.chunk_sums[region][c as usize].store(sum, Ordering::Relaxed);
+                hashed.set(c);
+            } else {
+                hashed.clear_word_bits((c / 64) as usize, 1 << (c % 64));
+            }
+        }
     }
 
     /// Record the saved vCPU states.
@@ -309,8 +352,14 @@ impl Member {
             f.sync_all()
                 .map_err(|e| SnapshotError::io("fsync", path, e))?;
             let len = self.regions[i].size;
-            let touched = &self.touched[i];
-            let sums = chunk_hashes(f, path, len, |c| touched.test(c))?;
+            let (touched, hashed) = (&self.touched[i], &self.hashed[i]);
+            // Chunks hashed as written need no read; the others written to are read back.
+            let mut sums = chunk_hashes(f, path, len, |c| touched.test(c) && !hashed.test(c))?;
+            for (c, sum) in sums.iter_mut().enumerate() {
+                if hashed.test(c as u64) {
+                    *sum = self.chunk_sums[i][c].load(Ordering::Relaxed);
+                }
+            }
             files.push(FileEntry {
                 name: mem_file(i),
                 len,
@@ -389,6 +438,72 @@ mod tests {
         let mut b = vec![0u8; 4099];
         b[4098] = 1;
         assert!(!is_zero(&b));
+    }
+
+    #[test]
+    fn chunks_hashed_as_written_match_the_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        // 3.5 MiB: chunks 0..3, the last one short.
+        let size = (7 << 20) / 2;
+        let regions = [Region {
+            slot: 0,
+            gpa: 0,
+            size,
+        }];
+        let npages = size / 4096;
+        let tables = vec![DigestTable::new(npages as usize, 4096)];
+        let Ok(mut m) = Member::create(tmp.path(), 0, Kind::Full, 4096, &regions, tables) else {
+            panic!("create failed");
+        };
+        let mut all: Vec<u8> = (0..size as usize).map(|i| (i % 251) as u8).collect();
+        // Zero pages inside whole chunks: holes, hashed as zeros.
+        all[4096..3 * 4096].fill(0);
+        m.write_run(0, 0, &all).unwrap();
+        assert!(
+            (0..4).all(|c| m.hashed[0].test(c)),
+            "every chunk written whole"
+        );
+        // A later write of part of chunk 1 (its first page becomes zero: zeros over data) and
+        // of part of chunk 3: their sums must come from the file.
+        m.write_run(0, 256, &[0u8; 4096]).unwrap();
+        m.write_run(0, 3 * 256 + 5, &[7u8; 2 * 4096]).unwrap();
+        assert!(m.hashed[0].test(0) && m.hashed[0].test(2));
+        assert!(!m.hashed[0].test(1) && !m.hashed[0].test(3));
+        // A whole rewrite of chunk 3 makes it hashed again.
+        let tail = vec![9u8; (size - 3 * CHUNK_SIZE) as usize];
+        m.write_run(0, 3 * 256, &tail).unwrap();
+        assert!(m.hashed[0].test(3));
+        m.set_vcpus(vec![vec![1]]);
+        let mut manifest = Manifest {
+            format: crate::format::FORMAT,
+            kind: Kind::Full,
+            parent: None,
+            page_size: 4096,
+            vcpu_count: 1,
+            regions: vec![crate::format::RegionEntry {
+                slot: 0,
+                guest_phys_addr: 0,
+                size,
+                pages_present: 0,
+                memory_xxh3: hex(m.tables[0].digest()),
+            }],
+            tracker: "dirty-log".into(),
+            mode: crate::format::SnapshotMode::Stop,
+            created: 0,
+            files: Vec::new(),
+            stats: Default::default(),
+        };
+        let (path, _) = m.commit(&mut manifest).unwrap();
+        // The sums recorded are those of the file's bytes, chunk by chunk.
+        let file = path.join(mem_file(0));
+        let bytes = std::fs::read(&file).unwrap();
+        let want: Vec<String> = bytes
+            .chunks(CHUNK_SIZE as usize)
+            .map(|c| hex(mem_hash(c)))
+            .collect();
+        assert_eq!(manifest.file(&mem_file(0)).unwrap().chunks, want);
+        assert_eq!(&bytes[256 * 4096..257 * 4096], &[0u8; 4096][..]);
+        crate::Chain::open(&path, true).unwrap();
     }
 
     #[test]
