@@ -264,6 +264,62 @@ mod tests {
 /// `HostMemory`) and the scenarios each method must pass.
 #[cfg(test)]
 pub(crate) mod testing {
+
+    /// The tests every fault-recording method shares, as `#[test]` functions in the calling
+    /// module: `$watch(&Mapping) -> impl WriteWatch` builds the method's watch, `$npages`
+    /// sizes the mappings.
+    macro_rules! shared_watch_tests {
+        ($watch:ident, $npages:expr) => {
+            #[test]
+            fn reports_exactly_the_written_pages() {
+                let m = Mapping::anon($npages);
+                testing::reports_exactly_the_written_pages(&$watch(&m), &m);
+            }
+
+            #[test]
+            fn reports_exactly_the_written_pages_of_a_memfd() {
+                let m = Mapping::memfd($npages);
+                testing::reports_exactly_the_written_pages(&$watch(&m), &m);
+                let m = Mapping::memfd($npages);
+                testing::racing_writes_are_never_lost(&$watch(&m), &m, 2, true, 32);
+            }
+
+            #[test]
+            fn protect_rearms_only_the_given_pages() {
+                let m = Mapping::anon($npages);
+                testing::protect_rearms_only_the_given_pages(&$watch(&m), &m);
+            }
+
+            #[test]
+            fn disarm_lifts_every_protection() {
+                let m = Mapping::anon($npages);
+                testing::disarm_lifts_every_protection(&$watch(&m), &m);
+            }
+
+            #[test]
+            fn drop_lifts_every_protection() {
+                let m = Mapping::anon($npages);
+                testing::drop_lifts_every_protection(Box::new($watch(&m)), &m);
+            }
+
+            #[test]
+            fn racing_writes_are_never_lost_dirty_log() {
+                for writers in [1, 2] {
+                    let m = Mapping::anon($npages);
+                    testing::racing_writes_are_never_lost(&$watch(&m), &m, writers, true, 40);
+                }
+            }
+
+            #[test]
+            fn racing_writes_are_never_lost_clear_log() {
+                for writers in [1, 2] {
+                    let m = Mapping::anon($npages);
+                    testing::racing_writes_are_never_lost(&$watch(&m), &m, writers, false, 40);
+                }
+            }
+        };
+    }
+    pub(crate) use shared_watch_tests;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
 

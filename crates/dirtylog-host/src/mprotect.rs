@@ -523,53 +523,7 @@ mod tests {
         MprotectWatch::new(m.addr(), m.len(), PAGE).expect("MprotectWatch::new")
     }
 
-    #[test]
-    fn reports_exactly_the_written_pages() {
-        let m = Mapping::anon(NPAGES);
-        testing::reports_exactly_the_written_pages(&watch(&m), &m);
-    }
-
-    #[test]
-    fn reports_exactly_the_written_pages_of_a_memfd() {
-        let m = Mapping::memfd(NPAGES);
-        testing::reports_exactly_the_written_pages(&watch(&m), &m);
-        let m = Mapping::memfd(NPAGES);
-        testing::racing_writes_are_never_lost(&watch(&m), &m, 2, true, 32);
-    }
-
-    #[test]
-    fn protect_rearms_only_the_given_pages() {
-        let m = Mapping::anon(NPAGES);
-        testing::protect_rearms_only_the_given_pages(&watch(&m), &m);
-    }
-
-    #[test]
-    fn disarm_lifts_every_protection() {
-        let m = Mapping::anon(NPAGES);
-        testing::disarm_lifts_every_protection(&watch(&m), &m);
-    }
-
-    #[test]
-    fn drop_lifts_every_protection() {
-        let m = Mapping::anon(NPAGES);
-        testing::drop_lifts_every_protection(Box::new(watch(&m)), &m);
-    }
-
-    #[test]
-    fn racing_writes_are_never_lost_dirty_log() {
-        for writers in [1, 2] {
-            let m = Mapping::anon(NPAGES);
-            testing::racing_writes_are_never_lost(&watch(&m), &m, writers, true, 40);
-        }
-    }
-
-    #[test]
-    fn racing_writes_are_never_lost_clear_log() {
-        for writers in [1, 2] {
-            let m = Mapping::anon(NPAGES);
-            testing::racing_writes_are_never_lost(&watch(&m), &m, writers, false, 40);
-        }
-    }
+    crate::fault_log::testing::shared_watch_tests!(watch, NPAGES);
 
     #[test]
     fn bad_ranges_are_refused() {
