@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Run a cargo-fuzz target for a while: scripts/fuzz.sh TARGET|all SECONDS [libFuzzer args...]
 #
+# E.g. until 10^7 executions or an hour, whichever comes first, at low priority:
+#   FUZZ_SANITIZER=none nice -n 19 scripts/fuzz.sh receiver_session 3600 -runs=10000000
+#
 # Targets: wire_decoder receiver_session vcpu_blob core_clear_ring (see fuzz/src/*.rs).
 # Needs nightly Rust and cargo-fuzz (`cargo install cargo-fuzz`). One process per target
 # (-jobs=1 in effect: 2 shared cores), run one after the other for `all`. New inputs go to
@@ -40,10 +43,11 @@ if ! cargo "+$toolchain" fuzz --version >/dev/null 2>&1; then
   exit 1
 fi
 # One build per sanitizer, each in its own target directory, so switching costs no rebuild.
-build=(--sanitizer "$sanitizer")
-if [ "$sanitizer" != address ]; then
-  build+=(--target-dir "target/sanitizer-$sanitizer")
-fi
+# The hashing, CRC and compression crates are built without coverage instrumentation (see
+# fuzz/tools/rustc-uninstrumented-deps.sh); cargo does not fingerprint the wrapper, hence
+# directories of their own.
+export RUSTC_WRAPPER="$PWD/tools/rustc-uninstrumented-deps.sh"
+build=(--sanitizer "$sanitizer" --target-dir "target/fuzz-$sanitizer")
 cargo "+$toolchain" fuzz build "${build[@]}"
 
 status=0
@@ -61,13 +65,14 @@ for t in "${run[@]}"; do
   set -e
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+  took=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -1)
   if [ -z "$execs" ]; then
     # Ended by a crash: libFuzzer prints no final stats, take the last status line.
     execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
   fi
   after=$(find "artifacts/$t" -type f | wc -l)
   crashes=$((after - before))
-  line="$t: ${execs:-0} executions, ${rate:-?} exec/s, $crashes crash(es), exit $rc"
+  line="$t: ${execs:-0} executions in ${took:-?} s, ${rate:-?} exec/s, $crashes crash(es), exit $rc (sanitizer $sanitizer)"
   echo "$line"
   summary+=("$line")
   if [ "$crashes" -gt 0 ] || [ "$rc" -ne 0 ]; then

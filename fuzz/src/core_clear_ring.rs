@@ -188,12 +188,16 @@ fn words_of(set: &BTreeSet<u64>, npages: u64) -> Vec<u64> {
     w
 }
 
-fn assert_all_tracked(m: &Machine, why: &str) {
+/// Every page of a logging slot is dirty or write-protected (`Machine::page_tracked`). On a
+/// ring VM, `page_tracked` looks for the page among the ring's outstanding entries, one by
+/// one; a write-protected page is tracked whatever the ring holds, so that walk is taken only
+/// for the pages still writable (for all 323 pages it was a third of a run).
+fn assert_all_tracked(m: &Machine, ring: bool, why: &str) {
     for &(_, gfn, npages, log) in &SLOTS {
         if log {
             for g in gfn..gfn + npages {
                 assert!(
-                    m.page_tracked(g),
+                    (ring && protected(m, g)) || m.page_tracked(g),
                     "gfn {g:#x} writable and not dirty, {why}"
                 );
             }
@@ -259,7 +263,7 @@ impl<'a> BitmapModel<'a> {
         for i in [0, 2] {
             self.get(SLOTS[i].0, 8);
         }
-        assert_all_tracked(self.m, "at the end");
+        assert_all_tracked(self.m, false, "at the end");
     }
 
     fn get(&mut self, slot: u32, words: usize) {
@@ -467,7 +471,7 @@ impl<'a> RingModel<'a> {
             }
         }
         if !self.scribbled {
-            assert_all_tracked(self.m, "at the end of a ring run");
+            assert_all_tracked(self.m, true, "at the end of a ring run");
         }
     }
 

@@ -16,6 +16,7 @@
 pub mod core_clear_ring;
 pub mod frames;
 pub mod mem_transport;
+pub mod packed;
 pub mod receiver_session;
 pub mod vcpu_blob;
 pub mod wire_decoder;

@@ -20,7 +20,6 @@
 use std::collections::HashSet;
 
 use arbitrary::{Arbitrary, Unstructured};
-use dirtylog_migrate::compress::{Compression, Compressor};
 use dirtylog_migrate::digest::mem_digest;
 use dirtylog_migrate::soft::SoftVm;
 use dirtylog_migrate::wire::{self, Decoder, Message, PageRange, StreamHeader};
@@ -28,6 +27,7 @@ use dirtylog_migrate::{receive_on, DeviceSection, ReceiveConfig, TrackerKind};
 
 use crate::frames;
 use crate::mem_transport::MemConn;
+use crate::packed::{self, Pattern};
 
 /// The device the target knows when the input says so.
 const DEVICE: &str = "dev0";
@@ -138,7 +138,8 @@ pub enum Msg {
 pub struct Input {
     /// The memory map (see `frames::small_header`).
     pub shape: [u8; 4],
-    /// Short reads: at most `1 + 61 × chunk` bytes per read below 16, whole reads above.
+    /// Short reads: at most `1 + 61 × chunk` bytes per read below 16 (more once the stream
+    /// is long, see [`MemConn::new`]), whole reads above.
     pub chunk: u8,
     /// The target knows device `dev0`, version 1.
     pub device: bool,
@@ -189,6 +190,10 @@ struct Model {
     device_known: bool,
     hashing: bool,
     hashes: Vec<Option<u64>>,
+    /// `mem_digest` of each region of `memory`, until pages land in it: a digest reads the
+    /// whole region (and `available_parallelism`, a few files of /proc and /sys), so
+    /// computing it for every `MemHash` and check was most of a run.
+    digests: Vec<Option<u64>>,
     phase: Phase,
 }
 
@@ -215,6 +220,7 @@ impl Model {
             device_known,
             hashing: false,
             hashes: vec![None; header.regions().len()],
+            digests: vec![None; header.regions().len()],
             phase: Phase::Precopy,
             header: header.clone(),
         }
@@ -267,7 +273,8 @@ impl Model {
     /// Do the hashes received match the source's memory?
     fn hashes_match(&mut self) -> bool {
         for i in 0..self.hashes.len() {
-            if self.hashes[i] != Some(self.digest(i)) {
+            let digest = self.digest(i);
+            if self.hashes[i] != Some(digest) {
                 self.fail(format!("hash of region {i} missing or wrong"));
                 return false;
             }
@@ -286,8 +293,8 @@ impl Model {
         }
     }
 
-    fn digest(&self, index: usize) -> u64 {
-        mem_digest(&self.memory[index], self.page)
+    fn digest(&mut self, index: usize) -> u64 {
+        *self.digests[index].get_or_insert_with(|| mem_digest(&self.memory[index], self.page))
     }
 
     /// The receiver's view of pages landing (`data: None` for zero pages).
@@ -307,6 +314,7 @@ impl Model {
             return self.fail("pages claimed twice in one round");
         }
         claims.fill(true);
+        self.digests[index] = None;
         let bytes = &mut self.memory[index][first * self.page..(first + n) * self.page];
         match data {
             Some(d) => bytes.copy_from_slice(d),
@@ -427,17 +435,33 @@ impl Model {
     }
 }
 
-/// Pages made from `seed`, `len` bytes.
+/// Pages made from `seed`, `len` bytes: byte `i` is `seed + i / 64`, except every fourth run
+/// of 256 bytes, which is zero — a pattern of period 16 KiB, made once per seed and thread
+/// and copied (made for every message, even 64 bytes at a time, it was a tenth of a run).
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            if (i / 256) % 4 == 3 {
-                0
-            } else {
-                seed.wrapping_add((i / 64) as u8)
+    const PERIOD: usize = 256 * 64;
+    thread_local! {
+        static PERIODS: std::cell::RefCell<Vec<Option<Box<[u8]>>>> =
+            std::cell::RefCell::new(vec![None; 256]);
+    }
+    PERIODS.with(|p| {
+        let mut periods = p.borrow_mut();
+        let period = periods[usize::from(seed)].get_or_insert_with(|| {
+            let mut out = vec![0u8; PERIOD];
+            for (run, bytes) in out.chunks_mut(64).enumerate() {
+                if (run / 4) % 4 != 3 {
+                    bytes.fill(seed.wrapping_add(run as u8));
+                }
             }
-        })
-        .collect()
+            out.into_boxed_slice()
+        });
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let n = (len - out.len()).min(PERIOD);
+            out.extend_from_slice(&period[..n]);
+        }
+        out
+    })
 }
 
 /// Run one input.
@@ -485,29 +509,14 @@ pub fn run_input(input: &Input) -> bool {
         }
         HelloSpec::Missing => model.fail("no Hello"),
     }
-    // One compressor of each kind per thread: a zstd context costs more than a run.
-    thread_local! {
-        static COMPRESSORS: std::cell::RefCell<[Option<Compressor>; 2]> = std::cell::RefCell::new([
-            Compressor::new(Compression::Lz4).ok(),
-            Compressor::new(Compression::Zstd { level: 1 }).ok(),
-        ]);
+    for msg in &input.msgs {
+        emit(&mut stream, &mut model, msg);
     }
-    COMPRESSORS.with(|c| {
-        let mut compressors = c.borrow_mut();
-        for msg in &input.msgs {
-            emit(&mut stream, &mut model, &mut compressors, msg);
-        }
-    });
     model.end();
     check(&header, stream, &model, input)
 }
 
-fn emit(
-    stream: &mut Vec<u8>,
-    model: &mut Model,
-    compressors: &mut [Option<Compressor>; 2],
-    msg: &Msg,
-) {
+fn emit(stream: &mut Vec<u8>, model: &mut Model, msg: &Msg) {
     let header = model.header.clone();
     let page = model.page;
     // Once the model has decided, the receiver has stopped reading: the rest is only bytes.
@@ -533,18 +542,14 @@ fn emit(
             let range = model.range(*span);
             let len = range.npages as usize * page;
             let data = pattern(*seed, len);
-            let raw = if *wrong_size {
-                pattern(*seed, len + page)
-            } else {
-                data.clone()
-            };
-            let Some(c) = &mut compressors[usize::from(*zstd)] else {
-                return;
-            };
-            let codec = c.compression().codec();
-            match c.compress(&raw) {
-                Ok(Some(packed)) => {
-                    frames::push_compressed(stream, &header, range, codec, packed);
+            // Too long by a page when `wrong_size`.
+            let raw_len = if *wrong_size { len + page } else { len };
+            let packed = packed::compressed(Pattern::Session, *zstd, *seed, raw_len, || {
+                pattern(*seed, raw_len)
+            });
+            match packed {
+                Some(packed) => {
+                    frames::push_compressed(stream, &header, range, packed::codec(*zstd), &packed);
                 }
                 // Not smaller, or refused: send the pages as they are, as the sender does.
                 _ if !*wrong_size => push(stream, Message::Pages { range, data: &data }),
@@ -709,7 +714,7 @@ fn emit(
         }
         Msg::Switchover { verify, device } => {
             for msg in switchover(&header, *verify, *device) {
-                emit(stream, model, compressors, &msg);
+                emit(stream, model, &msg);
             }
         }
         Msg::Garbage(bytes) => {
@@ -823,4 +828,26 @@ fn check(header: &StreamHeader, stream: Vec<u8>, model: &Model, input: &Input) -
         assert!(replies[1].starts_with("Resumed"), "{replies:?}");
     }
     accepted
+}
+
+#[cfg(test)]
+mod tests {
+    /// The copied 16 KiB period is the pattern its definition gives, byte for byte.
+    #[test]
+    fn pattern_is_its_definition() {
+        for seed in [0u8, 1, 0x7f, 0xff] {
+            for len in [0, 1, 64, 4096, 16384, 16385, 8 * 8192 + 5] {
+                let want: Vec<u8> = (0..len)
+                    .map(|i| {
+                        if (i / 256) % 4 == 3 {
+                            0
+                        } else {
+                            seed.wrapping_add((i / 64) as u8)
+                        }
+                    })
+                    .collect();
+                assert!(super::pattern(seed, len) == want, "seed {seed} len {len}");
+            }
+        }
+    }
 }

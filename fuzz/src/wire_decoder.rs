@@ -8,13 +8,13 @@
 //! connections, device names, lengths); and the encoder accepts it and, for every frame but
 //! `CompressedPages`, writes back exactly the bytes decoded.
 
-use dirtylog_migrate::compress::{Compression, Compressor};
 use dirtylog_migrate::wire::{
     check_device, Decoder, Encoder, Message, PageRange, StreamHeader, MAX_CONNECTIONS,
     MAX_ERROR_MESSAGE, MAX_VCPU_BLOB, VERIFY_STRICT,
 };
 
 use crate::frames::{self, kind};
+use crate::packed::{self, Pattern};
 
 /// Most messages decoded from one input.
 const MAX_MESSAGES: usize = 4096;
@@ -158,35 +158,9 @@ fn compressed(stream: &mut Vec<u8>, header: &StreamHeader, f: [u8; 5]) {
         first_page: u64::from(f[1] % 20),
         npages: u64::from(f[2] % 20),
     };
-    let raw: Vec<u8> = (0..range.npages * page)
-        .map(|i| {
-            if (i / 64) % 3 == 0 {
-                f[4] ^ (i as u8)
-            } else {
-                0
-            }
-        })
-        .collect();
-    let compression = if f[3] & 1 == 0 {
-        Compression::Lz4
-    } else {
-        Compression::Zstd { level: 1 }
-    };
-    // One compressor of each kind per thread: a zstd context costs more than a run.
-    thread_local! {
-        static COMPRESSORS: std::cell::RefCell<[Option<Compressor>; 2]> = std::cell::RefCell::new([
-            Compressor::new(Compression::Lz4).ok(),
-            Compressor::new(Compression::Zstd { level: 1 }).ok(),
-        ]);
-    }
-    let packed = COMPRESSORS.with(|c| {
-        match c.borrow_mut()[usize::from(f[3] & 1)]
-            .as_mut()?
-            .compress(&raw)
-        {
-            Ok(Some(p)) => Some(p.to_vec()),
-            _ => None,
-        }
+    let len = (range.npages * page) as usize;
+    let packed = packed::compressed(Pattern::Wire, f[3] & 1 != 0, f[4], len, || {
+        pattern(f[4], len)
     });
     let Some(packed) = packed else {
         return;
@@ -197,5 +171,46 @@ fn compressed(stream: &mut Vec<u8>, header: &StreamHeader, f: [u8; 5]) {
     } else {
         &packed[..]
     };
-    frames::push_compressed(stream, header, range, compression.codec(), packed);
+    frames::push_compressed(stream, header, range, packed::codec(f[3] & 1 != 0), packed);
+}
+
+/// `len` bytes: byte `i` is `seed ^ i` in every third run of 64 bytes, else 0 — a pattern of
+/// period 768 (a multiple of 256 and of 3 × 64), made once and copied. Made byte by byte,
+/// its comparisons (each a coverage-tracing call) were most of a run.
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    let mut period = [0u8; 768];
+    for (run, bytes) in period.chunks_exact_mut(64).enumerate().step_by(3) {
+        let base = seed ^ ((run * 64) as u8);
+        for (k, b) in bytes.iter_mut().enumerate() {
+            *b = base ^ k as u8;
+        }
+    }
+    let mut raw = Vec::with_capacity(len);
+    while raw.len() < len {
+        let n = (len - raw.len()).min(period.len());
+        raw.extend_from_slice(&period[..n]);
+    }
+    raw
+}
+
+#[cfg(test)]
+mod tests {
+    /// The copied period is the pattern its definition gives, byte for byte.
+    #[test]
+    fn pattern_is_its_definition() {
+        for seed in [0u8, 1, 0x7f, 0xff] {
+            for len in [0, 1, 64, 767, 768, 769, 19 * 8192] {
+                let want: Vec<u8> = (0..len)
+                    .map(|i| {
+                        if (i / 64) % 3 == 0 {
+                            seed ^ (i as u8)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                assert!(super::pattern(seed, len) == want, "seed {seed} len {len}");
+            }
+        }
+    }
 }
