@@ -78,13 +78,9 @@ impl HostSelftest {
         if cfg.vcpus == 0 {
             return Err("at least one writer thread is needed (--vcpus)".into());
         }
-        let page_size = match backing {
-            HostBacking::HugeTlb => 2 << 20,
-            HostBacking::Anonymous | HostBacking::Memfd => 4096,
-        };
         let len = cfg
             .pages
-            .checked_mul(page_size)
+            .checked_mul(backing.page_size())
             .ok_or("--pages times the page size overflows")?;
         let mem = Arc::new(HostMemory::new(len, backing)?);
         let tracker = HostDirtyTracker::new(
