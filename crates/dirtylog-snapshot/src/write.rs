@@ -440,6 +440,29 @@ mod tests {
         assert!(!is_zero(&b));
     }
 
+    /// The manifest of a full member of one region of `size` bytes written by `m`.
+    fn full_manifest(m: &Member, size: u64) -> Manifest {
+        Manifest {
+            format: crate::format::FORMAT,
+            kind: Kind::Full,
+            parent: None,
+            page_size: 4096,
+            vcpu_count: 1,
+            regions: vec![crate::format::RegionEntry {
+                slot: 0,
+                guest_phys_addr: 0,
+                size,
+                pages_present: 0,
+                memory_xxh3: hex(m.tables[0].digest()),
+            }],
+            tracker: "dirty-log".into(),
+            mode: crate::format::SnapshotMode::Stop,
+            created: 0,
+            files: Vec::new(),
+            stats: Default::default(),
+        }
+    }
+
     #[test]
     fn chunks_hashed_as_written_match_the_files() {
         let tmp = tempfile::tempdir().unwrap();
@@ -474,25 +497,7 @@ mod tests {
         m.write_run(0, 3 * 256, &tail).unwrap();
         assert!(m.hashed[0].test(3));
         m.set_vcpus(vec![vec![1]]);
-        let mut manifest = Manifest {
-            format: crate::format::FORMAT,
-            kind: Kind::Full,
-            parent: None,
-            page_size: 4096,
-            vcpu_count: 1,
-            regions: vec![crate::format::RegionEntry {
-                slot: 0,
-                guest_phys_addr: 0,
-                size,
-                pages_present: 0,
-                memory_xxh3: hex(m.tables[0].digest()),
-            }],
-            tracker: "dirty-log".into(),
-            mode: crate::format::SnapshotMode::Stop,
-            created: 0,
-            files: Vec::new(),
-            stats: Default::default(),
-        };
+        let mut manifest = full_manifest(&m, size);
         let (path, _) = m.commit(&mut manifest).unwrap();
         // The sums recorded are those of the file's bytes, chunk by chunk.
         let file = path.join(mem_file(0));
@@ -541,25 +546,7 @@ mod tests {
         m.write_run(0, 14, &vec![0u8; 1010 * 4096]).unwrap();
         assert_eq!((m.pages(), m.bytes_written()), (1024, 3 * 4096));
         m.set_vcpus(vec![vec![1, 2]]);
-        let mut manifest = Manifest {
-            format: crate::format::FORMAT,
-            kind: Kind::Full,
-            parent: None,
-            page_size: 4096,
-            vcpu_count: 1,
-            regions: vec![crate::format::RegionEntry {
-                slot: 0,
-                guest_phys_addr: 0,
-                size: 4 << 20,
-                pages_present: 0,
-                memory_xxh3: hex(m.tables[0].digest()),
-            }],
-            tracker: "dirty-log".into(),
-            mode: crate::format::SnapshotMode::Stop,
-            created: 0,
-            files: Vec::new(),
-            stats: Default::default(),
-        };
+        let mut manifest = full_manifest(&m, 4 << 20);
         let (path, _) = m.commit(&mut manifest).unwrap();
         assert_eq!(path, tmp.path().join("0"));
         assert!(!tmp.path().join(tmp_name(0)).exists());
