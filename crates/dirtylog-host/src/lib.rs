@@ -20,7 +20,8 @@
 //! Pieces: [`HostMemory`] (a mapping of a [`HostBacking`]: anonymous, memfd, 2 MiB hugetlb),
 //! [`HostRegion`] (what a tracker watches: a `HostMemory`, or a caller's own mapping),
 //! [`HostDirtyTracker`] (the tracker; example there), [`probe`] (which methods work here, for
-//! `dirtylog caps`), [`HostError`] (every failure, typed).
+//! `dirtylog caps`), [`populated_pages`] (which pages of a mapping hold anything, read from
+//! the page tables), [`HostError`] (every failure, typed).
 
 #![warn(missing_docs)]
 
@@ -31,6 +32,7 @@ mod fault_log;
 mod memory;
 mod method;
 mod mprotect;
+mod populated;
 mod region;
 #[cfg(feature = "harness")]
 pub mod selftest;
@@ -44,5 +46,6 @@ pub use caps::{probe, BackingCaps, HostCaps, MethodCaps};
 pub use error::HostError;
 pub use memory::{free_huge_pages, HostBacking, HostMemory, ParseHostBackingError, HUGE_PAGE_SIZE};
 pub use method::{HostMethod, ParseHostMethodError};
+pub use populated::populated_pages;
 pub use region::HostRegion;
 pub use tracker::{HostDirtyTracker, HostTrackerConfig};
