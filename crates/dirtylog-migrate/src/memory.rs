@@ -97,6 +97,23 @@ pub trait MigrationMemory: Sync {
         let _ = index;
         None
     }
+    /// Does a page of region `index` that this process has never populated (neither in its
+    /// page tables nor swapped out, as `PAGEMAP_SCAN` or `/proc/self/pagemap` tell) hold
+    /// zeros? Then a source's bulk pass skips such pages without reading them: a guest of
+    /// 4 GiB that touched 64 MiB costs a pass over 64 MiB, not 4 GiB of page faults on the
+    /// zero page. (The source's digest still reads every page, so a wrong answer is caught
+    /// by the check, not silently kept.)
+    ///
+    /// Answer `true` only for **private anonymous** memory (`MAP_PRIVATE | MAP_ANONYMOUS`)
+    /// that no userfaultfd missing-mode handler fills on demand: a file or shared mapping
+    /// (memfd, shmem, hugetlbfs files) keeps data in the page cache whether or not this
+    /// process maps it, and a lazily restored guest (Firecracker's snapshot restore, dirtylog
+    /// snapshot's `--lazy`) has pages that exist before they are faulted in. `false` (the
+    /// default): every page is read.
+    fn unpopulated_is_zero(&self, index: usize) -> bool {
+        let _ = index;
+        false
+    }
 }
 
 /// What a vm-memory region's bitmap `B` gives the engine: with dirtylog's
@@ -130,11 +147,19 @@ impl<M: MigrationMemory + ?Sized> MigrationMemory for &M {
     fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         (**self).vmm_bitmap(index)
     }
+    fn unpopulated_is_zero(&self, index: usize) -> bool {
+        (**self).unpopulated_is_zero(index)
+    }
 }
 
 /// vm-memory's guest memory: its regions in address order, slot `i` for the `i`-th, pages of
 /// [`DEFAULT_PAGE_SIZE`], and, with `B` = [`VmmBitmap`], each region's log of VMM writes.
 /// Wrap it in a [`SlotTable`] for other slot ids or another page size.
+///
+/// [`unpopulated_is_zero`](MigrationMemory::unpopulated_is_zero) is left `false`: vm-memory
+/// regions may map files or be filled by a userfaultfd handler, which only the VMM knows; a
+/// VMM whose regions are private anonymous memory says so with
+/// [`SlotTable::with_unpopulated_zero`].
 ///
 /// Safe: a `GuestMemoryMmap` is immutable and keeps each region's mapping alive (and its
 /// host address and length valid) for as long as it lives, which covers any migration that
@@ -191,6 +216,7 @@ pub struct SlotTable<M> {
     memory: M,
     slots: Vec<u32>,
     page_size: u32,
+    unpopulated_zero: bool,
 }
 
 impl<M: MigrationMemory> SlotTable<M> {
@@ -208,7 +234,16 @@ impl<M: MigrationMemory> SlotTable<M> {
             memory,
             slots,
             page_size,
+            unpopulated_zero: false,
         })
+    }
+
+    /// Say that every region is private anonymous memory that no userfaultfd handler fills,
+    /// so that pages never populated are zeros the bulk pass may skip unread (see
+    /// [`MigrationMemory::unpopulated_is_zero`] for what that promise means).
+    pub fn with_unpopulated_zero(mut self) -> Self {
+        self.unpopulated_zero = true;
+        self
     }
 }
 
@@ -232,6 +267,10 @@ impl<M: MigrationMemory> MigrationMemory for SlotTable<M> {
 
     fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         self.memory.vmm_bitmap(index)
+    }
+
+    fn unpopulated_is_zero(&self, index: usize) -> bool {
+        self.unpopulated_zero || self.memory.unpopulated_is_zero(index)
     }
 }
 

@@ -1,6 +1,6 @@
 //! [`SoftVm`]: a VM in software, for tests and benchmarks of the engines without `/dev/kvm`.
 //!
-//! - **Memory**: one zero-filled allocation per region, accessed only through 64-bit atomics
+//! - **Memory**: one private anonymous mapping per region (zero-filled, page-aligned), accessed only through 64-bit atomics
 //!   (so the engine's concurrent reads are well defined).
 //! - **vCPUs**: threads that each write one word into a page of a working set, in order or at
 //!   random, at a tunable rate (or flat out), and count their writes: the guest's progress.
@@ -19,7 +19,6 @@
 //!
 //! `SoftVm` implements every part of [`MigrationSource`] and [`MigrationTarget`] itself.
 
-use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -83,28 +82,45 @@ pub struct SoftConfig {
     pub nonzero_percent: u8,
 }
 
-/// Guest memory of one region: a zeroed allocation of atomic words.
+/// Guest memory of one region: a private anonymous mapping of atomic words, like a VMM's
+/// guest RAM: page-aligned, zero-filled lazily (untouched memory costs no RSS), and so
+/// [`MigrationMemory::unpopulated_is_zero`].
 struct Memory {
     ptr: NonNull<AtomicU64>,
     words: usize,
 }
 
-// SAFETY: the allocation is owned by `Memory` and only accessed through atomics.
+// SAFETY: the mapping is owned by `Memory` and only accessed through atomics.
 unsafe impl Send for Memory {}
 // SAFETY: as above: shared access is atomic.
 unsafe impl Sync for Memory {}
 
 impl Memory {
-    fn new(bytes: u64) -> Self {
-        let words = (bytes / 8) as usize;
-        let layout = Layout::array::<u64>(words.max(1)).expect("region size fits in memory");
-        // SAFETY: the layout has a non-zero size. `alloc_zeroed` gives lazily zeroed pages
-        // (calloc/mmap) for large sizes, so untouched memory costs no RSS, like a guest's.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw.cast::<AtomicU64>()) else {
-            std::alloc::handle_alloc_error(layout);
+    fn new(bytes: u64) -> Result<Self, VmError> {
+        let words = usize::try_from(bytes / 8)
+            .map_err(|_| format!("a region of {bytes} bytes does not fit in memory"))?;
+        let len = words.max(1).checked_mul(8).ok_or("region size overflows")?;
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; it
+        // aliases nothing.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
         };
-        Memory { ptr, words }
+        let ptr = NonNull::new(raw.cast::<AtomicU64>()).filter(|_| raw != libc::MAP_FAILED);
+        let Some(ptr) = ptr else {
+            return Err(format!(
+                "mmap of {len} bytes of guest memory failed: {}",
+                std::io::Error::last_os_error()
+            )
+            .into());
+        };
+        Ok(Memory { ptr, words })
     }
 
     fn words(&self) -> &[AtomicU64] {
@@ -114,18 +130,17 @@ impl Memory {
     }
 
     fn region(&self) -> RegionMemory {
-        // SAFETY: the allocation is `words * 8` bytes, 8-byte aligned, and lives as long as
-        // the `SoftVm` (which outlives any migration that borrows it); the threads that write
-        // it use atomics, and pause and resume follow the memory contract.
+        // SAFETY: the mapping is `words * 8` bytes, page-aligned, and lives as long as the
+        // `SoftVm` (which outlives any migration that borrows it); the threads that write it
+        // use atomics, and pause and resume follow the memory contract.
         unsafe { RegionMemory::new(self.ptr.as_ptr().cast(), self.words * 8) }
     }
 }
 
 impl Drop for Memory {
     fn drop(&mut self) {
-        let layout = Layout::array::<u64>(self.words.max(1)).expect("as allocated");
-        // SAFETY: allocated in `new` with this layout; no reference outlives `self`.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) }
+        // SAFETY: mapped in `new` with this length; no reference outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.words.max(1) * 8) };
     }
 }
 
@@ -310,7 +325,10 @@ impl SoftVm {
         let npages = |r: &Region| r.size / page;
         let inner = Inner {
             page_size: page,
-            memory: regions.iter().map(|r| Memory::new(r.size)).collect(),
+            memory: regions
+                .iter()
+                .map(|r| Memory::new(r.size))
+                .collect::<Result<_, _>>()?,
             logs: regions
                 .iter()
                 .map(|r| DirtyBitmap::new(npages(r)))
@@ -803,6 +821,10 @@ impl MigrationMemory for SoftVm {
 
     fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         self.inner.vmm.get(index)
+    }
+
+    fn unpopulated_is_zero(&self, _index: usize) -> bool {
+        true
     }
 }
 

@@ -44,6 +44,11 @@ pub struct RoundStats {
     pub sent_pages: u64,
     /// Pages sent as zero-page markers (`zero-pages`).
     pub zero_pages: u64,
+    /// Pages of the bulk pass neither read nor sent because this process had never populated
+    /// them: zeros on both sides, known from the page tables
+    /// ([`MigrationMemory::unpopulated_is_zero`](crate::MigrationMemory::unpopulated_is_zero))
+    /// (`unpopulated-pages`).
+    pub unpopulated_pages: u64,
     /// Microseconds spent harvesting the dirty log (`harvest-time-us`).
     pub harvest_time_us: u64,
     /// Microseconds spent sending the round (`send-time-us`).
@@ -253,6 +258,7 @@ mod tests {
             dirty_pages: 10,
             sent_pages: 7,
             zero_pages: 3,
+            unpopulated_pages: 0,
             harvest_time_us: 120,
             send_time_us: 900,
             mbps: 1.5,
@@ -266,6 +272,7 @@ mod tests {
             "dirty-pages",
             "sent-pages",
             "zero-pages",
+            "unpopulated-pages",
             "harvest-time-us",
             "send-time-us",
             "mbps",

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use dirtylog_migrate::soft::SoftVm;
-use dirtylog_migrate::soft::Watch;
+use dirtylog_migrate::soft::{Watch, Workload};
 use dirtylog_migrate::wire::{Decoder, Encoder, Message, Region, StreamHeader};
 use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{
@@ -491,4 +491,149 @@ fn huge_receive_timeouts_neither_panic_nor_wrap() {
     let (dst, _) = receiver.join().unwrap().expect("the receiver");
     sent.expect("the sender");
     assert_same_memory(&src, &dst);
+}
+
+/// A VM whose region 0 is a private mapping of a file with data on page 7 — memory for which
+/// "unpopulated means zero" is false — and which claims it anyway. Tracker, vCPUs and region 1
+/// are an idle software VM's.
+struct FileBacked {
+    vm: SoftVm,
+    map: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read only by the engine (through `RegionMemory`) while it lives.
+unsafe impl Sync for FileBacked {}
+
+impl FileBacked {
+    fn new() -> Self {
+        let vm = soft(layout(4, 2), 1, TrackerKind::ClearLog, Workload::idle());
+        let len = 4 << 20;
+        let mut file = tempfile_with(len, 7 * PAGE as usize, &[0xab; 64]);
+        file.flush().unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh private mapping of our own file; nothing else maps it.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        FileBacked {
+            vm,
+            map: map.cast(),
+            len,
+        }
+    }
+}
+
+impl Drop for FileBacked {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new`, with this length; no migration borrows it any more.
+        unsafe { libc::munmap(self.map.cast(), self.len) };
+    }
+}
+
+/// A file of `len` bytes, zero but for `bytes` at `at`, unlinked.
+fn tempfile_with(len: usize, at: usize, bytes: &[u8]) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("dirtylog-filebacked-{}", std::process::id()));
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file.set_len(len as u64).unwrap();
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(at as u64)).unwrap();
+    file.write_all(bytes).unwrap();
+    file
+}
+
+impl dirtylog_migrate::MigrationMemory for FileBacked {
+    fn page_size(&self) -> u32 {
+        self.vm.page_size()
+    }
+    fn regions(&self) -> Vec<Region> {
+        self.vm.regions()
+    }
+    fn region_memory(&self, index: usize) -> Option<dirtylog_migrate::RegionMemory> {
+        if index == 0 {
+            // SAFETY: a private mapping of `len` bytes that lives as long as `self`, which
+            // outlives the migration; nothing writes it.
+            Some(unsafe { dirtylog_migrate::RegionMemory::new(self.map, self.len) })
+        } else {
+            self.vm.region_memory(index)
+        }
+    }
+    /// The wrong answer for region 0: its file's pages hold data before they are mapped.
+    fn unpopulated_is_zero(&self, _index: usize) -> bool {
+        true
+    }
+}
+
+impl dirtylog_migrate::MigrationSource for FileBacked {
+    type Memory = Self;
+    type Tracker = SoftVm;
+    type Vcpus = SoftVm;
+    fn memory(&self) -> &Self {
+        self
+    }
+    fn tracker(&self) -> &SoftVm {
+        &self.vm
+    }
+    fn vcpus(&self) -> &SoftVm {
+        &self.vm
+    }
+}
+
+#[test]
+fn a_wrong_unpopulated_claim_is_caught_by_the_hash() {
+    use dirtylog_migrate::MigrationMemory;
+    // Off first: the claim really makes the bulk pass skip page 7 (so the other modes can
+    // only pass by catching it).
+    let src = FileBacked::new();
+    let (addr, receiver, _, _) = spawn_watched_receiver(recv_config());
+    let config = SendConfig {
+        verify: Verify::Off,
+        ..send_config(1)
+    };
+    let report = send(&src, addr, &config, &mut |_| {}).expect("verify off: nothing fails");
+    let (dst, _) = receiver.join().unwrap().expect("verify off: the receiver succeeds");
+    assert!(report.rounds[0].stats.unpopulated_pages > 0, "{report:?}");
+    let at = 7 * PAGE as usize;
+    assert_eq!(dst.snapshot(0)[at], 0, "page 7 was skipped as unpopulated");
+    // SAFETY: `src` is not migrating any more; the mapping is valid and nobody writes it.
+    let source_byte = unsafe { *src.region_memory(0).unwrap().as_ptr().add(at) };
+    assert_eq!(source_byte, 0xab);
+    drop(dst);
+
+    for verify in [Verify::Strict, Verify::Background] {
+        let src = FileBacked::new();
+        let (addr, receiver, _, watch) = spawn_watched_receiver(recv_config());
+        let config = SendConfig {
+            verify,
+            ..send_config(1)
+        };
+        let err = send(&src, addr, &config, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&err, MigrateError::Remote { code: 3, message, .. }
+                if message.contains("memory hash mismatch in slot 0")),
+            "{verify}: {err}"
+        );
+        let rerr = receiver.join().unwrap().unwrap_err();
+        assert!(
+            matches!(rerr, MigrateError::HashMismatch { slot: 0, .. }),
+            "{verify}: {rerr}"
+        );
+        let watch = watch.lock().unwrap().clone().expect("a target was built");
+        assert!(watch.stopped(), "{verify}: the destination guest runs on");
+        assert!(!src.vm.is_paused(), "{verify}: source guest left paused");
+    }
 }

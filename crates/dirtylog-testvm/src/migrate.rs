@@ -666,6 +666,12 @@ impl MigrationMemory for KvmSource {
     fn vmm_bitmap(&self, index: usize) -> Option<&DirtyBitmap> {
         self.inner.vmm.get(index).map(|b| &**b)
     }
+
+    /// [`GuestMemory`](crate::GuestMemory) is private anonymous memory that no userfaultfd
+    /// handler fills: a page never populated is a page of zeros.
+    fn unpopulated_is_zero(&self, _index: usize) -> bool {
+        true
+    }
 }
 
 impl DirtyTracker for KvmSource {

@@ -173,8 +173,19 @@ fn idle_guest_arrives_exactly() {
     let _g = kvm();
     let src = boot(&guest(TrackerKind::ClearLog, Some(0)));
     let (report, target, _) = migrate_ok(&src, &send_config());
-    // Nothing dirtied: the bulk pass and a final round of the system slot.
-    assert_eq!(report.rounds.len(), 2, "{:?}", report.rounds);
+    // Nothing dirtied by the guest: after the bulk pass, every round carries the system slot
+    // alone, the same pages each time. Settling takes one round more only if the first
+    // harvest after the bulk pass halved the dirty set (it found the system slot), and stops
+    // when the next did not shrink.
+    let rest = &report.rounds[1..];
+    assert!(matches!(rest.len(), 1 | 2), "{:?}", report.rounds);
+    assert!(
+        rest.iter()
+            .all(|r| r.stats.dirty_pages == rest[0].stats.dirty_pages
+                && r.stats.dirty_pages < 1024),
+        "{:?}",
+        report.rounds
+    );
     assert_eq!(target.guest_writes(), src.guest_writes());
     std::thread::sleep(Duration::from_millis(50));
     target.check().unwrap();

@@ -172,6 +172,12 @@ impl MigrationMemory for Pc {
     fn vmm_bitmap(&self, _index: usize) -> Option<&DirtyBitmap> {
         None
     }
+
+    /// [`GuestMemory`](crate::GuestMemory) is private anonymous memory that no userfaultfd
+    /// handler fills: a page never populated is a page of zeros.
+    fn unpopulated_is_zero(&self, _index: usize) -> bool {
+        true
+    }
 }
 
 impl DirtyTracker for Pc {
