@@ -810,23 +810,19 @@ impl Vcpus for KvmSource {
 }
 
 /// Options of a [`KvmTarget`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct TargetOptions {
-    /// Back guest memory with transparent huge pages (`MADV_HUGEPAGE`): pages the stream
-    /// leaves zero then read as the huge zero page during the hash check. Default true.
+    /// Back guest memory with transparent huge pages (`MADV_HUGEPAGE`). Default **false**:
+    /// the destination never reads the pages the stream leaves zero (its check keeps page
+    /// hashes as pages arrive), and the first write into each 2 MiB then costs a fresh huge
+    /// page, zeroed whole. On our nested hosts a fresh huge page is often memory the outer
+    /// hypervisor must back first (free page reporting hands 2 MiB blocks back to it): a
+    /// bulk pass that lands 64 MiB took 72–260 ms with huge pages against a steady ~90 ms
+    /// without (BENCHMARKS.md, issue 9).
     pub huge_pages: bool,
     /// Keep the vCPUs paused after the engine's resume, until [`KvmTarget::unpause`] (tests
     /// compare the arrived memory with the source's before the guest runs). Default false.
     pub start_paused: bool,
-}
-
-impl Default for TargetOptions {
-    fn default() -> Self {
-        TargetOptions {
-            huge_pages: true,
-            start_paused: false,
-        }
-    }
 }
 
 /// A KVM VM built from a migration stream's header, waiting for its memory, its vCPU states
