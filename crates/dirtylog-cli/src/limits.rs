@@ -37,6 +37,12 @@ pub fn millis(s: &str) -> Result<u64, String> {
     at_most(number(s)?, MAX_SECONDS * 1000, "ms")
 }
 
+/// The default number of migration connections: one per CPU core this process may use, at
+/// most 4 (each connection is a sending thread and a receiving one).
+pub fn default_connections() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
+}
+
 /// Connections of one migration: 1 to the stream format's limit.
 pub fn connections(s: &str) -> Result<usize, String> {
     let max = u64::from(dirtylog_migrate::wire::MAX_CONNECTIONS);

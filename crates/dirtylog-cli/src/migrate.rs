@@ -136,8 +136,10 @@ pub struct MigrationArgs {
     /// loss on loopback.
     #[arg(long, value_name = "CODEC", value_parser = parse_compress)]
     pub compress: Option<Compression>,
-    /// TCP connections, each carrying a share of every round (1..=64).
-    #[arg(long, default_value_t = 1, value_parser = crate::limits::connections)]
+    /// TCP connections, each carrying a share of every round (1..=64). Default: one per CPU
+    /// core, at most 4 — on 2 cores, 2 connections took the final round of a 64 MiB working
+    /// set from ~40 to ~20 ms (BENCHMARKS.md, issue 9).
+    #[arg(long, default_value_t = crate::limits::default_connections(), value_parser = crate::limits::connections)]
     pub connections: usize,
     /// Most seconds from the start until switchover (1 to a week); then --on-timeout applies.
     #[arg(long, default_value_t = 60, value_parser = crate::limits::seconds_nonzero)]
