@@ -605,7 +605,10 @@ fn a_wrong_unpopulated_claim_is_caught_by_the_hash() {
         ..send_config(1)
     };
     let report = send(&src, addr, &config, &mut |_| {}).expect("verify off: nothing fails");
-    let (dst, _) = receiver.join().unwrap().expect("verify off: the receiver succeeds");
+    let (dst, _) = receiver
+        .join()
+        .unwrap()
+        .expect("verify off: the receiver succeeds");
     assert!(report.rounds[0].stats.unpopulated_pages > 0, "{report:?}");
     let at = 7 * PAGE as usize;
     assert_eq!(dst.snapshot(0)[at], 0, "page 7 was skipped as unpopulated");
