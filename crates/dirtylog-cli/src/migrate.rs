@@ -869,6 +869,13 @@ pub fn print_report(r: &SendReport, out: &mut dyn Write) -> std::io::Result<()> 
             if x.is_final { "  final" } else { "" }
         )?;
     }
+    let unpopulated: u64 = r.rounds.iter().map(|x| x.stats.unpopulated_pages).sum();
+    if unpopulated > 0 {
+        writeln!(
+            out,
+            "(bulk pass: {unpopulated} pages never populated on the source, neither read nor sent)"
+        )?;
+    }
     Ok(())
 }
 
