@@ -34,6 +34,21 @@ pub fn raw_frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// A `Pages` frame with `FLAG_HASH_CHECKED` and `payload`: its CRC covers the head and the
+/// first 20 bytes (the fixed fields, or what there is of them), as the flag says.
+pub fn hash_checked_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let mut head = [0u8; 6];
+    head[0] = kind::PAGES;
+    head[1] = dirtylog_migrate::wire::FLAG_HASH_CHECKED;
+    head[2..].copy_from_slice(&len.to_le_bytes());
+    let fixed = &payload[..payload.len().min(20)];
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head), fixed);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
 fn range_bytes(p: &mut Vec<u8>, r: PageRange) {
     p.extend_from_slice(&r.slot.to_le_bytes());
     p.extend_from_slice(&r.first_page.to_le_bytes());

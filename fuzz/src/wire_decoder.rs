@@ -1,16 +1,19 @@
 //! `wire_decoder`: a valid preamble and header (a small memory map chosen by the first
 //! bytes), then the fuzzer's bytes — as they are, or cut into frames whose CRCs are right
-//! (and `CompressedPages` frames with really compressed data) — into
-//! `Decoder::next` over a `Vec` per region.
+//! (and `CompressedPages` frames with really compressed data, and hash-checked `Pages`
+//! frames) — into `Decoder::next` over a `Vec` per region, with or without page hashing and
+//! hash-checked frames accepted.
 //!
 //! Oracle: no panic; every message returned satisfies the header's bounds (ranges inside
 //! their region, data exactly the pages and the bytes now in memory, vCPU ids, slots,
-//! connections, device names, lengths); and the encoder accepts it and, for every frame but
-//! `CompressedPages`, writes back exactly the bytes decoded.
+//! connections, device names, lengths); with page hashing, a `Pages` message's hashes are
+//! its pages'; and the encoder accepts it and, for every frame but `CompressedPages`, writes
+//! back exactly the bytes decoded (hash-checked frames as hash-checked).
 
+use dirtylog_migrate::digest::mem_hash;
 use dirtylog_migrate::wire::{
-    check_device, Decoder, Encoder, Message, PageRange, StreamHeader, MAX_CONNECTIONS,
-    MAX_ERROR_MESSAGE, MAX_VCPU_BLOB, VERIFY_STRICT,
+    check_device, Decoder, Encoder, Message, PageRange, StreamHeader, FLAG_HASH_CHECKED,
+    MAX_CONNECTIONS, MAX_ERROR_MESSAGE, MAX_VCPU_BLOB, VERIFY_STRICT,
 };
 
 use crate::frames::{self, kind};
@@ -20,6 +23,8 @@ use crate::packed::{self, Pattern};
 const MAX_MESSAGES: usize = 4096;
 /// The "compressed pages, done right" pseudo frame type of the framed mode.
 const COMPRESS: u8 = 0xf0;
+/// The "hash-checked pages" pseudo frame type of the framed mode.
+const HASHED: u8 = 0xf1;
 
 /// Run one input.
 pub fn run(data: &[u8]) {
@@ -43,14 +48,19 @@ pub fn run(data: &[u8]) {
         Ok(d) => d,
         Err(e) => panic!("a valid preamble and header refused: {e}"),
     };
+    // Bit 1: hash pages and accept hash-checked frames, as the receiving engine does.
+    let hashing = head[4] & 2 != 0;
+    decoder.set_hash_pages(hashing);
+    decoder.accept_hash_checked(hashing);
     assert_eq!(decoder.header(), &header);
     assert_eq!(decoder.position(), body_at as u64);
     for _ in 0..MAX_MESSAGES {
         let start = decoder.position() as usize;
         let frame_kind = stream.get(start).copied();
+        let flagged = stream.get(start + 1) == Some(&FLAG_HASH_CHECKED);
         let (reencoded, pages) = match decoder.next(&mut memory) {
             Ok(None) | Err(_) => return,
-            Ok(Some(msg)) => check(&header, &msg),
+            Ok(Some(msg)) => check(&header, &msg, flagged),
         };
         let end = decoder.position() as usize;
         assert!(
@@ -63,6 +73,11 @@ pub fn run(data: &[u8]) {
                 &bytes[..],
                 "Pages data is not the destination memory"
             );
+            if hashing {
+                let page = header.page_size() as usize;
+                let want: Vec<u64> = bytes.chunks(page).map(mem_hash).collect();
+                assert_eq!(decoder.page_hashes(), &want[..], "page hashes");
+            }
         }
         if frame_kind != Some(kind::COMPRESSED_PAGES) {
             assert_eq!(
@@ -77,7 +92,11 @@ pub fn run(data: &[u8]) {
 /// Check a decoded message against the header; returns it re-encoded by the real encoder,
 /// and for `Pages`, where its data lies and a copy of it.
 #[allow(clippy::type_complexity)]
-fn check(header: &StreamHeader, msg: &Message<'_>) -> (Vec<u8>, Option<(usize, usize, Vec<u8>)>) {
+fn check(
+    header: &StreamHeader,
+    msg: &Message<'_>,
+    flagged: bool,
+) -> (Vec<u8>, Option<(usize, usize, Vec<u8>)>) {
     let page = u64::from(header.page_size());
     let in_map = |range: PageRange| match header.check_range(range) {
         Ok(index) => index,
@@ -122,7 +141,9 @@ fn check(header: &StreamHeader, msg: &Message<'_>) -> (Vec<u8>, Option<(usize, u
         | Message::Resumed { .. } => {}
     }
     let mut out = Vec::new();
-    if let Err(e) = Encoder::back_channel(&mut out, header.clone()).send(*msg) {
+    let mut encoder = Encoder::back_channel(&mut out, header.clone());
+    encoder.set_hash_checked_pages(flagged);
+    if let Err(e) = encoder.send(*msg) {
         panic!("the decoder accepted {msg:?}, the encoder refuses it: {e}");
     }
     (out, pages)
@@ -130,7 +151,8 @@ fn check(header: &StreamHeader, msg: &Message<'_>) -> (Vec<u8>, Option<(usize, u
 
 /// The framed mode: `kind u8 | len u16 | payload[len]` records become frames with a right
 /// CRC; a record of kind [`COMPRESS`] (`slot-index u8 | first u8 | npages u8 | codec u8 |
-/// seed u8`) becomes a `CompressedPages` frame of really compressed pages.
+/// seed u8`) becomes a `CompressedPages` frame of really compressed pages, one of kind
+/// [`HASHED`] a `Pages` frame with `FLAG_HASH_CHECKED` and its (head-only) CRC.
 fn framed(stream: &mut Vec<u8>, header: &StreamHeader, mut rest: &[u8]) {
     while let Some((&[k, l0, l1], tail)) = rest.split_first_chunk::<3>() {
         if k == COMPRESS {
@@ -143,7 +165,11 @@ fn framed(stream: &mut Vec<u8>, header: &StreamHeader, mut rest: &[u8]) {
             continue;
         }
         let len = usize::from(u16::from_le_bytes([l0, l1])).min(tail.len());
-        frames::raw_frame(stream, k, &tail[..len]);
+        if k == HASHED {
+            frames::hash_checked_frame(stream, &tail[..len]);
+        } else {
+            frames::raw_frame(stream, k, &tail[..len]);
+        }
         rest = &tail[len..];
     }
 }

@@ -15,8 +15,9 @@
 //! describes the memory as it arrived, whatever the guest has written since.
 //!
 //! The hashes guard against bugs in the migration (a page never sent, sent from the wrong
-//! round, written to the wrong place), not against an adversary: the stream itself is only
-//! CRC-protected. 64 bits make a chance collision irrelevant next to the bugs it is there to
+//! round, written to the wrong place) and, in a verified migration, against corrupted page
+//! bytes ([`wire::FLAG_HASH_CHECKED`](crate::wire::FLAG_HASH_CHECKED): the pages carry no CRC
+//! of their own then); not against an adversary, which is TLS's job. 64 bits make a chance collision irrelevant next to the bugs it is there to
 //! catch; a cryptographic hash would be several times slower per core for no benefit here.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,8 +2,10 @@
 //! header, apply every connection's frames straight into the target's memory, check each
 //! region's hash, and only then resume the guest and acknowledge.
 //!
-//! **Validation.** Every frame is CRC-checked and every range checked against the header's
-//! memory map by the [`wire`] decoder before a byte lands. Every allocation is bounded by the
+//! **Validation.** Every frame is CRC-checked (in a verified migration, a `Pages` frame's
+//! pages are checked by their hashes instead, [`wire::FLAG_HASH_CHECKED`]; pages that came so
+//! in a stream that then asks for no check fail it) and every range checked against the
+//! header's memory map by the [`wire`] decoder before a byte lands. Every allocation is bounded by the
 //! header or a constant: two bits per page (claimed this round, ever written: at most 64 MiB for
 //! the 1 TiB limit), one flag
 //! per declared vCPU, one hash per region, the names of at most
@@ -471,8 +473,10 @@ where
                     source,
                 }
             })?;
-        // Each page is hashed as it lands, while it is still in cache.
+        // Each page is hashed as it lands, while it is still in cache; so pages may come
+        // without a CRC of their own if the stream is verified (checked at Prepare).
         input.set_hash_pages(true);
+        input.accept_hash_checked(true);
         Ok(input)
     };
     // The handshake over: reads are bounded by the I/O timeout again.
@@ -602,6 +606,7 @@ where
         bytes: AtomicU64::new(0),
         normal: AtomicU64::new(0),
         zero: AtomicU64::new(0),
+        hash_checked: AtomicU64::new(0),
     };
     let mut outcomes: Vec<Option<(ConnOutcome, Input<C>)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = inputs
@@ -673,6 +678,18 @@ where
         VERIFY_BACKGROUND => Verify::Background,
         _ => Verify::Off,
     };
+    // Pages without a CRC are only ever checked by the memory check: a stream that sent any
+    // and then asks for none would leave them unchecked.
+    let unchecked = shared.hash_checked.load(Ordering::Relaxed);
+    if verify == Verify::Off && unchecked > 0 {
+        return Err(fail(MigrateError::protocol(
+            0,
+            format!(
+                "{unchecked} pages came without a CRC (checked by page hashes) in a stream \
+                 that then asks for no memory check"
+            ),
+        )));
+    }
     let check = |hashes: &[Option<u64>]| -> Result<Duration, MigrateError> {
         // The memory as it arrived against the source's paused memory.
         let t = Instant::now();
@@ -971,6 +988,8 @@ struct Shared<'a, T> {
     bytes: AtomicU64,
     normal: AtomicU64,
     zero: AtomicU64,
+    /// Pages that came in `FLAG_HASH_CHECKED` frames: only the memory check checks them.
+    hash_checked: AtomicU64,
 }
 
 impl<T: MigrationTarget> Shared<'_, T> {
@@ -1046,7 +1065,7 @@ impl<T: MigrationTarget> Shared<'_, T> {
                         .header
                         .check_range(range)
                         .map_err(MigrateError::wire(conn))?;
-                    // The decoder hashed each page as it landed (CRC-checked since); the
+                    // The decoder hashed each page as it landed (CRC- or hash-checked); the
                     // memory is never read again.
                     let hashes = input.page_hashes();
                     if hashes.len() as u64 != range.npages {
@@ -1241,6 +1260,8 @@ impl<T: MigrationTarget> Shared<'_, T> {
             .fetch_add(input.position() - last_position, Ordering::Relaxed);
         self.normal.fetch_add(normal, Ordering::Relaxed);
         self.zero.fetch_add(zero, Ordering::Relaxed);
+        self.hash_checked
+            .fetch_add(input.hash_checked_pages(), Ordering::Relaxed);
         Ok((outcome, input))
     }
 

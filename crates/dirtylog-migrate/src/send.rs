@@ -663,6 +663,9 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
                 session,
             })
             .map_err(MigrateError::wire(i))?;
+            // A verified migration's pages go without a CRC of their own: the destination
+            // checks each by the hash it records anyway (wire::FLAG_HASH_CHECKED).
+            enc.set_hash_checked_pages(self.config.verify != Verify::Off);
             // Out now, not when the buffer first fills: the receiver reads every connection's
             // Hello before it reads any page, and a connection given only zero-page markers
             // would otherwise hold its Hello back while connection 0 waits for it.

@@ -2,12 +2,19 @@
 //!
 //! ```text
 //! stream   = preamble header-frame frame*
-//! preamble = magic "DIRTYLG\0" (8 bytes) | version u32 (= 4)
-//! frame    = type u8 | flags u8 (= 0) | length u32 | payload[length] | crc32c u32
+//! preamble = magic "DIRTYLG\0" (8 bytes) | version u32 (= 5)
+//! frame    = type u8 | flags u8 | length u32 | payload[length] | crc32c u32
 //! ```
 //!
 //! Integers are little-endian. The CRC32C covers the type, flags and length bytes and the
-//! payload, so a flipped bit anywhere in a frame is caught. Each payload starts with fixed
+//! payload, so a flipped bit anywhere in a frame is caught. The one flag,
+//! [`FLAG_HASH_CHECKED`], is allowed on `Pages` frames only: their CRC then covers the type,
+//! flags, length and fixed fields but not the pages, which the destination checks instead by
+//! the page hashes it records ([`Decoder::set_hash_pages`]) against the source's digest of its
+//! paused memory — the end-to-end check a verified migration makes anyway, so the pages are not
+//! checksummed twice. A decoder refuses the flag unless it was told to accept it
+//! ([`Decoder::accept_hash_checked`]); the receiving engine accepts it only in a stream whose
+//! memory is then verified. Every other flag is refused. Each payload starts with fixed
 //! fields; `Pages`, `VcpuState`, `Error`, `Device` and `CompressedPages` then carry variable
 //! data:
 //!
@@ -90,8 +97,11 @@ pub const MAGIC: [u8; 8] = *b"DIRTYLG\0";
 /// The format version this build writes and reads. Version 4: `MemHash` carries
 /// [`mem_digest`](crate::digest::mem_digest) over page hashes, and `Prepare`/`Prepared`/
 /// `Commit`/`Resumed` hand the guest over exactly once and let the
-/// destination run the guest before the memory check.
-pub const VERSION: u32 = 4;
+/// destination run the guest before the memory check. Version 5: [`FLAG_HASH_CHECKED`].
+pub const VERSION: u32 = 5;
+/// Frame flag of a `Pages` frame whose CRC leaves out the pages: the page hashes check them
+/// (see the [module docs](self)).
+pub const FLAG_HASH_CHECKED: u8 = 1;
 /// Smallest page size a header may declare.
 pub const MIN_PAGE_SIZE: u32 = 4096;
 /// Largest page size a header may declare (tracking at 2 MiB huge-page granularity).
@@ -658,6 +668,18 @@ impl<'a> Frame<'a> {
         Ok(Frame::build(kind, &fixed, data))
     }
 
+    /// As [`new`](Self::new) for a `Pages` message, with [`FLAG_HASH_CHECKED`]: the CRC
+    /// leaves out the pages. Any other message is framed as by `new`.
+    pub fn new_hash_checked(header: &StreamHeader, msg: Message<'a>) -> Result<Self, WireError> {
+        let (kind, fixed, data) = encode_fields(msg);
+        kind.check_len((fixed.len + data.len()) as u64)?;
+        header.validate(&msg)?;
+        if kind != Kind::Pages {
+            return Ok(Frame::build(kind, &fixed, data));
+        }
+        Ok(Frame::build_flagged(kind, &fixed, data, FLAG_HASH_CHECKED))
+    }
+
     /// Validate a `CompressedPages` frame against `header` and frame it: `data` is the pages
     /// of `range` compressed with `codec`, at most [`Codec::max_compressed_len`] of their
     /// size. That it decompresses to exactly the pages is the caller's promise; the receiver
@@ -676,6 +698,12 @@ impl<'a> Frame<'a> {
 
     /// Frame a payload whose length has been checked against `kind`'s bounds.
     fn build(kind: Kind, fixed: &Fixed, data: &'a [u8]) -> Self {
+        Frame::build_flagged(kind, fixed, data, 0)
+    }
+
+    /// [`build`](Self::build) with `flags`; with [`FLAG_HASH_CHECKED`] the CRC leaves `data`
+    /// out.
+    fn build_flagged(kind: Kind, fixed: &Fixed, data: &'a [u8], flags: u8) -> Self {
         debug_assert!(
             fixed.len == kind.layout().0 || kind == Kind::Device,
             "{} fixed fields",
@@ -685,10 +713,16 @@ impl<'a> Frame<'a> {
         let len = (fixed.len + data.len()) as u32;
         let mut head = [0; FRAME_HEAD + FIXED_MAX];
         head[0] = kind as u8;
+        head[1] = flags;
         head[2..FRAME_HEAD].copy_from_slice(&len.to_le_bytes());
         let head_len = FRAME_HEAD + fixed.len;
         head[FRAME_HEAD..head_len].copy_from_slice(fixed.as_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head[..head_len]), data);
+        let crc = crc32c::crc32c(&head[..head_len]);
+        let crc = if flags & FLAG_HASH_CHECKED != 0 {
+            crc
+        } else {
+            crc32c::crc32c_append(crc, data)
+        };
         Frame {
             head,
             head_len,
@@ -740,6 +774,8 @@ pub struct Encoder<W> {
     writer: W,
     header: StreamHeader,
     position: u64,
+    /// [`Encoder::set_hash_checked_pages`].
+    hash_checked: bool,
 }
 
 impl<W: Write> Encoder<W> {
@@ -763,13 +799,25 @@ impl<W: Write> Encoder<W> {
             writer,
             header,
             position: 0,
+            hash_checked: false,
         }
     }
 
     /// Validate `msg` and write it as one frame.
     pub fn send(&mut self, msg: Message<'_>) -> Result<(), WireError> {
-        let frame = Frame::new(&self.header, msg)?;
+        let frame = if self.hash_checked {
+            Frame::new_hash_checked(&self.header, msg)?
+        } else {
+            Frame::new(&self.header, msg)?
+        };
         self.write(&frame)
+    }
+
+    /// Write `Pages` frames with [`FLAG_HASH_CHECKED`] (their CRC leaves out the pages) from
+    /// now on, or not. Only for a stream whose memory the destination then verifies by page
+    /// hashes; off by default.
+    pub fn set_hash_checked_pages(&mut self, on: bool) {
+        self.hash_checked = on;
     }
 
     /// Validate and write a `CompressedPages` frame ([`Frame::compressed_pages`]): the pages of
@@ -907,7 +955,7 @@ impl<R: Read> Input<R> {
 
     /// The next frame's type and payload length, checked against the type's bounds; `None`
     /// if the stream ends cleanly before it.
-    fn frame_head(&mut self) -> Result<Option<(Kind, usize)>, WireError> {
+    fn frame_head(&mut self) -> Result<Option<(Kind, usize, u8)>, WireError> {
         let mut head = [0; FRAME_HEAD];
         match self.fill(&mut head)? {
             0 => return Ok(None),
@@ -920,16 +968,10 @@ impl<R: Read> Input<R> {
             }
         }
         let kind = Kind::from_u8(head[0]).ok_or(WireError::UnknownType(head[0]))?;
-        if head[1] != 0 {
-            return Err(WireError::Flags {
-                frame: kind.name(),
-                flags: head[1],
-            });
-        }
         let len = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
         kind.check_len(u64::from(len))?;
         self.crc = crc32c::crc32c(&head);
-        Ok(Some((kind, len as usize)))
+        Ok(Some((kind, len as usize, head[1])))
     }
 
     /// Read payload bytes of a `kind` frame into `buf`.
@@ -948,6 +990,7 @@ impl<R: Read> Input<R> {
         buf: &mut [u8],
         page: usize,
         mut hashes: Option<&mut Vec<u64>>,
+        crc: bool,
     ) -> Result<(), WireError> {
         let page = page.max(1);
         let (mut n, mut hashed) = (0, 0);
@@ -956,7 +999,9 @@ impl<R: Read> Input<R> {
             match self.reader.read(&mut buf[n..end]) {
                 Ok(0) => break,
                 Ok(k) => {
-                    self.crc = crc32c::crc32c_append(self.crc, &buf[n..n + k]);
+                    if crc {
+                        self.crc = crc32c::crc32c_append(self.crc, &buf[n..n + k]);
+                    }
                     n += k;
                     if let Some(hashes) = hashes.as_deref_mut() {
                         while hashed + page <= n {
@@ -1010,6 +1055,10 @@ pub struct Decoder<R> {
     hash_pages: bool,
     /// The page hashes of the last `Pages` message, with `hash_pages`.
     page_hashes: Vec<u64>,
+    /// [`Decoder::accept_hash_checked`].
+    accept_hash_checked: bool,
+    /// Pages decoded from [`FLAG_HASH_CHECKED`] frames.
+    hash_checked_pages: u64,
 }
 
 impl<R: Read> Decoder<R> {
@@ -1035,6 +1084,8 @@ impl<R: Read> Decoder<R> {
             buf,
             decompressor: Decompressor::default(),
             hash_pages: false,
+            accept_hash_checked: false,
+            hash_checked_pages: 0,
             page_hashes: Vec::new(),
         })
     }
@@ -1048,6 +1099,8 @@ impl<R: Read> Decoder<R> {
             buf: Vec::new(),
             decompressor: Decompressor::default(),
             hash_pages: false,
+            accept_hash_checked: false,
+            hash_checked_pages: 0,
             page_hashes: Vec::new(),
         }
     }
@@ -1061,6 +1114,19 @@ impl<R: Read> Decoder<R> {
     pub fn set_hash_pages(&mut self, on: bool) {
         self.hash_pages = on;
         self.page_hashes.clear();
+    }
+
+    /// Accept `Pages` frames with [`FLAG_HASH_CHECKED`], whose CRC leaves out the pages, while
+    /// [`set_hash_pages`](Self::set_hash_pages) is on (refused otherwise, as any other flag
+    /// is): the caller takes on checking those pages by their [`page_hashes`](Self::page_hashes)
+    /// (as the receiving engine does against the source's digest). Off by default.
+    pub fn accept_hash_checked(&mut self, on: bool) {
+        self.accept_hash_checked = on;
+    }
+
+    /// Pages decoded so far from [`FLAG_HASH_CHECKED`] frames: pages no CRC has checked.
+    pub fn hash_checked_pages(&self) -> u64 {
+        self.hash_checked_pages
     }
 
     /// With [`set_hash_pages`](Self::set_hash_pages) on, the hash of each page of the last
@@ -1097,9 +1163,19 @@ impl<R: Read> Decoder<R> {
         M: GuestMemoryMut + ?Sized,
     {
         self.page_hashes.clear();
-        let Some((kind, len)) = self.input.frame_head()? else {
+        let Some((kind, len, flags)) = self.input.frame_head()? else {
             return Ok(None);
         };
+        let hash_checked = flags == FLAG_HASH_CHECKED
+            && kind == Kind::Pages
+            && self.accept_hash_checked
+            && self.hash_pages;
+        if flags != 0 && !hash_checked {
+            return Err(WireError::Flags {
+                frame: kind.name(),
+                flags,
+            });
+        }
         let mut fixed = [0; FIXED_MAX];
         let fixed = &mut fixed[..kind.layout().0];
         self.input.payload(fixed, kind)?;
@@ -1113,7 +1189,11 @@ impl<R: Read> Decoder<R> {
             let data = destination(&self.header, memory, index, range)?;
             let page = self.header.page_size() as usize;
             let hashes = self.hash_pages.then_some(&mut self.page_hashes);
-            self.input.pages_payload(data, page, hashes)?;
+            self.input
+                .pages_payload(data, page, hashes, !hash_checked)?;
+            if hash_checked {
+                self.hash_checked_pages += range.npages;
+            }
             data
         } else {
             self.buf.resize(data_len, 0);
@@ -1176,12 +1256,18 @@ fn read_header<R: Read>(
     input: &mut Input<R>,
     buf: &mut Vec<u8>,
 ) -> Result<StreamHeader, WireError> {
-    let Some((kind, len)) = input.frame_head()? else {
+    let Some((kind, len, flags)) = input.frame_head()? else {
         return Err(WireError::Truncated {
             offset: input.position,
             what: "stream header",
         });
     };
+    if flags != 0 {
+        return Err(WireError::Flags {
+            frame: kind.name(),
+            flags,
+        });
+    }
     if kind != Kind::Header {
         return Err(WireError::UnexpectedFrame {
             found: kind.name(),

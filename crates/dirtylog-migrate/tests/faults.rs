@@ -134,16 +134,34 @@ fn connection_cut_during_switchover() {
 }
 
 #[test]
-fn flipped_byte_fails_the_crc() {
+fn flipped_byte_fails_the_crc_or_the_memory_check() {
+    // Unverified: every byte of every frame is under a CRC.
     let src = source();
-    let (err, rerr) = faulty(&src, 1, Fault::FlipAt(200_000), |_| false);
-    eprintln!("source: {err}\nreceiver: {rerr}");
+    let (err, rerr) = faulty_with(&src, 1, Fault::FlipAt(200_000), &|_| false, Verify::Off);
+    eprintln!("off: source: {err}\nreceiver: {rerr}");
     assert!(rerr.to_string().contains("CRC mismatch"), "{rerr}");
     // The receiver's explanation reaches the source.
     assert!(
         matches!(&err, MigrateError::Remote { message, .. } if message.contains("CRC mismatch")),
         "{err}"
     );
+    // Verified: the byte lies in a page, which its hash checks instead of a second CRC; the
+    // destination never keeps the guest (strict: it never runs it).
+    for verify in [Verify::Strict, Verify::Background] {
+        let src = source();
+        let (err, rerr) = faulty_with(&src, 1, Fault::FlipAt(200_000), &|_| false, verify);
+        eprintln!("{verify}: source: {err}\nreceiver: {rerr}");
+        assert!(
+            matches!(rerr, MigrateError::HashMismatch { slot: 0, .. }),
+            "{verify}: {rerr}"
+        );
+        assert!(
+            matches!(&err, MigrateError::Remote { message, .. }
+                if message.contains("memory hash mismatch in slot 0")),
+            "{verify}: {err}"
+        );
+        assert_source_recovered(&src);
+    }
 }
 
 #[test]
@@ -639,4 +657,54 @@ fn a_wrong_unpopulated_claim_is_caught_by_the_hash() {
         assert!(watch.stopped(), "{verify}: the destination guest runs on");
         assert!(!src.vm.is_paused(), "{verify}: source guest left paused");
     }
+}
+
+/// Pages sent without a CRC (checked by their hashes) and then a `Prepare` that asks for no
+/// memory check: nothing would ever have checked them, so the receiver refuses the guest.
+#[test]
+fn pages_without_a_crc_in_an_unverified_stream_are_refused() {
+    use dirtylog_migrate::wire::{PageRange, VERIFY_NONE};
+    use dirtylog_migrate::Vcpus;
+    let vm = soft(layout(4, 2), 1, TrackerKind::ClearLog, Workload::idle());
+    vm.pause().unwrap();
+    let blobs = vm.save_state().unwrap();
+
+    let (addr, receiver, resumed) = spawn_receiver(recv_config());
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut enc = Encoder::new(&mut s, raw_header()).unwrap();
+    enc.send(Message::Hello {
+        connection: 0,
+        connections: 1,
+        session: 1,
+    })
+    .unwrap();
+    enc.set_hash_checked_pages(true);
+    let page = vec![0x5a; 4096];
+    let range = PageRange {
+        slot: 2,
+        first_page: 3,
+        npages: 1,
+    };
+    enc.send(Message::Pages { range, data: &page }).unwrap();
+    enc.send(Message::RoundEnd {
+        round: 0,
+        dirty_pages: 64,
+    })
+    .unwrap();
+    enc.send(Message::VcpuState {
+        vcpu_id: 0,
+        blob: &blobs[0],
+    })
+    .unwrap();
+    enc.send(Message::Prepare {
+        verify: VERIFY_NONE,
+    })
+    .unwrap();
+    let err = receiver.join().unwrap().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("1 pages came without a CRC (checked by page hashes) in a stream that then asks for no memory check"),
+        "{err}"
+    );
+    assert!(!resumed.load(Ordering::SeqCst));
 }

@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 
 use dirtylog_migrate::digest::mem_hash;
 use dirtylog_migrate::wire::{
-    Decoder, Encoder, Frame, Message, PageRange, Region, StreamHeader, WireError, MAGIC,
-    MAX_DEVICE_STATE, MAX_ERROR_MESSAGE, MAX_REGIONS, MAX_VCPU_BLOB,
+    Decoder, Encoder, Frame, Message, PageRange, Region, StreamHeader, WireError,
+    FLAG_HASH_CHECKED, MAGIC, MAX_DEVICE_STATE, MAX_ERROR_MESSAGE, MAX_REGIONS, MAX_VCPU_BLOB,
 };
 use proptest::prelude::*;
 
@@ -263,13 +263,14 @@ fn wrong_magic_and_version_are_rejected() {
 
     let mut s = stream_with(&[]);
     // Version 1 had no Device frame, version 2 one hash of the whole region, version 3 a
-    // digest of 64-page chunks and no Resume: refused, as any other version.
-    for v in [1u32, 2, 3, 5] {
+    // digest of 64-page chunks and no Resume, version 4 no hash-checked pages: refused, as
+    // any other version.
+    for v in [1u32, 2, 3, 4, 6] {
         s[8..12].copy_from_slice(&v.to_le_bytes());
         let err = Decoder::new(s.as_slice()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("unsupported stream version {v} (this build speaks version 4)")
+            format!("unsupported stream version {v} (this build speaks version 5)")
         );
     }
     assert_eq!(&s[..8], &MAGIC);
@@ -419,7 +420,8 @@ fn unknown_types_flags_and_misplaced_headers_are_rejected() {
     done[1] = 0x40;
     assert_eq!(
         next_error(&stream_with(&done)).to_string(),
-        "Done frame has flags 0x40; version 4 defines none"
+        "Done frame has flags 0x40; version 5 allows only 0x01 (pages checked by their hashes), \
+         on Pages frames, where the receiver accepts it"
     );
 
     let header_frame = stream_with(&[])[12..].to_vec();
@@ -1116,4 +1118,83 @@ fn a_tls_peer_is_recognised() {
     // Other bytes get no such hint.
     let err = next_error(&stream_with(&raw_frame(18, &[])));
     assert_eq!(err.to_string(), "unknown frame type 18");
+}
+
+/// `FLAG_HASH_CHECKED`: refused unless the decoder hashes pages and accepts it, and then the
+/// CRC still covers the frame's head and fixed fields but not the pages, whose hashes tell.
+#[test]
+fn hash_checked_pages_leave_the_pages_to_their_hashes() {
+    let h = header();
+    let g = guest();
+    let r = range(0, 10, 3);
+    let mut stream = Vec::new();
+    let mut enc = Encoder::new(&mut stream, h.clone()).unwrap();
+    enc.set_hash_checked_pages(true);
+    enc.send(pages(g, 0, r)).unwrap();
+    // Other frames are not flagged.
+    enc.send(Message::Done).unwrap();
+    let frame_at = stream_with(&[]).len();
+    assert_eq!(stream[frame_at + 1], FLAG_HASH_CHECKED);
+    let data_at = frame_at + FRAME_HEAD + PAGES_FIXED;
+    let want: Vec<u64> = (10..13)
+        .map(|p| mem_hash(&g[0][p * PAGE as usize..(p + 1) * PAGE as usize]))
+        .collect();
+
+    // Decode `s` with a decoder set up as given; the page hashes of its Pages frame.
+    let run = |s: &[u8], hash: bool, accept: bool| -> Result<Vec<u64>, WireError> {
+        let mut d = Decoder::new(s).unwrap();
+        d.set_hash_pages(hash);
+        d.accept_hash_checked(accept);
+        let mut mem = memory(&h);
+        d.next(&mut mem)?;
+        let hashes = d.page_hashes().to_vec();
+        assert_eq!(d.hash_checked_pages(), 3);
+        assert_eq!(d.next(&mut mem)?, Some(Message::Done));
+        Ok(hashes)
+    };
+    assert_eq!(run(&stream, true, true).unwrap(), want);
+    for (hash, accept) in [(false, false), (true, false), (false, true)] {
+        let err = run(&stream, hash, accept).unwrap_err();
+        assert!(matches!(err, WireError::Flags { flags: 1, .. }), "{err}");
+    }
+
+    // A flipped page byte passes the CRC and shows in its page's hash.
+    let mut bad = stream.clone();
+    bad[data_at + PAGE as usize + 7] ^= 0x10;
+    let got = run(&bad, true, true).unwrap();
+    assert_eq!((got[0], got[2]), (want[0], want[2]));
+    assert_ne!(got[1], want[1]);
+    // A flipped byte of the head or fixed fields does not.
+    for at in [
+        frame_at,
+        frame_at + 3,
+        frame_at + FRAME_HEAD + 2,
+        data_at - 1,
+    ] {
+        let mut bad = stream.clone();
+        bad[at] ^= 0x01;
+        assert!(
+            run(&bad, true, true).is_err(),
+            "byte {at} of the frame head"
+        );
+    }
+    // Nor does one of the CRC.
+    let mut bad = stream.clone();
+    bad[data_at + 3 * PAGE as usize] ^= 0x01;
+    assert!(matches!(
+        run(&bad, true, true).unwrap_err(),
+        WireError::Crc { .. }
+    ));
+
+    // The flag on any other frame is refused, accepted or not.
+    let mut done = raw_frame(7, &[]);
+    done[1] = FLAG_HASH_CHECKED;
+    let done_stream = stream_with(&done);
+    let mut d = Decoder::new(done_stream.as_slice()).unwrap();
+    d.set_hash_pages(true);
+    d.accept_hash_checked(true);
+    assert!(matches!(
+        d.next(&mut memory(&h)).unwrap_err(),
+        WireError::Flags { .. }
+    ));
 }

@@ -73,8 +73,12 @@ pub enum WireError {
         /// What the stream needs at this point.
         expected: &'static str,
     },
-    /// A frame sets flags; this version defines none.
-    #[error("{frame} has flags {flags:#04x}; version {VERSION} defines none")]
+    /// A frame sets flags it may not: version 5 defines only `FLAG_HASH_CHECKED` (0x01), on
+    /// `Pages` frames, for a decoder that accepts it.
+    #[error(
+        "{frame} has flags {flags:#04x}; version {VERSION} allows only 0x01 (pages checked by \
+         their hashes), on Pages frames, where the receiver accepts it"
+    )]
     Flags {
         /// The frame.
         frame: &'static str,
