@@ -135,6 +135,16 @@ fn connection_cut_during_switchover() {
 
 #[test]
 fn flipped_byte_fails_the_crc_or_the_memory_check() {
+    // The flipped byte lands in one of the first pages of slot 0: a guest that writes only
+    // far from them, so that no later round sends a good copy over the bad one (which would
+    // be a migration that rightly succeeds).
+    let source = || {
+        let w = Workload {
+            first_page: 900,
+            ..workload(256, Some(2000), true)
+        };
+        soft(layout(4, 2), 2, TrackerKind::ClearLog, w)
+    };
     // Unverified: every byte of every frame is under a CRC.
     let src = source();
     let (err, rerr) = faulty_with(&src, 1, Fault::FlipAt(200_000), &|_| false, Verify::Off);
