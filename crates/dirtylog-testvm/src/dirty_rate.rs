@@ -329,8 +329,11 @@ pub fn page_sampling(
 ) -> DirtyRate {
     let picked = pick(regions, sample_pages, seed);
     let (mut before, mut after) = (Vec::new(), Vec::new());
-    let t0 = Instant::now();
     hash_all(regions, &picked, &mut before, &mut || obs.opened());
+    // The wait starts once every sample has been read, as QEMU sleeps after its first pass:
+    // so each sample's two readings are at least `calc_time` apart, however long a pass takes
+    // (from the first reading, a slow first pass ate into the window: 48 ms of 50 seen in CI).
+    let t0 = Instant::now();
     wait_out(t0, calc_time, obs);
     hash_all(regions, &picked, &mut after, &mut || obs.closing());
     let between: Duration = before
