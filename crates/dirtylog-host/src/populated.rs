@@ -32,6 +32,7 @@ use std::io::Read as _;
 use std::os::fd::AsFd as _;
 use std::sync::OnceLock;
 
+use crate::async_wp::set_bits;
 use crate::sys::{self, page_region, pm_scan_arg};
 use crate::HostError;
 
@@ -83,24 +84,19 @@ pub fn populated_pages(
             got: out.len(),
         });
     }
-    let mut set = 0u64;
+    let count = |out: &[u64]| out.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+    let before = count(out);
     let mut mark = |start: u64, stop: u64| {
         let first = (start.clamp(addr, end) - addr) / page_size;
         let last = (stop.clamp(addr, end) - addr).div_ceil(page_size);
-        for p in first..last {
-            let (w, b) = ((p / 64) as usize, p % 64);
-            if out[w] & (1 << b) == 0 {
-                out[w] |= 1 << b;
-                set += 1;
-            }
-        }
+        set_bits(out, first as usize, last as usize);
     };
     if scan_supported() {
         scan(addr, end, &mut mark)?;
     } else {
         read_pagemap(addr, end, base, &mut mark)?;
     }
-    Ok(set)
+    Ok(count(out) - before)
 }
 
 /// Does this kernel have `PAGEMAP_SCAN`? Asked once, with an empty range.

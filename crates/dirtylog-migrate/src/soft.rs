@@ -19,7 +19,6 @@
 //!
 //! `SoftVm` implements every part of [`MigrationSource`] and [`MigrationTarget`] itself.
 
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -28,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dirtylog::{DirtyBitmap, DirtyTracker, TrackerError, TrackerKind};
+use dirtylog_host::{HostBacking, HostMemory};
 
 use crate::device::{DeviceSection, DeviceState};
 use crate::error::VmError;
@@ -82,65 +82,27 @@ pub struct SoftConfig {
     pub nonzero_percent: u8,
 }
 
-/// Guest memory of one region: a private anonymous mapping of atomic words, like a VMM's
-/// guest RAM: page-aligned, zero-filled lazily (untouched memory costs no RSS), and so
-/// [`MigrationMemory::unpopulated_is_zero`].
-struct Memory {
-    ptr: NonNull<AtomicU64>,
-    words: usize,
-}
-
-// SAFETY: the mapping is owned by `Memory` and only accessed through atomics.
-unsafe impl Send for Memory {}
-// SAFETY: as above: shared access is atomic.
-unsafe impl Sync for Memory {}
+/// Guest memory of one region: a private anonymous mapping of atomic words (dirtylog-host's
+/// [`HostMemory`]), like a VMM's guest RAM: page-aligned, zero-filled lazily (untouched memory
+/// costs no RSS), and so [`MigrationMemory::unpopulated_is_zero`].
+struct Memory(HostMemory);
 
 impl Memory {
     fn new(bytes: u64) -> Result<Self, VmError> {
-        let words = usize::try_from(bytes / 8)
-            .map_err(|_| format!("a region of {bytes} bytes does not fit in memory"))?;
-        let len = words.max(1).checked_mul(8).ok_or("region size overflows")?;
-        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; it
-        // aliases nothing.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        let ptr = NonNull::new(raw.cast::<AtomicU64>()).filter(|_| raw != libc::MAP_FAILED);
-        let Some(ptr) = ptr else {
-            return Err(format!(
-                "mmap of {len} bytes of guest memory failed: {}",
-                std::io::Error::last_os_error()
-            )
-            .into());
-        };
-        Ok(Memory { ptr, words })
+        HostMemory::new(bytes, HostBacking::Anonymous)
+            .map(Memory)
+            .map_err(|e| format!("guest memory of {bytes} bytes: {e}").into())
     }
 
     fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `words` zero-initialised u64s, owned by self; `AtomicU64` has the layout of
-        // `u64` and all zeroes is a valid value.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.words) }
+        self.0.words()
     }
 
     fn region(&self) -> RegionMemory {
-        // SAFETY: the mapping is `words * 8` bytes, page-aligned, and lives as long as the
-        // `SoftVm` (which outlives any migration that borrows it); the threads that write it
-        // use atomics, and pause and resume follow the memory contract.
-        unsafe { RegionMemory::new(self.ptr.as_ptr().cast(), self.words * 8) }
-    }
-}
-
-impl Drop for Memory {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `new` with this length; no reference outlives `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.words.max(1) * 8) };
+        // SAFETY: the mapping is `len` bytes, page-aligned, and lives as long as the `SoftVm`
+        // (which outlives any migration that borrows it); the threads that write it use
+        // atomics, and pause and resume follow the memory contract.
+        unsafe { RegionMemory::new(self.0.as_ptr(), self.0.len() as usize) }
     }
 }
 
