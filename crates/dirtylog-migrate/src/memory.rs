@@ -333,5 +333,8 @@ mod tests {
         let t = SlotTable::with_page_size(&mem, vec![5, 9], 8192).unwrap();
         assert_eq!(t.page_size(), 8192);
         assert_eq!(t.regions()[1].slot, 9);
+        // Unpopulated pages are zeros only on the VMM's word.
+        assert!(!mem.unpopulated_is_zero(1) && !t.unpopulated_is_zero(1));
+        assert!(t.with_unpopulated_zero().unpopulated_is_zero(1));
     }
 }

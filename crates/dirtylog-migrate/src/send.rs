@@ -380,9 +380,6 @@ impl<S: MigrationSource> SourceGuard<'_, S> {
     }
 }
 
-/// A harvest: how long it took, the dirty pages it found, when it ended.
-type Harvested = (Duration, u64, Instant);
-
 /// A piece of work for a connection's thread.
 enum Job {
     /// Send the dirty pages of a span.
@@ -802,9 +799,8 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
             // handed out looks converged and the final round carries the difference (a
             // 20 ms limit met with 267 ms in tests/compose.rs, once the bulk pass skipped the
             // memory never touched). Cheap: the bits harvested early are already taken.
-            let early = next.take();
             let (t, pages) = self.harvest()?;
-            let t = early.map_or(t, |(early_time, ..)| early_time.max(t));
+            let t = next.take().map_or(t, |early| early.max(t));
             let at = Instant::now();
             harvest_time = t;
             let rate = convergence::dirty_rate(pages, at - last_harvest);
@@ -1114,9 +1110,9 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
     }
 
     /// Send one round: every page in the bulk pass (round 0), the dirty set otherwise. Returns
-    /// the round's bandwidth in bytes per second and, but for the final round, the next
-    /// harvest (its time, its dirty pages, when it ended), taken once every page of this
-    /// round has been handed out, while the connections still send the last ones.
+    /// the round's bandwidth in bytes per second and, but for the final round, how long the
+    /// next round's first harvest took: taken once every page of this round has been handed
+    /// out, while the connections still send the last ones (its bits are in the dirty set).
     #[allow(clippy::too_many_arguments)]
     fn send_round(
         &mut self,
@@ -1127,7 +1123,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         dirty_pages: u64,
         rate: u64,
         progress: &mut dyn FnMut(&Progress),
-    ) -> Result<(f64, Option<Harvested>), MigrateError> {
+    ) -> Result<(f64, Option<Duration>), MigrateError> {
         let t = Instant::now();
         let bulk = round == 0;
         let is_final = phase == Phase::Switchover;
@@ -1251,8 +1247,7 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         let next = if is_final {
             None
         } else {
-            let (time, pages) = self.harvest()?;
-            Some((time, pages, Instant::now()))
+            Some(self.harvest()?.0)
         };
         ctl.wait_for(
             self.sh,

@@ -662,22 +662,30 @@ pub struct Frame<'a> {
 impl<'a> Frame<'a> {
     /// Validate `msg` against `header` and frame it.
     pub fn new(header: &StreamHeader, msg: Message<'a>) -> Result<Self, WireError> {
-        let (kind, fixed, data) = encode_fields(msg);
-        kind.check_len((fixed.len + data.len()) as u64)?;
-        header.validate(&msg)?;
-        Ok(Frame::build(kind, &fixed, data))
+        Frame::checked(header, msg, false)
     }
 
     /// As [`new`](Self::new) for a `Pages` message, with [`FLAG_HASH_CHECKED`]: the CRC
     /// leaves out the pages. Any other message is framed as by `new`.
     pub fn new_hash_checked(header: &StreamHeader, msg: Message<'a>) -> Result<Self, WireError> {
+        Frame::checked(header, msg, true)
+    }
+
+    /// Validate `msg` and frame it, a `Pages` message hash-checked if `hash_checked`.
+    fn checked(
+        header: &StreamHeader,
+        msg: Message<'a>,
+        hash_checked: bool,
+    ) -> Result<Self, WireError> {
         let (kind, fixed, data) = encode_fields(msg);
         kind.check_len((fixed.len + data.len()) as u64)?;
         header.validate(&msg)?;
-        if kind != Kind::Pages {
-            return Ok(Frame::build(kind, &fixed, data));
-        }
-        Ok(Frame::build_flagged(kind, &fixed, data, FLAG_HASH_CHECKED))
+        let flags = if hash_checked && kind == Kind::Pages {
+            FLAG_HASH_CHECKED
+        } else {
+            0
+        };
+        Ok(Frame::build_flagged(kind, &fixed, data, flags))
     }
 
     /// Validate a `CompressedPages` frame against `header` and frame it: `data` is the pages
@@ -805,11 +813,7 @@ impl<W: Write> Encoder<W> {
 
     /// Validate `msg` and write it as one frame.
     pub fn send(&mut self, msg: Message<'_>) -> Result<(), WireError> {
-        let frame = if self.hash_checked {
-            Frame::new_hash_checked(&self.header, msg)?
-        } else {
-            Frame::new(&self.header, msg)?
-        };
+        let frame = Frame::checked(&self.header, msg, self.hash_checked)?;
         self.write(&frame)
     }
 

@@ -679,15 +679,8 @@ fn pages_without_a_crc_in_an_unverified_stream_are_refused() {
     vm.pause().unwrap();
     let blobs = vm.save_state().unwrap();
 
-    let (addr, receiver, resumed) = spawn_receiver(recv_config());
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut enc = Encoder::new(&mut s, raw_header()).unwrap();
-    enc.send(Message::Hello {
-        connection: 0,
-        connections: 1,
-        session: 1,
-    })
-    .unwrap();
+    let mut tail = Vec::new();
+    let mut enc = Encoder::back_channel(&mut tail, raw_header());
     enc.set_hash_checked_pages(true);
     let page = vec![0x5a; 4096];
     let range = PageRange {
@@ -710,11 +703,9 @@ fn pages_without_a_crc_in_an_unverified_stream_are_refused() {
         verify: VERIFY_NONE,
     })
     .unwrap();
-    let err = receiver.join().unwrap().unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("1 pages came without a CRC (checked by page hashes) in a stream that then asks for no memory check"),
-        "{err}"
-    );
-    assert!(!resumed.load(Ordering::SeqCst));
+    let (err, reply) = hostile(&tail);
+    let why = "1 pages came without a CRC (checked by page hashes) in a stream that then asks \
+               for no memory check";
+    assert!(err.to_string().contains(why), "{err}");
+    assert!(reply.contains(why), "{reply}");
 }
