@@ -35,7 +35,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dirtylog::bitmap::runs;
-use dirtylog::DirtyBitmap;
 use dirtylog_host::uffd::{
     Fault, RegisterMode, Userfaultfd, Wakeup, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
     UFFD_FEATURE_WP_UNPOPULATED,
@@ -43,6 +42,7 @@ use dirtylog_host::uffd::{
 use dirtylog_host::HostError;
 use dirtylog_migrate::{MigrationSource, RegionMemory, Vcpus};
 
+use crate::claims::{Claimed, Claims};
 use crate::create::copy_from_guest;
 use crate::write::Member;
 use crate::{CreateConfig, Progress, SnapshotError, SnapshotMode, SnapshotStats, Snapshotter};
@@ -302,7 +302,7 @@ struct Saver<'a> {
     /// The member's pages, per region.
     set: &'a [Vec<u64>],
     /// Pages claimed for saving (by either thread), per region.
-    claimed: Vec<DirtyBitmap>,
+    claims: Claims,
     /// Pages saved.
     done: AtomicU64,
     total: u64,
@@ -320,12 +320,6 @@ impl Saver<'_> {
         self.set[r]
             .get((p / 64) as usize)
             .is_some_and(|w| w & (1 << (p % 64)) != 0)
-    }
-
-    /// Claim page `p` of region `r`: true if nobody had.
-    fn claim(&self, r: usize, p: u64) -> bool {
-        let bit = 1u64 << (p % 64);
-        self.claimed[r].set_word_bits((p / 64) as usize, bit) & bit == 0
     }
 
     /// Record the first failure and lift every protection, so that no writer stays blocked.
@@ -392,7 +386,7 @@ impl Saver<'_> {
             // Protected with its whole region, but not part of this member.
             return self.wp.lift(r, p, 1);
         }
-        if self.claim(r, p) {
+        if self.claims.claim(r, p) {
             self.save_run(r, p, 1, buf)?;
         }
         // Else the sweep has it: its lift wakes the writer.
@@ -406,29 +400,24 @@ impl Saver<'_> {
         let total_bytes = self.total * self.page;
         for (r, words) in self.set.iter().enumerate() {
             for (first, n) in runs(words) {
-                let end = first + n;
-                let mut p = first;
-                while p < end {
-                    if self.failed.load(Ordering::Acquire) {
-                        return Ok(());
-                    }
-                    if !self.claim(r, p) {
-                        p += 1;
-                        continue;
-                    }
-                    let mut k = 1;
-                    while k < RUN_PAGES && p + k < end && self.claim(r, p + k) {
-                        k += 1;
-                    }
-                    self.save_run(r, p, k, &mut buf)?;
-                    p += k;
-                    if let Some(f) = progress {
-                        f(Progress {
-                            phase: "background",
-                            done_bytes: self.done.load(Ordering::Relaxed) * self.page,
-                            total_bytes,
-                        });
-                    }
+                let stop = || self.failed.load(Ordering::Acquire);
+                self.claims
+                    .claim_runs(r, (first, first + n), RUN_PAGES, stop, |claimed| {
+                        let Claimed::Run { first, n } = claimed else {
+                            return Ok(());
+                        };
+                        self.save_run(r, first, n, &mut buf)?;
+                        if let Some(f) = progress {
+                            f(Progress {
+                                phase: "background",
+                                done_bytes: self.done.load(Ordering::Relaxed) * self.page,
+                                total_bytes,
+                            });
+                        }
+                        Ok(())
+                    })?;
+                if self.failed.load(Ordering::Acquire) {
+                    return Ok(());
                 }
             }
         }
@@ -462,10 +451,7 @@ fn save(
         mems,
         page: wp.page,
         set,
-        claimed: set
-            .iter()
-            .map(|w| DirtyBitmap::new(w.len() as u64 * 64))
-            .collect(),
+        claims: Claims::new(set.iter().map(|w| w.len() as u64 * 64)),
         done: AtomicU64::new(0),
         total,
         failed: AtomicBool::new(false),

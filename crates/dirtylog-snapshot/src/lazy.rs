@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use dirtylog::DirtyBitmap;
 use dirtylog_host::uffd::{Fault, Fill, RegisterMode, Userfaultfd, Wakeup};
 use dirtylog_migrate::digest::DigestTable;
 use dirtylog_migrate::wire::StreamHeader;
@@ -46,6 +45,7 @@ use dirtylog_migrate::{MigrationTarget, RegionMemory, VcpuRestore, VmError};
 
 use crate::background::{check_uffd_layout, host_page_size, uffd_error};
 use crate::chain::Chain;
+use crate::claims::{Claimed, Claims};
 use crate::restore::{restore_states, target_memory};
 use crate::write::is_zero;
 use crate::{Progress, ProgressFn, RestoreOptions, RestoreStats, SnapshotError};
@@ -200,7 +200,7 @@ pub(crate) struct Loader<'a> {
     page: u64,
     registered: AtomicBool,
     /// Pages claimed for loading (by either thread), per region.
-    claimed: Vec<DirtyBitmap>,
+    claims: Claims,
     /// The hashes of the pages loaded, per region.
     tables: Vec<DigestTable>,
     done: AtomicU64,
@@ -246,7 +246,7 @@ impl<'a> Loader<'a> {
             ranges: Vec::new(),
             page,
             registered: AtomicBool::new(true),
-            claimed: npages.iter().map(|&n| DirtyBitmap::new(n)).collect(),
+            claims: Claims::new(npages.iter().copied()),
             tables: npages
                 .iter()
                 .map(|&n| DigestTable::new(n as usize, page as usize))
@@ -311,7 +311,7 @@ impl<'a> Loader<'a> {
                 continue;
             }
             let p = p as u64;
-            self.claimed[r].set(p);
+            self.claims.claim(r, p);
             self.chain.read_pages(r, p, &mut buf)?;
             self.bytes_read.fetch_add(self.page, Ordering::Relaxed);
             let off = (p * self.page) as usize;
@@ -338,12 +338,6 @@ impl<'a> Loader<'a> {
                 self.data_pages.fetch_add(1, Ordering::Relaxed);
             }
         }
-    }
-
-    /// Claim page `p` of region `r`: true if nobody had.
-    fn claim(&self, r: usize, p: u64) -> bool {
-        let bit = 1u64 << (p % 64);
-        self.claimed[r].set_word_bits((p / 64) as usize, bit) & bit == 0
     }
 
     /// Record the first failure and unregister everything, so that the missing pages read as
@@ -443,7 +437,7 @@ impl<'a> Loader<'a> {
                         continue;
                     };
                     self.faults.fetch_add(1, Ordering::Relaxed);
-                    if self.claim(r, p) {
+                    if self.claims.claim(r, p) {
                         if let Err(e) = self.fill(r, p, 1, &mut buf) {
                             return self.fail(e);
                         }
@@ -503,32 +497,24 @@ impl<'a> Loader<'a> {
         progress: Option<&ProgressFn>,
         total_bytes: u64,
     ) -> Result<(), SnapshotError> {
-        let mut p = first;
-        while p < end {
-            if self.failed.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            if !self.claim(r, p) {
-                p += 1;
-                self.loaded.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let mut k = 1;
-            while k < RUN_PAGES && p + k < end && self.claim(r, p + k) {
-                k += 1;
-            }
-            self.fill(r, p, k, buf)?;
-            p += k;
-            let loaded = self.loaded.fetch_add(k, Ordering::Relaxed) + k;
-            if let Some(f) = progress {
-                f(Progress {
-                    phase: "lazy",
-                    done_bytes: loaded * self.page,
-                    total_bytes,
-                });
-            }
-        }
-        Ok(())
+        let stop = || self.failed.load(Ordering::Acquire);
+        self.claims
+            .claim_runs(r, (first, end), RUN_PAGES, stop, |claimed| {
+                let Claimed::Run { first, n } = claimed else {
+                    self.loaded.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                };
+                self.fill(r, first, n, buf)?;
+                let loaded = self.loaded.fetch_add(n, Ordering::Relaxed) + n;
+                if let Some(f) = progress {
+                    f(Progress {
+                        phase: "lazy",
+                        done_bytes: loaded * self.page,
+                        total_bytes,
+                    });
+                }
+                Ok(())
+            })
     }
 
     /// Start the fault thread, call `start` (restore the state, resume the guest), prefetch

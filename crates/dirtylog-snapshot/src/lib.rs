@@ -56,6 +56,7 @@
 
 mod background;
 pub mod chain;
+mod claims;
 pub mod create;
 pub mod error;
 pub mod format;
