@@ -36,6 +36,7 @@ use dirtylog_migrate::{
 
 use super::bus::{PcBus, PcExit};
 use super::machine::{err, Console, Log, Pc, PcConfig};
+use crate::migrate::TargetOptions;
 
 /// When a run migrates its guest. See the [module docs](self).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,7 +253,10 @@ fn watch(pc: &Pc, tx: &Sender<Ev>) {
 
 /// Migrate `src`'s guest into a fresh PC over Unix socket pairs (`send.connections` of
 /// them); on success the new PC runs
-/// the guest and `src` stays paused (the caller shuts it down).
+/// the guest and `src` stays paused (the caller shuts it down). The new PC takes `src`'s
+/// tracker, and huge pages only if `src` has them and a migration target would
+/// ([`TargetOptions::huge_pages`](crate::migrate::TargetOptions::huge_pages): off by
+/// default, fresh huge pages cost more than the pages that land in them here).
 pub fn migrate_to_new_pc(
     src: &Pc,
     send: &SendConfig,
@@ -271,7 +275,8 @@ pub fn migrate_to_new_pc(
     std::thread::scope(|s| {
         let receiver = s.spawn(move || {
             receive_on(first, receiving, receive, |h| {
-                Pc::for_stream(h, pc.tracker, pc.huge_pages, console, log)
+                let huge_pages = pc.huge_pages && TargetOptions::default().huge_pages;
+                Pc::for_stream(h, pc.tracker, huge_pages, console, log)
             })
         });
         let sent = send_on(src, sending, send, &mut |_| {});
