@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p dirtylog-migrate --example loopback_throughput -- \
 //!     [--mib 1024] [--pairs 5] [--connections 1,2,4] [--memory prefault|fresh] \
-//!     [--only engine|raw] [--frame-kib KIB]
+//!     [--only engine|raw] [--frame-kib KIB] [--verify background|strict|off]
 //! ```
 //!
 //! `--only` runs one side alone (to profile it; its ratios are then meaningless). To profile
@@ -43,7 +43,7 @@ use std::time::Instant;
 
 use dirtylog_migrate::soft::{SoftConfig, SoftVm, Workload};
 use dirtylog_migrate::wire::{Region, StreamHeader};
-use dirtylog_migrate::{receive, send, Phase, ReceiveConfig, SendConfig};
+use dirtylog_migrate::{receive, send, Phase, ReceiveConfig, SendConfig, Verify};
 use dirtylog_migrate::{MigrationMemory, MigrationSource, MigrationTarget, TrackerKind};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -61,6 +61,9 @@ struct Args {
     only: Option<String>,
     /// [`SendConfig::frame_bytes`]; `None` for the default.
     frame_bytes: Option<usize>,
+    /// [`SendConfig::verify`] (default background: every page hashed on arrival; off: every
+    /// frame CRC'd instead).
+    verify: Verify,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -71,6 +74,7 @@ fn parse_args() -> Result<Args, Error> {
         prefault: true,
         only: None,
         frame_bytes: None,
+        verify: Verify::default(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -93,6 +97,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--only" => a.only = Some(value()?),
             "--frame-kib" => a.frame_bytes = Some(value()?.parse::<usize>()? << 10),
+            "--verify" => a.verify = value()?.parse()?,
             _ => return Err(format!("unknown argument {flag}").into()),
         }
     }
@@ -112,9 +117,10 @@ fn main() -> Result<(), Error> {
     }];
     println!(
         "guest {} MiB, all pages non-zero, {} alternated pairs per connection count, \
-         destination memory {}",
+         verify {}, destination memory {}",
         args.mib,
         args.pairs,
+        args.verify,
         if args.prefault {
             "pre-faulted (one word of each page written before the clock starts)"
         } else {
@@ -153,7 +159,7 @@ fn main() -> Result<(), Error> {
                 if is_raw {
                     r = raw_stream(&src, target, n)?;
                 } else {
-                    e = engine_bulk(&src, target, n, args.frame_bytes)?;
+                    e = engine_bulk(&src, target, n, args.frame_bytes, args.verify)?;
                 }
             }
             println!(
@@ -201,6 +207,7 @@ fn engine_bulk(
     target: SoftVm,
     n: usize,
     frame_bytes: Option<usize>,
+    verify: Verify,
 ) -> Result<f64, Error> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -209,6 +216,7 @@ fn engine_bulk(
     });
     let mut config = SendConfig {
         connections: n,
+        verify,
         ..SendConfig::default()
     };
     if let Some(b) = frame_bytes {
