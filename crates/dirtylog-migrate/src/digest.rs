@@ -20,10 +20,9 @@
 //! of their own then); not against an adversary, which is TLS's job. 64 bits make a chance collision irrelevant next to the bugs it is there to
 //! catch; a cryptographic hash would be several times slower per core for no benefit here.
 
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-
-use std::hash::Hasher;
 
 use twox_hash::XxHash3_64;
 
@@ -80,8 +79,8 @@ const PARALLEL_DIGEST_MIN: usize = 16 << 20;
 ///
 /// twox-hash's XXH3, which picks AVX2 at run time where the CPU has it (1.5× the SSE2 loop on
 /// a piece of a frame still in cache here: 20 against 14 GB/s; the decoder hashes every page
-/// that arrives, so this is a fifth of a verified bulk pass's CPU). The values are XXH3-64's,
-/// whatever the build: `tests::xxh3_reference_values`.
+/// that arrives, 14–19% of a verified bulk pass's CPU). The values are XXH3-64's, whatever the
+/// build: `tests::xxh3_reference_values`.
 pub fn mem_hash(bytes: &[u8]) -> u64 {
     XxHash3_64::oneshot(bytes)
 }
