@@ -83,7 +83,8 @@ const QUEUE_DEPTH: usize = 2;
 const GRACE: Duration = Duration::from_millis(500);
 /// Most probes of the blackout's fixed costs before a limit they exceed is called unreachable.
 const MAX_PROBES: u32 = 3;
-/// Bytes of guest memory the setup probe digests to time the strict mode's check.
+/// Bytes of guest memory the setup probe digests, spread over all of it, to time the strict
+/// mode's check ([`digest::digest_sample`]).
 const PROBE_DIGEST_BYTES: usize = 32 << 20;
 /// How often the progress callback runs at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
@@ -1044,19 +1045,18 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
         let t2 = Instant::now();
         let digest_rate = (self.sh.config.verify == Verify::Strict).then(|| {
             // SAFETY: the guest is paused: nobody writes its memory (the `MigrationSource`
-            // memory contract); the connection threads are idle.
-            // The largest region: hashed on as many threads as the switchover's digest of it.
-            let sample = self
+            // memory contract) until the slices die with this closure; the connection
+            // threads are idle.
+            let regions: Vec<&[u8]> = self
                 .sh
                 .mems
                 .iter()
-                .max_by_key(|m| m.len())
                 .map(|&m| unsafe { guestmem::frozen(m) })
-                .unwrap_or(&[]);
-            let sample = &sample[..sample.len().min(PROBE_DIGEST_BYTES)];
+                .collect();
             let t = Instant::now();
-            std::hint::black_box(digest::mem_digest(sample, self.sh.page_size as usize));
-            convergence::bandwidth(sample.len() as u64, t.elapsed())
+            let bytes =
+                digest::digest_sample(&regions, self.sh.page_size as usize, PROBE_DIGEST_BYTES);
+            convergence::bandwidth(bytes as u64, t.elapsed())
         });
         let t3 = Instant::now();
         source
