@@ -24,26 +24,25 @@ pub fn stream_start(header: &StreamHeader) -> Vec<u8> {
 
 /// A frame of type `kind` with `payload` and its right CRC, whatever the payload says.
 pub fn raw_frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    let mut head = [0u8; 6];
-    head[0] = kind;
-    head[2..].copy_from_slice(&len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&head), payload);
-    out.extend_from_slice(&head);
-    out.extend_from_slice(payload);
-    out.extend_from_slice(&crc.to_le_bytes());
+    frame(out, kind, 0, payload, payload.len());
 }
 
 /// A `Pages` frame with `FLAG_HASH_CHECKED` and `payload`: its CRC covers the head and the
 /// first 20 bytes (the fixed fields, or what there is of them), as the flag says.
 pub fn hash_checked_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    let flag = dirtylog_migrate::wire::FLAG_HASH_CHECKED;
+    frame(out, kind::PAGES, flag, payload, payload.len().min(20));
+}
+
+/// A frame of `kind` with `flags` and `payload`, its CRC over the head and the first
+/// `crc_len` bytes of the payload.
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, payload: &[u8], crc_len: usize) {
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let mut head = [0u8; 6];
-    head[0] = kind::PAGES;
-    head[1] = dirtylog_migrate::wire::FLAG_HASH_CHECKED;
+    head[0] = kind;
+    head[1] = flags;
     head[2..].copy_from_slice(&len.to_le_bytes());
-    let fixed = &payload[..payload.len().min(20)];
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&head), fixed);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &payload[..crc_len]);
     out.extend_from_slice(&head);
     out.extend_from_slice(payload);
     out.extend_from_slice(&crc.to_le_bytes());
