@@ -17,8 +17,9 @@
 //! The hashes guard against bugs in the migration (a page never sent, sent from the wrong
 //! round, written to the wrong place) and, in a verified migration, against corrupted page
 //! bytes ([`wire::FLAG_HASH_CHECKED`](crate::wire::FLAG_HASH_CHECKED): the pages carry no CRC
-//! of their own then); not against an adversary, which is TLS's job. 64 bits make a chance collision irrelevant next to the bugs it is there to
-//! catch; a cryptographic hash would be several times slower per core for no benefit here.
+//! of their own then); not against an adversary, which is TLS's job. 64 bits make a chance
+//! collision irrelevant next to the bugs it is there to catch; a cryptographic hash would be
+//! several times slower per core for no benefit here.
 
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,10 +155,10 @@ pub fn mem_digest(bytes: &[u8], page_size: usize) -> u64 {
 /// Slices a [`digest_sample`] is taken in.
 const SAMPLE_SLICES: usize = 64;
 
-/// Digest about `budget` bytes of `regions` (all of them if they are smaller), in
-/// [`SAMPLE_SLICES`] slices of whole pages spread evenly over their total size, on
-/// [`std::thread::available_parallelism`] threads as [`mem_digest`] uses for a large region;
-/// returns the bytes read. A strict switchover's digest costs what the memory holds (a zero
+/// Digest about `budget` bytes of `regions`, in [`SAMPLE_SLICES`] slices of whole pages spread
+/// evenly over their total size, on [`std::thread::available_parallelism`] threads as
+/// [`mem_digest`] uses for a large region (regions no larger than `budget` in all: each by
+/// [`mem_digest`], as the switchover digests them); returns the bytes read. A strict switchover's digest costs what the memory holds (a zero
 /// page a scan, a page of data a hash): timing this sample prices both as often as the memory
 /// has them, where the first `budget` bytes alone would price all memory like its start
 /// (a guest's data often sits low: 4 GiB of mostly zeros was priced at 1.1 s, and digested in
@@ -165,26 +166,28 @@ const SAMPLE_SLICES: usize = 64;
 pub(crate) fn digest_sample(regions: &[&[u8]], page_size: usize, budget: usize) -> usize {
     let page = page_size.max(1);
     let total: usize = regions.iter().map(|r| r.len()).sum();
-    let slices: Vec<&[u8]> = if total <= budget {
-        regions.to_vec()
-    } else {
-        let len = (budget / SAMPLE_SLICES / page).max(1) * page;
-        let stride = total / SAMPLE_SLICES;
-        (0..SAMPLE_SLICES)
-            .filter_map(|k| {
-                // Offset `k * stride` of the regions laid end to end, down to its page.
-                let mut at = k * stride;
-                regions.iter().find_map(|r| {
-                    if at >= r.len() {
-                        at -= r.len();
-                        return None;
-                    }
-                    let start = at / page * page;
-                    Some(&r[start..(start + len).min(r.len())])
-                })
+    if total <= budget {
+        for r in regions {
+            std::hint::black_box(mem_digest(r, page));
+        }
+        return total;
+    }
+    let len = (budget / SAMPLE_SLICES / page).max(1) * page;
+    let stride = total / SAMPLE_SLICES;
+    let slices: Vec<&[u8]> = (0..SAMPLE_SLICES)
+        .filter_map(|k| {
+            // Offset `k * stride` of the regions laid end to end, down to its page.
+            let mut at = k * stride;
+            regions.iter().find_map(|r| {
+                if at >= r.len() {
+                    at -= r.len();
+                    return None;
+                }
+                let start = at / page * page;
+                Some(&r[start..(start + len).min(r.len())])
             })
-            .collect()
-    };
+        })
+        .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|s| {
         for t in 0..threads.min(slices.len()) {
