@@ -42,7 +42,7 @@
 //! with an `Error` (or `Cancel`) frame on every connection.
 
 use std::collections::HashSet;
-use std::io::BufWriter;
+use std::io::{self, BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -75,6 +75,10 @@ use crate::wire::{
 
 /// Most bytes of send buffers over all connections together.
 const SEND_BUFFER_BUDGET: usize = 32 << 20;
+/// Each connection's write buffer, which gathers small frames into one write; frames of at
+/// least this many page bytes go to the socket on their own, and a running guest's pages in
+/// them straight from guest memory.
+const SOCKET_BUFFER_BYTES: usize = 64 << 10;
 /// Bitmap words in one span: 4096 pages.
 const SPAN_WORDS: usize = 64;
 /// Spans queued per connection.
@@ -651,8 +655,10 @@ impl<'a, S: MigrationSource> Shared<'a, S> {
                 source: e,
             };
             self.killer.add(stream).map_err(setup)?;
-            let writer =
-                BufWriter::with_capacity(64 << 10, Transport::try_clone(stream).map_err(setup)?);
+            let writer = BufWriter::with_capacity(
+                SOCKET_BUFFER_BYTES,
+                Transport::try_clone(stream).map_err(setup)?,
+            );
             let mut enc =
                 Encoder::new(writer, self.header.clone()).map_err(MigrateError::wire(i))?;
             enc.send(Message::Hello {
@@ -1581,7 +1587,8 @@ impl Conns {
     }
 }
 
-/// One connection's thread: copies pages into its buffer and writes frames.
+/// One connection's thread: frames pages, from guest memory or copied into its buffer first,
+/// and writes them.
 struct Worker<'s, 'a, S: MigrationSource, T: Transport> {
     sender: &'s Shared<'a, S>,
     conn: usize,
@@ -1727,23 +1734,44 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
                 }
                 let mut n = 0usize;
                 while p + (n as u64) < end && n < cap {
-                    let offset = (p as usize + n) * ps;
-                    if n > 0 && guestmem::is_zero(mem, offset, ps) {
+                    if n > 0 && guestmem::is_zero(mem, (p as usize + n) * ps, ps) {
                         break;
                     }
-                    if !span.frozen {
-                        guestmem::copy_out(mem, offset, &mut self.buf[n * ps..(n + 1) * ps]);
-                    }
                     n += 1;
+                }
+                let (offset, len) = (p as usize * ps, n * ps);
+                // A running guest's pages in a frame the socket takes whole, checked by their
+                // hashes (no CRC to agree with), not compressed: straight from guest memory.
+                if !span.frozen
+                    && codec.is_none()
+                    && len >= SOCKET_BUFFER_BYTES
+                    && self.enc.hash_checked_pages()
+                {
+                    s.limiter.acquire(len);
+                    let buf = &mut self.buf;
+                    let r = self
+                        .enc
+                        .send_pages_with(range(p, n as u64), |w, head, crc| {
+                            write_live(w, head, mem, offset, len, crc, buf)
+                        })
+                        .map_err(MigrateError::wire(self.conn));
+                    self.account();
+                    r?;
+                    normal += n as u64;
+                    p += n as u64;
+                    continue;
+                }
+                if !span.frozen {
+                    guestmem::copy_out(mem, offset, &mut self.buf[..len]);
                 }
                 let data = if span.frozen {
                     // SAFETY: a final-round span: the guest stays paused, and nobody writes
                     // its memory (the `MigrationSource` memory contract), until the engine's
                     // thread scope has joined this thread; the slice dies with this frame.
                     let bytes = unsafe { guestmem::frozen(mem) };
-                    &bytes[p as usize * ps..(p as usize + n) * ps]
+                    &bytes[offset..offset + len]
                 } else {
-                    &self.buf[..n * ps]
+                    &self.buf[..len]
                 };
                 // A codec failure (it cannot fail on valid input but for memory) sends plain.
                 let packed = match (&mut self.compressor, codec) {
@@ -1788,6 +1816,31 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
                 .fetch_add(unpacked_pages, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// Write a frame's `head`, the `len` live guest bytes at `offset` of `mem`, and its `crc` to
+/// `w`, after what `w` holds: from guest memory straight into the socket when the transport
+/// has one ([`Transport::raw_fd`]), else copied through `buf` first.
+fn write_live<T: Transport>(
+    w: &mut BufWriter<T>,
+    head: &[u8],
+    mem: RegionMemory,
+    offset: usize,
+    len: usize,
+    crc: &[u8],
+    buf: &mut [u8],
+) -> io::Result<()> {
+    w.flush()?;
+    match w.get_ref().raw_fd() {
+        Some(fd) => guestmem::write_out(fd, head, mem, offset, len, crc),
+        None => {
+            let data = &mut buf[..len];
+            guestmem::copy_out(mem, offset, data);
+            w.write_all(head)?;
+            w.write_all(data)?;
+            w.write_all(crc)
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -43,6 +44,15 @@ pub trait Transport: Read + Write + Send + Sized + 'static {
     fn prepare(&self) -> io::Result<()> {
         Ok(())
     }
+    /// The socket under the transport, if bytes written to it with `write(2)` reach the peer
+    /// exactly as this transport's own writes would (no framing, no encryption, nothing
+    /// buffered in between). A source then writes large runs of a running guest's pages
+    /// through it straight from guest memory, without copying them first. The default,
+    /// `None`, makes the engine copy each page before writing it, as a transport that
+    /// encrypts or frames (TLS) must have the bytes anyway.
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
     /// Wait at most `timeout` for the peer to send something, without consuming it: `false`
     /// if it stays silent (the receiver then drops the connection and accepts another). The
     /// default cannot tell and says `true`. May change the read timeout: set it again after.
@@ -68,6 +78,9 @@ impl Transport for TcpStream {
     fn prepare(&self) -> io::Result<()> {
         self.set_nonblocking(false)?;
         self.set_nodelay(true)
+    }
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
     }
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         TcpStream::set_read_timeout(self, Some(timeout.max(Duration::from_millis(1))))?;
@@ -101,6 +114,9 @@ impl Transport for UnixStream {
     }
     fn prepare(&self) -> io::Result<()> {
         self.set_nonblocking(false)
+    }
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
     }
 }
 
@@ -232,6 +248,9 @@ impl Transport for Stream {
     }
     fn prepare(&self) -> io::Result<()> {
         both!(self, s => Transport::prepare(s))
+    }
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        both!(self, s => Transport::raw_fd(s))
     }
     /// TCP peeks; a Unix socket cannot tell (the standard library has no `peek` for it) and
     /// says `true`: only a local process can reach it.

@@ -720,15 +720,7 @@ impl<'a> Frame<'a> {
             "{} fixed fields",
             kind.name()
         );
-        // Bounded by Kind::layout, far below u32::MAX.
-        let len = (fixed.len + data.len()) as u32;
-        let mut head = [0; FRAME_HEAD + FIXED_MAX];
-        head[0] = kind as u8;
-        head[1] = flags;
-        head[2..FRAME_HEAD].copy_from_slice(&len.to_le_bytes());
-        let head_len = FRAME_HEAD + fixed.len;
-        head[FRAME_HEAD..head_len].copy_from_slice(fixed.as_bytes());
-        let crc = crc32c::crc32c(&head[..head_len]);
+        let (head, head_len, crc) = frame_head(kind, fixed, data.len(), flags);
         let crc = if flags & FLAG_HASH_CHECKED != 0 {
             crc
         } else {
@@ -774,6 +766,25 @@ impl<'a> Frame<'a> {
         }
         Ok(())
     }
+}
+
+/// A frame's type, flags, length and fixed fields for `data_len` bytes of data whose length
+/// has been checked against `kind`'s bounds; their length, and the CRC of them alone.
+fn frame_head(
+    kind: Kind,
+    fixed: &Fixed,
+    data_len: usize,
+    flags: u8,
+) -> ([u8; FRAME_HEAD + FIXED_MAX], usize, u32) {
+    // Bounded by Kind::layout, far below u32::MAX.
+    let len = (fixed.len + data_len) as u32;
+    let mut head = [0; FRAME_HEAD + FIXED_MAX];
+    head[0] = kind as u8;
+    head[1] = flags;
+    head[2..FRAME_HEAD].copy_from_slice(&len.to_le_bytes());
+    let head_len = FRAME_HEAD + fixed.len;
+    head[FRAME_HEAD..head_len].copy_from_slice(fixed.as_bytes());
+    (head, head_len, crc32c::crc32c(&head[..head_len]))
 }
 
 /// The sending side of a stream: validates each message against the header and writes it as
@@ -825,6 +836,62 @@ impl<W: Write> Encoder<W> {
     /// hashes; off by default.
     pub fn set_hash_checked_pages(&mut self, on: bool) {
         self.hash_checked = on;
+    }
+
+    /// Are `Pages` frames written hash-checked ([`set_hash_checked_pages`](Self::set_hash_checked_pages))?
+    pub fn hash_checked_pages(&self) -> bool {
+        self.hash_checked
+    }
+
+    /// Write a hash-checked `Pages` frame of `range` whose pages the caller writes itself,
+    /// for pages no Rust slice may borrow (memory a running guest writes meanwhile, handed to
+    /// the kernel where it lies). `write` gets the writer, the frame's head and its CRC, and
+    /// must write the head, then the range's `npages × page_size` bytes of pages, then the
+    /// CRC, all of them. Refused before anything is written if the range does not fit the
+    /// header, or if hash-checked pages are off (the CRC would have to cover the pages).
+    ///
+    /// ```
+    /// use std::io::Write;
+    /// use dirtylog_migrate::wire::{Decoder, Encoder, Message, PageRange, Region, StreamHeader};
+    ///
+    /// let region = Region { slot: 0, gpa: 0, size: 2 * 4096 };
+    /// let header = StreamHeader::new(4096, 1, vec![region])?;
+    /// let mut enc = Encoder::new(Vec::new(), header)?;
+    /// enc.set_hash_checked_pages(true);
+    /// let range = PageRange { slot: 0, first_page: 1, npages: 1 };
+    /// enc.send_pages_with(range, |w, head, crc| {
+    ///     w.write_all(head)?;
+    ///     w.write_all(&[7; 4096])?;
+    ///     w.write_all(crc)
+    /// })?;
+    /// let bytes = enc.into_inner();
+    /// let mut dec = Decoder::new(&bytes[..])?;
+    /// dec.set_hash_pages(true);
+    /// dec.accept_hash_checked(true);
+    /// let mut memory = vec![vec![0u8; 2 * 4096]];
+    /// match dec.next(&mut memory)? {
+    ///     Some(Message::Pages { range: r, data }) => assert!(r == range && data == [7; 4096]),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// assert_eq!(dec.page_hashes().len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send_pages_with<F>(&mut self, range: PageRange, write: F) -> Result<(), WireError>
+    where
+        F: FnOnce(&mut W, &[u8], &[u8]) -> io::Result<()>,
+    {
+        if !self.hash_checked {
+            return Err(WireError::PagesNotHashChecked);
+        }
+        self.header.check_range(range)?;
+        // In range, so at most MAX_GUEST_MEMORY bytes: no overflow.
+        let data_len = (range.npages * u64::from(self.header.page_size())) as usize;
+        let fixed = Fixed::default().range(range);
+        Kind::Pages.check_len((fixed.len + data_len) as u64)?;
+        let (head, head_len, crc) = frame_head(Kind::Pages, &fixed, data_len, FLAG_HASH_CHECKED);
+        write(&mut self.writer, &head[..head_len], &crc.to_le_bytes())?;
+        self.position += (head_len + data_len + 4) as u64;
+        Ok(())
     }
 
     /// Validate and write a `CompressedPages` frame ([`Frame::compressed_pages`]): the pages of

@@ -1198,3 +1198,67 @@ fn hash_checked_pages_leave_the_pages_to_their_hashes() {
         WireError::Flags { .. }
     ));
 }
+
+/// `Encoder::send_pages_with` (pages the caller writes, for memory no slice may borrow) makes
+/// the same bytes as `send`, and refuses, writing nothing, what `send` would refuse and any
+/// stream whose CRC would have to cover the pages.
+#[test]
+fn pages_written_by_the_caller_frame_as_sent_pages() {
+    let h = header();
+    let g = guest();
+    let r = range(0, 10, 3);
+    let page_bytes = |r: PageRange| {
+        let (start, n) = (r.first_page as usize * PAGE as usize, r.npages as usize);
+        g[0][start..start + n * PAGE as usize].to_vec()
+    };
+    let mut sent = Vec::new();
+    let mut enc = Encoder::new(&mut sent, h.clone()).unwrap();
+    enc.set_hash_checked_pages(true);
+    enc.send(pages(g, 0, r)).unwrap();
+    let mut by_caller = Vec::new();
+    let mut enc = Encoder::new(&mut by_caller, h.clone()).unwrap();
+    enc.set_hash_checked_pages(true);
+    assert!(enc.hash_checked_pages());
+    let before = enc.position();
+    enc.send_pages_with(r, |w, head, crc| {
+        w.write_all(head)?;
+        w.write_all(&page_bytes(r))?;
+        w.write_all(crc)
+    })
+    .unwrap();
+    let after = enc.position();
+    drop(enc);
+    assert_eq!(by_caller, sent);
+    assert_eq!(
+        after - before,
+        (by_caller.len() - stream_with(&[]).len()) as u64
+    );
+
+    // Refusals write nothing and never call the writer.
+    let refuse = |hash_checked: bool, r: PageRange| {
+        let mut out = Vec::new();
+        let mut enc = Encoder::new(&mut out, h.clone()).unwrap();
+        enc.set_hash_checked_pages(hash_checked);
+        let start = enc.position();
+        let err = enc
+            .send_pages_with(r, |_, _, _| panic!("writer called for a refused frame"))
+            .unwrap_err();
+        assert_eq!(enc.position(), start);
+        drop(enc);
+        assert_eq!(out.len(), stream_with(&[]).len());
+        err
+    };
+    assert!(matches!(refuse(false, r), WireError::PagesNotHashChecked));
+    assert!(matches!(
+        refuse(true, range(0, 10, 0)),
+        WireError::EmptyRange { .. }
+    ));
+    assert!(matches!(
+        refuse(true, range(0, u64::MAX, 2)),
+        WireError::RangePastEnd { .. }
+    ));
+    assert!(matches!(
+        refuse(true, range(99, 0, 1)),
+        WireError::UnknownSlot(99)
+    ));
+}

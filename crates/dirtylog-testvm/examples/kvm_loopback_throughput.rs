@@ -12,9 +12,9 @@
 //! guest of `--mib` MiB (one vCPU in `cli; hlt`: it writes nothing) whose memory the host
 //! fills with non-zero bytes (no page takes the zero-page shortcut), then runs
 //! - the **engine**: the guest migrated over 127.0.0.1 with N connections to a [`KvmTarget`]
-//!   in this process; its bulk pass (round 0: copy out of guest memory, frame, CRC, send;
-//!   receive, CRC, validate, write into the target VM's memory, hash each page) is timed by
-//!   the sender, from the round's start to the last connection's `RoundEnd`;
+//!   in this process; its bulk pass (round 0: zero test, frame, send straight from guest
+//!   memory; receive, validate, write into the target VM's memory, hash each page) is timed
+//!   by the sender, from the round's start to the last connection's `RoundEnd`;
 //! - the **raw** baseline: N plain TCP connections carrying the same regions' bytes in 4 MiB
 //!   writes (chunk k on connection k mod N), each reader `read`ing straight into the same
 //!   place of another [`KvmTarget`]'s memory, from the first connect to the last byte read;

@@ -159,6 +159,12 @@ pub enum WireError {
         /// Bytes of page data.
         data_len: usize,
     },
+    /// [`Encoder::send_pages_with`](super::Encoder::send_pages_with) on an encoder whose
+    /// `Pages` frames are not hash-checked: their CRC would have to cover the pages.
+    #[error(
+        "pages written by the caller need hash-checked Pages frames (the CRC cannot cover them)"
+    )]
+    PagesNotHashChecked,
     /// A `VcpuState` frame for a vCPU the stream does not have.
     #[error("vCPU id {id} is out of range (the stream has {count} vCPUs)")]
     VcpuId {
