@@ -46,6 +46,6 @@ pub use caps::{probe, BackingCaps, HostCaps, MethodCaps};
 pub use error::HostError;
 pub use memory::{free_huge_pages, HostBacking, HostMemory, ParseHostBackingError, HUGE_PAGE_SIZE};
 pub use method::{HostMethod, ParseHostMethodError};
-pub use populated::populated_pages;
+pub use populated::{populated_pages, zero_pfn_pages};
 pub use region::HostRegion;
 pub use tracker::{HostDirtyTracker, HostTrackerConfig};

@@ -99,6 +99,106 @@ pub fn populated_pages(
     Ok(count(out) - before)
 }
 
+/// Set in `out` (as [`populated_pages`] does) every page of `[addr, addr + len)` whose base
+/// pages all map the shared zero page or the huge zero page: pages the kernel itself says
+/// read as zeros, whatever kind of mapping holds them and whatever the caller believes of it.
+/// First, where nothing is mapped yet (no base page populated), asks the kernel to map the
+/// zero page (`MADV_POPULATE_READ`, as a read of each page would, without reading it here;
+/// errors ignored: such pages are then just not reported), so that a digest can take every
+/// never-written page of private anonymous memory as zeros without scanning it. Returns how
+/// many pages were set; 0 where the kernel lacks `PAGEMAP_SCAN` (Linux < 6.7).
+///
+/// Reading never-written memory maps the zero page anyway; mapping it ahead only does so
+/// for all of it at once. File and shared mappings get their page-cache pages mapped (as a
+/// read would), never the zero page, so they are not reported.
+///
+/// ```
+/// # fn main() -> Result<(), dirtylog_host::HostError> {
+/// use dirtylog_host::{zero_pfn_pages, HostBacking, HostMemory};
+///
+/// let mem = HostMemory::new(64 * 4096, HostBacking::Anonymous)?;
+/// // SAFETY: a fresh mapping of ours; nothing else uses it.
+/// unsafe { mem.as_ptr().add(5 * 4096).write_volatile(1) };
+/// let mut bits = [0u64; 1];
+/// let n = zero_pfn_pages(mem.as_ptr() as u64, mem.len(), 4096, &mut bits)?;
+/// # if n == 0 { return Ok(()) } // a kernel without PAGEMAP_SCAN
+/// assert_eq!((n, bits[0]), (63, !(1 << 5)));
+/// # Ok(())
+/// # }
+/// ```
+pub fn zero_pfn_pages(
+    addr: u64,
+    len: u64,
+    page_size: u64,
+    out: &mut [u64],
+) -> Result<u64, HostError> {
+    if !scan_supported() {
+        // Checks the arguments all the same.
+        let mut none = vec![0u64; out.len()];
+        populated_pages(addr, len, page_size, &mut none)?;
+        return Ok(0);
+    }
+    let mut populated = vec![0u64; out.len()];
+    populated_pages(addr, len, page_size, &mut populated)?;
+    let npages = len / page_size;
+    for (first, count) in unset_runs(&populated, npages) {
+        let (start, bytes) = (addr + first * page_size, count * page_size);
+        // SAFETY: advice on a range of this process's address space that it asked about; it
+        // only faults pages in for reading (the zero page where nothing is mapped), never
+        // changes memory, and fails harmlessly on holes or mappings it cannot populate.
+        let _ = unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                bytes as usize,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+    }
+    let end = addr + len;
+    let count = |out: &[u64]| out.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+    let before = count(out);
+    let zero = PAGE_IS_PFNZERO as u64;
+    let mut arg_for = |start, vec: &mut [page_region]| {
+        let mut arg = scan_arg(start, end, vec);
+        arg.category_inverted = 0;
+        arg.category_mask = zero;
+        arg.category_anyof_mask = 0;
+        arg.return_mask = zero;
+        arg
+    };
+    // A page counts only if the zero page covers all of it.
+    let mut mark = |start: u64, stop: u64| {
+        let first = (start.clamp(addr, end) - addr).div_ceil(page_size);
+        let last = (stop.clamp(addr, end) - addr) / page_size;
+        if first < last {
+            set_bits(out, first as usize, last as usize);
+        }
+    };
+    scan_with(addr, end, &mut arg_for, &mut mark)?;
+    Ok(count(out) - before)
+}
+
+/// The runs of clear bits among the first `npages` of `bits`, as (first, count).
+fn unset_runs(bits: &[u64], npages: u64) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for p in 0..npages {
+        let set = bits[(p / 64) as usize] >> (p % 64) & 1 == 1;
+        match (set, start) {
+            (false, None) => start = Some(p),
+            (true, Some(s)) => {
+                runs.push((s, p - s));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        runs.push((s, npages - s));
+    }
+    runs
+}
+
 /// Does this kernel have `PAGEMAP_SCAN`? Asked once, with an empty range.
 fn scan_supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
@@ -138,6 +238,17 @@ fn scan_arg(start: u64, end: u64, vec: &mut [page_region]) -> pm_scan_arg {
 }
 
 fn scan(start: u64, end: u64, mark: &mut impl FnMut(u64, u64)) -> Result<(), HostError> {
+    scan_with(start, end, &mut |at, vec| scan_arg(at, end, vec), mark)
+}
+
+/// Walk `[start, end)` with `PAGEMAP_SCAN` arguments from `arg_for(at, vec)`, handing each
+/// matching range to `mark`.
+fn scan_with(
+    start: u64,
+    end: u64,
+    arg_for: &mut impl FnMut(u64, &mut [page_region]) -> pm_scan_arg,
+    mark: &mut impl FnMut(u64, u64),
+) -> Result<(), HostError> {
     let pagemap = sys::open_pagemap()?;
     let empty = page_region {
         start: 0,
@@ -147,7 +258,7 @@ fn scan(start: u64, end: u64, mark: &mut impl FnMut(u64, u64)) -> Result<(), Hos
     let mut vec = vec![empty; SCAN_RANGES];
     let mut at = start;
     while at < end {
-        let mut arg = scan_arg(at, end, &mut vec);
+        let mut arg = arg_for(at, &mut vec);
         // SAFETY: `vec`/`vec_len` describe `vec`, ours alone for the call.
         let n = unsafe { sys::pagemap_scan(pagemap.as_fd(), &mut arg) }?;
         for r in vec.iter().take(n) {
@@ -210,6 +321,51 @@ mod tests {
     fn read(mem: &HostMemory, page: usize) -> u8 {
         // SAFETY: as in `touch`.
         unsafe { mem.as_ptr().add(page * 4096).read_volatile() }
+    }
+
+    #[test]
+    fn zero_pfn_pages_are_the_never_written_ones() {
+        if !scan_supported() {
+            panic!("this test needs PAGEMAP_SCAN (Linux >= 6.7)");
+        }
+        let mem = HostMemory::new(256 * 4096, HostBacking::Anonymous).unwrap();
+        for p in [0, 3, 64, 255] {
+            touch(&mem, p, 7);
+        }
+        // Written back to zero: zero bytes, but a page of its own, not the zero page.
+        touch(&mem, 70, 0);
+        assert_eq!(read(&mem, 100), 0);
+        let mut bits = [0u64; 4];
+        let n = zero_pfn_pages(mem.as_ptr() as u64, mem.len(), 4096, &mut bits).unwrap();
+        assert_eq!(n, 256 - 5);
+        assert_eq!(bits, [!0b1001, !(1 | 1 << 6), !0, !(1 << 63)]);
+        // Nothing was written: the memory still reads as before, and the written pages stay
+        // populated.
+        assert_eq!((read(&mem, 3), read(&mem, 100), read(&mem, 200)), (7, 0, 0));
+        let mut populated = [0u64; 4];
+        populated_pages(mem.as_ptr() as u64, mem.len(), 4096, &mut populated).unwrap();
+        assert_eq!(populated, [0b1001, 1 | 1 << 6, 0, 1 << 63]);
+
+        // In 16 KiB pages: only a page all of whose base pages are the zero page.
+        let mut big = [0u64; 1];
+        let n = zero_pfn_pages(mem.as_ptr() as u64, mem.len(), 16384, &mut big).unwrap();
+        assert_eq!(n, 64 - 4);
+        assert_eq!(big[0], !(1 | 1 << 16 | 1 << 17 | 1 << 63));
+        // Bits outside the range stay; bad arguments are refused as by populated_pages.
+        let mut wide = [0u64; 2];
+        wide[1] = 5;
+        zero_pfn_pages(mem.as_ptr() as u64, 64 * 4096, 4096, &mut wide).unwrap();
+        assert_eq!(wide, [!0b1001, 5]);
+        assert!(zero_pfn_pages(mem.as_ptr() as u64, 4096, 3000, &mut wide).is_err());
+        assert!(zero_pfn_pages(mem.as_ptr() as u64 + 1, 4096, 4096, &mut wide).is_err());
+    }
+
+    #[test]
+    fn unset_runs_cover_every_clear_bit() {
+        assert_eq!(unset_runs(&[0b0110], 6), vec![(0, 1), (3, 3)]);
+        assert_eq!(unset_runs(&[!0, 0], 70), vec![(64, 6)]);
+        assert_eq!(unset_runs(&[!0], 64), vec![]);
+        assert_eq!(unset_runs(&[], 0), vec![]);
     }
 
     #[test]
