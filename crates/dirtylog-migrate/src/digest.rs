@@ -24,6 +24,7 @@
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use twox_hash::XxHash3_64;
 
@@ -116,15 +117,56 @@ fn combine(hashes: impl Iterator<Item = u64>) -> u64 {
 /// page is hashed as it is): every byte is read, on [`std::thread::available_parallelism`]
 /// threads for a large region.
 pub fn mem_digest(bytes: &[u8], page_size: usize) -> u64 {
+    digest_of(bytes, page_size, &[])
+}
+
+/// [`mem_digest`] of memory nobody writes while this runs (a paused guest's): pages the
+/// kernel maps to its zero page ([`dirtylog_host::zero_pfn_pages`], which first maps it
+/// wherever nothing is mapped yet) are zeros without a scan; every other byte is read. A
+/// never-written gibibyte costs a page-table walk instead of a read: the background check of
+/// a 4 GiB guest with a 64 MiB working set took 33–45 ms instead of 149–201 (BENCHMARKS.md,
+/// issue 9). If the kernel cannot tell, every page is read.
+pub(crate) fn paused_digest(bytes: &[u8], page_size: usize) -> u64 {
+    mem_digest_zero_pfn(bytes, page_size, &zero_pfn_of(bytes, page_size))
+}
+
+/// The zero-page bits of `bytes`' pages ([`dirtylog_host::zero_pfn_pages`]); none if the
+/// kernel cannot tell.
+fn zero_pfn_of(bytes: &[u8], page_size: usize) -> Vec<u64> {
+    let mut bits = vec![0u64; (bytes.len() / page_size.max(1)).div_ceil(64)];
+    let known = dirtylog_host::zero_pfn_pages(
+        bytes.as_ptr() as u64,
+        bytes.len() as u64,
+        page_size as u64,
+        &mut bits,
+    );
+    if known.is_err() {
+        bits.clear();
+    }
+    bits
+}
+
+/// [`mem_digest`] of a region of which the pages set in `zero_pfn` (bit `i` = page `i`; bits
+/// past its end or missing count as clear) map the kernel's zero page
+/// ([`dirtylog_host::zero_pfn_pages`]): their hash is the zero page's, without reading them.
+/// The same value as `mem_digest` whenever those pages do read as zeros, which the kernel
+/// guarantees while nobody writes the region. A write the tracker missed still shows: a
+/// written page no longer maps the zero page.
+fn mem_digest_zero_pfn(bytes: &[u8], page_size: usize, zero_pfn: &[u64]) -> u64 {
+    digest_of(bytes, page_size, zero_pfn)
+}
+
+fn digest_of(bytes: &[u8], page_size: usize, zero_pfn: &[u64]) -> u64 {
     let page = page_size.max(1);
     let n = bytes.len().div_ceil(page);
     let zero = zero_page_hash(page);
+    let known_zero = |i: usize| zero_pfn.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
     // A zero page's hash is known: testing for zero reads the page as surely as hashing it
     // (a write nobody tracked still shows) and costs about half as much, and most of a
     // guest's memory is often zeros (the huge zero page, where it was never written).
     let hash = |i: usize| {
         let p = &bytes[i * page..((i + 1) * page).min(bytes.len())];
-        if p.len() == page && crate::guestmem::is_zero_bytes(p) {
+        if p.len() == page && (known_zero(i) || crate::guestmem::is_zero_bytes(p)) {
             zero
         } else {
             mem_hash(p)
@@ -152,54 +194,84 @@ pub fn mem_digest(bytes: &[u8], page_size: usize) -> u64 {
     combine(hashes.into_iter())
 }
 
-/// Slices a [`digest_sample`] is taken in.
-const SAMPLE_SLICES: usize = 64;
+/// Fewest pages a [`digest_sample`] reads (if the memory has them).
+const SAMPLE_PAGES: usize = 64;
 
-/// Digest about `budget` bytes of `regions`, in [`SAMPLE_SLICES`] slices of whole pages spread
-/// evenly over their total size, on [`std::thread::available_parallelism`] threads as
-/// [`mem_digest`] uses for a large region (regions no larger than `budget` in all: each by
-/// [`mem_digest`], as the switchover digests them); returns the bytes read. A strict switchover's digest costs what the memory holds (a zero
-/// page a scan, a page of data a hash): timing this sample prices both as often as the memory
-/// has them, where the first `budget` bytes alone would price all memory like its start
-/// (a guest's data often sits low: 4 GiB of mostly zeros was priced at 1.1 s, and digested in
-/// about 0.1 s).
-pub(crate) fn digest_sample(regions: &[&[u8]], page_size: usize, budget: usize) -> usize {
+/// What [`digest_sample`] measured.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DigestSample {
+    /// Bytes of memory digested for the sample.
+    pub sampled: usize,
+    /// The time [`paused_digest`] of all of the regions should take.
+    pub estimate: Duration,
+}
+
+/// Time a [`paused_digest`] of all of `regions` (memory nobody writes meanwhile) by a sample.
+/// The zero-page part ([`dirtylog_host::zero_pfn_pages`]: a page-table walk, which also maps
+/// the zero page where nothing is mapped yet) runs over all of the memory, as the switchover's
+/// digest does; what remains to read (every other page: a written zero page costs a scan, a
+/// page of data a hash) is sampled, about `budget` bytes of it (at least [`SAMPLE_PAGES`]
+/// pages) spread evenly over all of it, read on this thread, and its time scaled to all of it
+/// and divided among [`std::thread::available_parallelism`] threads, as [`mem_digest`]
+/// divides a large region. Regions no larger than `budget` in all are digested whole instead.
+/// Sampling pages spread over memory prices each kind as often as the memory has it, where
+/// the first `budget` bytes alone would price all memory like its start (a guest's data often
+/// sits low: 4 GiB of mostly zeros was priced at 1.1 s, and digested in about 0.1 s); timing
+/// slices of memory scaled by the whole scaled their fixed costs too (4 GiB, 98% never
+/// written: 2.5–4 ms for 32 MiB, priced at 300–540 ms, digested in 33–45 ms).
+pub(crate) fn digest_sample(regions: &[&[u8]], page_size: usize, budget: usize) -> DigestSample {
     let page = page_size.max(1);
     let total: usize = regions.iter().map(|r| r.len()).sum();
+    let start = Instant::now();
     if total <= budget {
         for r in regions {
-            std::hint::black_box(mem_digest(r, page));
+            std::hint::black_box(paused_digest(r, page));
         }
-        return total;
+        return DigestSample {
+            sampled: total,
+            estimate: start.elapsed(),
+        };
     }
-    let len = (budget / SAMPLE_SLICES / page).max(1) * page;
-    let stride = total / SAMPLE_SLICES;
-    let slices: Vec<&[u8]> = (0..SAMPLE_SLICES)
-        .filter_map(|k| {
-            // Offset `k * stride` of the regions laid end to end, down to its page.
-            let mut at = k * stride;
-            regions.iter().find_map(|r| {
-                if at >= r.len() {
-                    at -= r.len();
-                    return None;
-                }
-                let start = at / page * page;
-                Some(&r[start..(start + len).min(r.len())])
-            })
+    let zero_pfn: Vec<Vec<u64>> = regions.iter().map(|r| zero_pfn_of(r, page)).collect();
+    let walk = start.elapsed();
+    let is_zero_pfn =
+        |bits: &[u64], i: usize| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
+    let to_read: usize = regions
+        .iter()
+        .zip(&zero_pfn)
+        .map(|(r, bits)| {
+            (0..r.len().div_ceil(page))
+                .filter(|&i| !is_zero_pfn(bits, i))
+                .count()
         })
-        .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::thread::scope(|s| {
-        for t in 0..threads.min(slices.len()) {
-            let slices = &slices;
-            s.spawn(move || {
-                for slice in slices.iter().skip(t).step_by(threads) {
-                    std::hint::black_box(mem_digest(slice, page));
-                }
-            });
+        .sum();
+    let want = (budget / page).max(SAMPLE_PAGES);
+    let stride = (to_read / want).max(1);
+    let (mut seen, mut taken, mut sampled) = (0usize, 0usize, 0usize);
+    let t = Instant::now();
+    for (r, bits) in regions.iter().zip(&zero_pfn) {
+        for i in 0..r.len().div_ceil(page) {
+            if is_zero_pfn(bits, i) {
+                continue;
+            }
+            seen += 1;
+            if (seen - 1) % stride != 0 || taken == want {
+                continue;
+            }
+            let p = &r[i * page..((i + 1) * page).min(r.len())];
+            let zero = p.len() == page && crate::guestmem::is_zero_bytes(p);
+            std::hint::black_box(zero || mem_hash(p) != 0);
+            taken += 1;
+            sampled += p.len();
         }
-    });
-    slices.iter().map(|s| s.len()).sum()
+    }
+    let read = t.elapsed();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let scale = to_read as f64 / taken.max(1) as f64 / threads as f64;
+    DigestSample {
+        sampled,
+        estimate: walk + read.mul_f64(scale),
+    }
 }
 
 /// The destination's page hashes of one region, kept as pages arrive, so that its digest
@@ -314,18 +386,47 @@ mod tests {
     #[test]
     fn the_probe_sample_spreads_over_all_regions() {
         let page = 4096;
+        // Heap memory is not page-aligned: no page is known zero, every page is to read.
         let (a, b) = (vec![0u8; 10 << 20], vec![0u8; 30 << 20]);
-        // 64 slices of 16 pages, 40 MiB / 64 apart: 4 MiB in all, a quarter of them in `a`.
-        assert_eq!(digest_sample(&[&a, &b], page, 4 << 20), 4 << 20);
+        // 1024 of the 10240 pages, every tenth, a quarter of them in `a`.
+        assert_eq!(digest_sample(&[&a, &b], page, 4 << 20).sampled, 4 << 20);
         // Smaller than the budget: every byte.
         assert_eq!(
-            digest_sample(&[&a[..5 * page], &b[..3]], page, 1 << 20),
+            digest_sample(&[&a[..5 * page], &b[..3]], page, 1 << 20).sampled,
             5 * page + 3
         );
-        // A budget under a page per slice still reads a page per slice, never past a region.
-        assert_eq!(digest_sample(&[&a], page, 100), 64 * page);
-        assert_eq!(digest_sample(&[&a[..page / 2]], page, 100), 64 * (page / 2));
-        assert_eq!(digest_sample(&[], page, 1 << 20), 0);
+        // A budget under SAMPLE_PAGES pages still reads that many, never more than there is.
+        assert_eq!(digest_sample(&[&a], page, 100).sampled, 64 * page);
+        assert_eq!(
+            digest_sample(&[&a[..page / 2]], page, 100).sampled,
+            page / 2
+        );
+        assert_eq!(digest_sample(&[], page, 1 << 20).sampled, 0);
+    }
+
+    #[test]
+    fn zero_page_pages_are_neither_read_nor_sampled() {
+        use dirtylog_host::{HostBacking, HostMemory};
+        let page = 4096;
+        let mem = HostMemory::new(512 * 4096, HostBacking::Anonymous).unwrap();
+        for (p, v) in [(0, 7u8), (100, 0), (300, 9), (511, 1)] {
+            // SAFETY: our own fresh mapping; nothing else uses it.
+            unsafe { mem.as_ptr().add(p * page + 17).write_volatile(v) };
+        }
+        // SAFETY: nothing writes the mapping while the slice lives.
+        let bytes = unsafe { std::slice::from_raw_parts(mem.as_ptr(), mem.len() as usize) };
+        // The same digest as reading every byte (page 100 was written with zeros: a page of
+        // its own, scanned), and a write after it shows.
+        assert_eq!(paused_digest(bytes, page), mem_digest(bytes, page));
+        let before = paused_digest(bytes, page);
+        // SAFETY: as above; no slice of ours is read while this writes.
+        unsafe { mem.as_ptr().add(200 * page).write_volatile(3) };
+        // SAFETY: as above.
+        let bytes = unsafe { std::slice::from_raw_parts(mem.as_ptr(), mem.len() as usize) };
+        assert_ne!(paused_digest(bytes, page), before);
+        assert_eq!(paused_digest(bytes, page), mem_digest(bytes, page));
+        // Only the five written pages are to read, all of them sampled.
+        assert_eq!(digest_sample(&[bytes], page, 2 * page).sampled, 5 * page);
     }
 
     #[test]

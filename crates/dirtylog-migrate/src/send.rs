@@ -1059,10 +1059,14 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 .iter()
                 .map(|&m| unsafe { guestmem::frozen(m) })
                 .collect();
-            let t = Instant::now();
-            let bytes =
+            let sample =
                 digest::digest_sample(&regions, self.sh.page_size as usize, PROBE_DIGEST_BYTES);
-            convergence::bandwidth(bytes as u64, t.elapsed())
+            if sample.sampled == 0 {
+                // No memory: nothing to digest.
+                return f64::INFINITY;
+            }
+            let total: usize = regions.iter().map(|r| r.len()).sum();
+            convergence::bandwidth(total as u64, sample.estimate)
         });
         let t3 = Instant::now();
         source
@@ -1977,8 +1981,8 @@ pub(crate) fn check_region_memory(
     Ok(())
 }
 
-/// The [`digest::mem_digest`] of every region (every byte read), in header order, with its
-/// slot.
+/// The [`digest::mem_digest`] of every region, in header order, with its slot: every byte
+/// read but those of pages the kernel maps to its zero page.
 fn hash_regions(regions: &[Region], mems: &[RegionMemory], page: usize) -> Vec<(u32, u64)> {
     regions
         .iter()
@@ -1988,7 +1992,7 @@ fn hash_regions(regions: &[Region], mems: &[RegionMemory], page: usize) -> Vec<(
             // guest's memory (the `MigrationSource` memory contract); the connection threads
             // only read it.
             let bytes = unsafe { guestmem::frozen(mem) };
-            (r.slot, digest::mem_digest(bytes, page))
+            (r.slot, digest::paused_digest(bytes, page))
         })
         .collect()
 }
