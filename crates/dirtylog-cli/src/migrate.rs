@@ -165,9 +165,10 @@ pub struct MigrationArgs {
     /// background (default): the destination resumes at once, the source digests its paused
     /// memory while the guest runs there and lets go only when the destination's page hashes
     /// match (on a mismatch the destination guest is stopped and the source's resumes); no
-    /// downtime for the check, the source keeps the guest ~50 ms per GiB longer. strict: the
-    /// check is done before the destination resumes; the blackout waits for whatever of the
-    /// digest (about 50 ms per GiB here) the final round does not hide. off: no check.
+    /// downtime for the check, the source keeps the guest ~50 ms per GiB of written memory
+    /// longer (never-written memory costs a page-table walk). strict: the check is done
+    /// before the destination resumes; the blackout waits for whatever of the digest the
+    /// final round does not hide. off: no check.
     #[arg(long, default_value_t = Verify::Background, value_parser = parse_verify)]
     pub verify: Verify,
     /// Once the expected downtime fits the limit, keep sending rounds while each at least

@@ -36,7 +36,8 @@ use twox_hash::XxHash3_64;
 #[serde(rename_all = "kebab-case")]
 pub enum Verify {
     /// Before the destination resumes: the blackout pays the source's digest of all its
-    /// memory beyond what the final round hides (about 50 ms per GiB on 2 cores here).
+    /// memory beyond what the final round hides (about 50 ms per GiB written on 2 cores
+    /// here; memory never written costs a page-table walk).
     Strict,
     /// The default. The destination resumes first; the source digests its paused memory
     /// while the guest runs there, and the destination compares with the page hashes it
