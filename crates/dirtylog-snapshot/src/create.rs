@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dirtylog::bitmap::runs;
 use dirtylog::DirtyTracker;
-use dirtylog_migrate::digest::{mem_digest, DigestTable};
+use dirtylog_migrate::digest::{paused_digest, DigestTable};
 use dirtylog_migrate::wire::StreamHeader;
 use dirtylog_migrate::{MigrationMemory, MigrationSource, RegionMemory, Vcpus};
 use serde::Serialize;
@@ -58,7 +58,9 @@ pub struct CreateConfig {
     pub progress: Option<ProgressFn>,
     /// Stop and live: while paused, digest the source's memory and refuse the member if it
     /// differs from what the chain holds (a write the tracker missed). Costs one read of
-    /// guest memory in the pause (about 50 ms per GiB). Default on.
+    /// the guest memory ever written in the pause (about 50 ms per GiB; never-written memory
+    /// costs a page-table walk: a diff of a 4 GiB guest paused 24–64 ms instead of 149–163).
+    /// Default on.
     pub verify_source: bool,
 }
 
@@ -181,7 +183,7 @@ pub(crate) unsafe fn digest_paused(mems: &[RegionMemory], page: usize) -> Vec<u6
             // SAFETY: a valid mapping (memory contract) that nobody writes during the call
             // (the caller's promise).
             let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) };
-            mem_digest(bytes, page)
+            paused_digest(bytes, page)
         })
         .collect()
 }

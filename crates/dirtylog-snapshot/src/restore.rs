@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dirtylog_migrate::digest::{mem_digest, DigestTable};
+use dirtylog_migrate::digest::{paused_digest, DigestTable};
 use dirtylog_migrate::wire::StreamHeader;
 use dirtylog_migrate::{
     DeviceState, MigrationMemory, MigrationTarget, RegionMemory, VcpuRestore, VmError,
@@ -185,7 +185,7 @@ where
                 // SAFETY: the target has not been resumed and this restore has finished
                 // writing: no one writes its memory during the digest.
                 let bytes = unsafe { std::slice::from_raw_parts(mem.as_ptr(), mem.len()) };
-                mem_digest(bytes, page as usize)
+                paused_digest(bytes, page as usize)
             }
         };
         if got != *want {
