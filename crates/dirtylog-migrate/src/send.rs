@@ -1061,12 +1061,16 @@ impl<S: MigrationSource> Engine<'_, '_, S> {
                 .collect();
             let sample =
                 digest::digest_sample(&regions, self.sh.page_size as usize, PROBE_DIGEST_BYTES);
-            if sample.sampled == 0 {
+            let total: usize = regions.iter().map(|r| r.len()).sum();
+            debug_assert!(sample.sampled <= total);
+            if total == 0 {
                 // No memory: nothing to digest.
                 return f64::INFINITY;
             }
-            let total: usize = regions.iter().map(|r| r.len()).sum();
-            convergence::bandwidth(total as u64, sample.estimate)
+            // Memory that maps the zero page throughout samples nothing: its estimate is the
+            // page-table walk alone.
+            let estimate = sample.estimate.max(Duration::from_micros(1));
+            convergence::bandwidth(total as u64, estimate)
         });
         let t3 = Instant::now();
         source
