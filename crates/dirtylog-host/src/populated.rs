@@ -32,6 +32,8 @@ use std::io::Read as _;
 use std::os::fd::AsFd as _;
 use std::sync::OnceLock;
 
+use dirtylog::bitmap::runs;
+
 use crate::async_wp::set_bits;
 use crate::sys::{self, page_region, pm_scan_arg};
 use crate::HostError;
@@ -140,8 +142,16 @@ pub fn zero_pfn_pages(
     }
     let mut populated = vec![0u64; out.len()];
     populated_pages(addr, len, page_size, &mut populated)?;
+    // The unpopulated pages, as set bits for the project's run walk.
     let npages = len / page_size;
-    for (first, count) in unset_runs(&populated, npages) {
+    let words = npages.div_ceil(64) as usize;
+    let mut unpopulated: Vec<u64> = populated[..words].iter().map(|w| !w).collect();
+    if npages % 64 != 0 {
+        if let Some(last) = unpopulated.last_mut() {
+            *last &= (1u64 << (npages % 64)) - 1;
+        }
+    }
+    for (first, count) in runs(&unpopulated) {
         let (start, bytes) = (addr + first * page_size, count * page_size);
         // SAFETY: advice on a range of this process's address space that it asked about; it
         // only faults pages in for reading (the zero page where nothing is mapped), never
@@ -176,27 +186,6 @@ pub fn zero_pfn_pages(
     };
     scan_with(addr, end, &mut arg_for, &mut mark)?;
     Ok(count(out) - before)
-}
-
-/// The runs of clear bits among the first `npages` of `bits`, as (first, count).
-fn unset_runs(bits: &[u64], npages: u64) -> Vec<(u64, u64)> {
-    let mut runs = Vec::new();
-    let mut start = None;
-    for p in 0..npages {
-        let set = bits[(p / 64) as usize] >> (p % 64) & 1 == 1;
-        match (set, start) {
-            (false, None) => start = Some(p),
-            (true, Some(s)) => {
-                runs.push((s, p - s));
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(s) = start {
-        runs.push((s, npages - s));
-    }
-    runs
 }
 
 /// Does this kernel have `PAGEMAP_SCAN`? Asked once, with an empty range.
@@ -356,16 +345,12 @@ mod tests {
         wide[1] = 5;
         zero_pfn_pages(mem.as_ptr() as u64, 64 * 4096, 4096, &mut wide).unwrap();
         assert_eq!(wide, [!0b1001, 5]);
+        // A range that ends inside a bitmap word: nothing past it is marked.
+        let mut part = [0u64; 2];
+        zero_pfn_pages(mem.as_ptr() as u64, 70 * 4096, 4096, &mut part).unwrap();
+        assert_eq!(part, [!0b1001, 0b11_1110]);
         assert!(zero_pfn_pages(mem.as_ptr() as u64, 4096, 3000, &mut wide).is_err());
         assert!(zero_pfn_pages(mem.as_ptr() as u64 + 1, 4096, 4096, &mut wide).is_err());
-    }
-
-    #[test]
-    fn unset_runs_cover_every_clear_bit() {
-        assert_eq!(unset_runs(&[0b0110], 6), vec![(0, 1), (3, 3)]);
-        assert_eq!(unset_runs(&[!0, 0], 70), vec![(64, 6)]);
-        assert_eq!(unset_runs(&[!0], 64), vec![]);
-        assert_eq!(unset_runs(&[], 0), vec![]);
     }
 
     #[test]

@@ -118,7 +118,7 @@ fn combine(hashes: impl Iterator<Item = u64>) -> u64 {
 /// page is hashed as it is): every byte is read, on [`std::thread::available_parallelism`]
 /// threads for a large region.
 pub fn mem_digest(bytes: &[u8], page_size: usize) -> u64 {
-    digest_of(bytes, page_size, &[])
+    mem_digest_zero_pfn(bytes, page_size, &[])
 }
 
 /// [`mem_digest`] of memory nobody writes while this runs (a paused guest's, or a target's
@@ -163,20 +163,15 @@ fn zero_pfn_of(bytes: &[u8], page_size: usize) -> Vec<u64> {
 /// guarantees while nobody writes the region. A write the tracker missed still shows: a
 /// written page no longer maps the zero page.
 fn mem_digest_zero_pfn(bytes: &[u8], page_size: usize, zero_pfn: &[u64]) -> u64 {
-    digest_of(bytes, page_size, zero_pfn)
-}
-
-fn digest_of(bytes: &[u8], page_size: usize, zero_pfn: &[u64]) -> u64 {
     let page = page_size.max(1);
     let n = bytes.len().div_ceil(page);
     let zero = zero_page_hash(page);
-    let known_zero = |i: usize| zero_pfn.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
     // A zero page's hash is known: testing for zero reads the page as surely as hashing it
     // (a write nobody tracked still shows) and costs about half as much, and most of a
     // guest's memory is often zeros (the huge zero page, where it was never written).
     let hash = |i: usize| {
         let p = &bytes[i * page..((i + 1) * page).min(bytes.len())];
-        if p.len() == page && (known_zero(i) || crate::guestmem::is_zero_bytes(p)) {
+        if p.len() == page && (bit(zero_pfn, i) || crate::guestmem::is_zero_bytes(p)) {
             zero
         } else {
             mem_hash(p)
@@ -202,6 +197,11 @@ fn digest_of(bytes: &[u8], page_size: usize, zero_pfn: &[u64]) -> u64 {
         });
     }
     combine(hashes.into_iter())
+}
+
+/// Is bit `i` of `bits` set (bits past the end count as clear)?
+fn bit(bits: &[u64], i: usize) -> bool {
+    bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
 }
 
 /// Fewest pages a [`digest_sample`] reads (if the memory has them).
@@ -244,15 +244,12 @@ pub(crate) fn digest_sample(regions: &[&[u8]], page_size: usize, budget: usize) 
     }
     let zero_pfn: Vec<Vec<u64>> = regions.iter().map(|r| zero_pfn_of(r, page)).collect();
     let walk = start.elapsed();
-    let is_zero_pfn =
-        |bits: &[u64], i: usize| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
+    // zero_pfn_pages marks no bit past a region's pages.
     let to_read: usize = regions
         .iter()
         .zip(&zero_pfn)
         .map(|(r, bits)| {
-            (0..r.len().div_ceil(page))
-                .filter(|&i| !is_zero_pfn(bits, i))
-                .count()
+            r.len().div_ceil(page) - bits.iter().map(|w| w.count_ones() as usize).sum::<usize>()
         })
         .sum();
     let want = (budget / page).max(SAMPLE_PAGES);
@@ -261,7 +258,7 @@ pub(crate) fn digest_sample(regions: &[&[u8]], page_size: usize, budget: usize) 
     let t = Instant::now();
     for (r, bits) in regions.iter().zip(&zero_pfn) {
         for i in 0..r.len().div_ceil(page) {
-            if is_zero_pfn(bits, i) {
+            if bit(bits, i) {
                 continue;
             }
             seen += 1;
