@@ -1750,59 +1750,57 @@ impl<S: MigrationSource, T: Transport> Worker<'_, '_, S, T> {
                 let (offset, len) = (p as usize * ps, n * ps);
                 // A running guest's pages in a frame the socket takes whole, checked by their
                 // hashes (no CRC to agree with), not compressed: straight from guest memory.
-                if !span.frozen
+                let direct = !span.frozen
                     && codec.is_none()
                     && len >= SOCKET_BUFFER_BYTES
-                    && self.enc.hash_checked_pages()
-                {
+                    && self.enc.hash_checked_pages();
+                let r = if direct {
                     s.limiter.acquire(len);
                     let buf = &mut self.buf;
-                    let r = self
-                        .enc
+                    self.enc
                         .send_pages_with(range(p, n as u64), |w, head, crc| {
                             write_live(w, head, mem, offset, len, crc, buf)
                         })
-                        .map_err(MigrateError::wire(self.conn));
-                    self.account();
-                    r?;
-                    normal += n as u64;
-                    p += n as u64;
-                    continue;
-                }
-                if !span.frozen {
-                    guestmem::copy_out(mem, offset, &mut self.buf[..len]);
-                }
-                let data = if span.frozen {
-                    // SAFETY: a final-round span: the guest stays paused, and nobody writes
-                    // its memory (the `MigrationSource` memory contract), until the engine's
-                    // thread scope has joined this thread; the slice dies with this frame.
-                    let bytes = unsafe { guestmem::frozen(mem) };
-                    &bytes[offset..offset + len]
                 } else {
-                    &self.buf[..len]
-                };
-                // A codec failure (it cannot fail on valid input but for memory) sends plain.
-                let packed = match (&mut self.compressor, codec) {
-                    (Some(c), Some(codec)) => c.compress(data).ok().flatten().map(|b| (codec, b)),
-                    _ => None,
-                };
-                // Charged what goes on the wire, so that compression speeds up a slow link.
-                s.limiter
-                    .acquire(packed.map_or(data.len(), |(_, bytes)| bytes.len()));
-                let r = match packed {
-                    Some((codec, bytes)) => {
-                        packed_pages += n as u64;
-                        packed_bytes += bytes.len() as u64;
-                        self.enc.send_compressed(range(p, n as u64), codec, bytes)
+                    if !span.frozen {
+                        guestmem::copy_out(mem, offset, &mut self.buf[..len]);
                     }
-                    None => {
-                        if codec.is_some() {
-                            unpacked_pages += n as u64;
+                    let data = if span.frozen {
+                        // SAFETY: a final-round span: the guest stays paused, and nobody
+                        // writes its memory (the `MigrationSource` memory contract), until
+                        // the engine's thread scope has joined this thread; the slice dies
+                        // with this frame.
+                        let bytes = unsafe { guestmem::frozen(mem) };
+                        &bytes[offset..offset + len]
+                    } else {
+                        &self.buf[..len]
+                    };
+                    // A codec failure (it cannot fail on valid input but for memory) sends
+                    // plain.
+                    let packed = match (&mut self.compressor, codec) {
+                        (Some(c), Some(codec)) => {
+                            c.compress(data).ok().flatten().map(|b| (codec, b))
                         }
-                        self.enc.send(Message::Pages {
-                            range: range(p, n as u64),
-                            data,
-                        })
+                        _ => None,
+                    };
+                    // Charged what goes on the wire, so that compression speeds up a slow link.
+                    s.limiter
+                        .acquire(packed.map_or(data.len(), |(_, bytes)| bytes.len()));
+                    match packed {
+                        Some((codec, bytes)) => {
+                            packed_pages += n as u64;
+                            packed_bytes += bytes.len() as u64;
+                            self.enc.send_compressed(range(p, n as u64), codec, bytes)
+                        }
+                        None => {
+                            if codec.is_some() {
+                                unpacked_pages += n as u64;
+                            }
+                            self.enc.send(Message::Pages {
+                                range: range(p, n as u64),
+                                data,
+                            })
+                        }
                     }
                 }
                 .map_err(MigrateError::wire(self.conn));
