@@ -142,23 +142,27 @@ impl AsyncWatch {
     }
 }
 
-/// Set bits `[first, last)` of `out`.
-pub(crate) fn set_bits(out: &mut [u64], first: usize, last: usize) {
+/// Set bits `[first, last)` of `out`; returns how many of them were clear before.
+pub(crate) fn set_bits(out: &mut [u64], first: usize, last: usize) -> u64 {
     if first >= last {
-        return;
+        return 0;
     }
+    let set = |w: &mut u64, mask: u64| {
+        let new = u64::from((!*w & mask).count_ones());
+        *w |= mask;
+        new
+    };
     let (fw, lw) = (first / 64, (last - 1) / 64);
     let lo = !0u64 << (first % 64);
     let hi = !0u64 >> (63 - (last - 1) % 64);
     if fw == lw {
-        out[fw] |= lo & hi;
-        return;
+        return set(&mut out[fw], lo & hi);
     }
-    out[fw] |= lo;
+    let mut new = set(&mut out[fw], lo);
     for w in &mut out[fw + 1..lw] {
-        *w = !0;
+        new += set(w, !0);
     }
-    out[lw] |= hi;
+    new + set(&mut out[lw], hi)
 }
 
 impl WriteWatch for AsyncWatch {
@@ -308,12 +312,14 @@ mod tests {
     #[test]
     fn set_bits_spans_words() {
         let mut w = [0u64; 3];
-        set_bits(&mut w, 3, 3);
+        assert_eq!(set_bits(&mut w, 3, 3), 0);
         assert_eq!(w, [0; 3]);
-        set_bits(&mut w, 3, 5);
+        assert_eq!(set_bits(&mut w, 3, 5), 2);
         assert_eq!(w, [0b11000, 0, 0]);
-        set_bits(&mut w, 62, 130);
+        assert_eq!(set_bits(&mut w, 62, 130), 68);
         assert_eq!(w, [0b11000 | (3 << 62), !0, 0b11]);
+        // Bits already set are not counted again.
+        assert_eq!(set_bits(&mut w, 0, 66), 60);
         let mut w = [0u64; 1];
         set_bits(&mut w, 0, 64);
         assert_eq!(w, [!0]);

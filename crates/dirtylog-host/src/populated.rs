@@ -62,6 +62,23 @@ pub fn populated_pages(
     page_size: u64,
     out: &mut [u64],
 ) -> Result<u64, HostError> {
+    let end = check_args(addr, len, page_size, out)?;
+    let mut set = 0;
+    let mut mark = |start: u64, stop: u64| {
+        let first = (start.clamp(addr, end) - addr) / page_size;
+        let last = (stop.clamp(addr, end) - addr).div_ceil(page_size);
+        set += set_bits(out, first as usize, last as usize);
+    };
+    if scan_supported() {
+        scan(addr, end, POPULATED, &mut mark)?;
+    } else {
+        read_pagemap(addr, end, sys::base_page_size(), &mut mark)?;
+    }
+    Ok(set)
+}
+
+/// Check the arguments of [`populated_pages`] and [`zero_pfn_pages`]; returns the range's end.
+fn check_args(addr: u64, len: u64, page_size: u64, out: &[u64]) -> Result<u64, HostError> {
     let base = sys::base_page_size();
     if !page_size.is_power_of_two() || page_size < base {
         return Err(HostError::BadPageSize(page_size));
@@ -86,19 +103,7 @@ pub fn populated_pages(
             got: out.len(),
         });
     }
-    let count = |out: &[u64]| out.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-    let before = count(out);
-    let mut mark = |start: u64, stop: u64| {
-        let first = (start.clamp(addr, end) - addr) / page_size;
-        let last = (stop.clamp(addr, end) - addr).div_ceil(page_size);
-        set_bits(out, first as usize, last as usize);
-    };
-    if scan_supported() {
-        scan(addr, end, &mut mark)?;
-    } else {
-        read_pagemap(addr, end, base, &mut mark)?;
-    }
-    Ok(count(out) - before)
+    Ok(end)
 }
 
 /// Set in `out` (as [`populated_pages`] does) every page of `[addr, addr + len)` whose base
@@ -134,24 +139,24 @@ pub fn zero_pfn_pages(
     page_size: u64,
     out: &mut [u64],
 ) -> Result<u64, HostError> {
+    let end = check_args(addr, len, page_size, out)?;
     if !scan_supported() {
-        // Checks the arguments all the same.
-        let mut none = vec![0u64; out.len()];
-        populated_pages(addr, len, page_size, &mut none)?;
         return Ok(0);
     }
-    let mut populated = vec![0u64; out.len()];
-    populated_pages(addr, len, page_size, &mut populated)?;
-    // The unpopulated pages, as set bits for the project's run walk.
     let npages = len / page_size;
     let words = npages.div_ceil(64) as usize;
-    let mut unpopulated: Vec<u64> = populated[..words].iter().map(|w| !w).collect();
+    let mut populated = vec![0u64; words];
+    populated_pages(addr, len, page_size, &mut populated)?;
+    // The unpopulated pages, as set bits for the project's run walk.
+    for w in &mut populated {
+        *w = !*w;
+    }
     if npages % 64 != 0 {
-        if let Some(last) = unpopulated.last_mut() {
+        if let Some(last) = populated.last_mut() {
             *last &= (1u64 << (npages % 64)) - 1;
         }
     }
-    for (first, count) in runs(&unpopulated) {
+    for (first, count) in runs(&populated) {
         let (start, bytes) = (addr + first * page_size, count * page_size);
         // SAFETY: advice on a range of this process's address space that it asked about; it
         // only faults pages in for reading (the zero page where nothing is mapped), never
@@ -164,28 +169,16 @@ pub fn zero_pfn_pages(
             )
         };
     }
-    let end = addr + len;
-    let count = |out: &[u64]| out.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-    let before = count(out);
-    let zero = PAGE_IS_PFNZERO as u64;
-    let mut arg_for = |start, vec: &mut [page_region]| {
-        let mut arg = scan_arg(start, end, vec);
-        arg.category_inverted = 0;
-        arg.category_mask = zero;
-        arg.category_anyof_mask = 0;
-        arg.return_mask = zero;
-        arg
-    };
+    drop(populated);
     // A page counts only if the zero page covers all of it.
+    let mut set = 0;
     let mut mark = |start: u64, stop: u64| {
         let first = (start.clamp(addr, end) - addr).div_ceil(page_size);
         let last = (stop.clamp(addr, end) - addr) / page_size;
-        if first < last {
-            set_bits(out, first as usize, last as usize);
-        }
+        set += set_bits(out, first as usize, last as usize);
     };
-    scan_with(addr, end, &mut arg_for, &mut mark)?;
-    Ok(count(out) - before)
+    scan(addr, end, ZERO_PFN, &mut mark)?;
+    Ok(set)
 }
 
 /// Does this kernel have `PAGEMAP_SCAN`? Asked once, with an empty range.
@@ -195,16 +188,42 @@ fn scan_supported() -> bool {
         let Ok(pagemap) = sys::open_pagemap() else {
             return false;
         };
-        let mut arg = scan_arg(0, 0, &mut []);
+        let mut arg = scan_arg(0, 0, &mut [], POPULATED);
         // SAFETY: vec is null with vec_len 0.
         unsafe { sys::pagemap_scan(pagemap.as_fd(), &mut arg) }.is_ok()
     })
 }
 
-/// A `PAGEMAP_SCAN` argument for `[start, end)` matching (present or swapped) and not the
-/// zero page, writing into `vec`.
-fn scan_arg(start: u64, end: u64, vec: &mut [page_region]) -> pm_scan_arg {
-    let some = (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) as u64;
+/// Which pages a `PAGEMAP_SCAN` walk reports, as the kernel's category masks: a page matches
+/// if its categories XOR `inverted` have all of `mask` and (when not 0) some of `anyof`.
+#[derive(Clone, Copy)]
+struct Categories {
+    inverted: u64,
+    mask: u64,
+    anyof: u64,
+    /// The categories reported with each range.
+    ret: u64,
+}
+
+/// Present or swapped, and not the zero page ("inverted then required").
+const POPULATED: Categories = Categories {
+    inverted: PAGE_IS_PFNZERO as u64,
+    mask: PAGE_IS_PFNZERO as u64,
+    anyof: (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) as u64,
+    ret: (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) as u64,
+};
+
+/// Mapping the shared or huge zero page.
+const ZERO_PFN: Categories = Categories {
+    inverted: 0,
+    mask: PAGE_IS_PFNZERO as u64,
+    anyof: 0,
+    ret: PAGE_IS_PFNZERO as u64,
+};
+
+/// A `PAGEMAP_SCAN` argument for the pages of `[start, end)` in `categories`, writing into
+/// `vec`.
+fn scan_arg(start: u64, end: u64, vec: &mut [page_region], categories: Categories) -> pm_scan_arg {
     pm_scan_arg {
         size: std::mem::size_of::<pm_scan_arg>() as u64,
         flags: 0,
@@ -218,24 +237,19 @@ fn scan_arg(start: u64, end: u64, vec: &mut [page_region]) -> pm_scan_arg {
         },
         vec_len: vec.len() as u64,
         max_pages: 0,
-        // Inverted then required: "not the zero page".
-        category_inverted: PAGE_IS_PFNZERO as u64,
-        category_mask: PAGE_IS_PFNZERO as u64,
-        category_anyof_mask: some,
-        return_mask: some,
+        category_inverted: categories.inverted,
+        category_mask: categories.mask,
+        category_anyof_mask: categories.anyof,
+        return_mask: categories.ret,
     }
 }
 
-fn scan(start: u64, end: u64, mark: &mut impl FnMut(u64, u64)) -> Result<(), HostError> {
-    scan_with(start, end, &mut |at, vec| scan_arg(at, end, vec), mark)
-}
-
-/// Walk `[start, end)` with `PAGEMAP_SCAN` arguments from `arg_for(at, vec)`, handing each
-/// matching range to `mark`.
-fn scan_with(
+/// Walk `[start, end)` with `PAGEMAP_SCAN`, handing each range of pages in `categories` to
+/// `mark`.
+fn scan(
     start: u64,
     end: u64,
-    arg_for: &mut impl FnMut(u64, &mut [page_region]) -> pm_scan_arg,
+    categories: Categories,
     mark: &mut impl FnMut(u64, u64),
 ) -> Result<(), HostError> {
     let pagemap = sys::open_pagemap()?;
@@ -247,7 +261,7 @@ fn scan_with(
     let mut vec = vec![empty; SCAN_RANGES];
     let mut at = start;
     while at < end {
-        let mut arg = arg_for(at, &mut vec);
+        let mut arg = scan_arg(at, end, &mut vec, categories);
         // SAFETY: `vec`/`vec_len` describe `vec`, ours alone for the call.
         let n = unsafe { sys::pagemap_scan(pagemap.as_fd(), &mut arg) }?;
         for r in vec.iter().take(n) {
