@@ -311,7 +311,7 @@ pub fn write(path: &Path, report: &SendReport) -> Result<(), String> {
     write_plot(path, &Plot::of(report))
 }
 
-/// [`write`] for numbers already taken out of a report.
+/// [`write()`] for numbers already taken out of a report.
 pub fn write_plot(path: &Path, plot: &Plot) -> Result<(), String> {
     let svg = plot.svg()?;
     let name = path.file_name().ok_or_else(|| {

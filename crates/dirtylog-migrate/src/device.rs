@@ -12,8 +12,8 @@ use crate::wire::{check_device, WireError};
 
 /// One device's saved state: a name (1 to [`MAX_DEVICE_NAME`](crate::wire::MAX_DEVICE_NAME)
 /// bytes of ASCII letters, digits and `-_.:/`), a version the device defines, and up to
-/// [`MAX_DEVICE_STATE`] bytes. Validated when built, so a source cannot produce a section the
-/// destination would refuse.
+/// [`MAX_DEVICE_STATE`](crate::wire::MAX_DEVICE_STATE) bytes. Validated when built, so a
+/// source cannot produce a section the destination would refuse.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSection {
     name: String,

@@ -1,5 +1,6 @@
 //! [`Snapshotter`]: takes the members of a chain from a running guest, in stop and live
-//! mode here (background mode in [`background`](crate::background)).
+//! mode here (background mode, [`SnapshotMode::Background`], in the private `background`
+//! module).
 //!
 //! **No write is lost between members.** Tracking starts once, in [`Snapshotter::new`], and
 //! runs until [`Snapshotter::finish`]. Every harvest ORs the tracker's bits (and the VMM's)

@@ -5,11 +5,11 @@
 //!
 //! A snapshot is a migration into a file: the crate is generic over dirtylog-migrate's
 //! traits. [`Snapshotter`] takes members from a [`MigrationSource`](dirtylog_migrate::MigrationSource);
-//! [`restore`] builds a [`MigrationTarget`](dirtylog_migrate::MigrationTarget) with the same
+//! [`restore()`] builds a [`MigrationTarget`](dirtylog_migrate::MigrationTarget) with the same
 //! `make_target` closure `dirtylog_migrate::receive` takes. `docs/SNAPSHOT.md` describes the
 //! format and why a killed writer never damages a chain.
 //!
-//! - [`format`]: the manifest and the files of a member.
+//! - [`mod@format`]: the manifest and the files of a member.
 //! - `write`: the crash-safe member writer.
 //! - [`chain`]: [`Chain::open`] and its checks.
 //! - [`create`]: [`Snapshotter`], stop and live modes; `background` for background mode.

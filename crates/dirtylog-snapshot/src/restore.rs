@@ -151,7 +151,8 @@ pub(crate) fn restore_states<T: MigrationTarget>(
 /// then, load each page as of the tip into its memory (the data runs only: holes stay zero),
 /// restore the vCPU and device state, check each region's digest against the tip's record,
 /// then resume the target's vCPUs (unless `opts.resume` is off). Nothing runs if any check
-/// fails. With `opts.lazy`, see [`lazy`](crate::lazy).
+/// fails. With `opts.lazy` ([`RestoreOptions::lazy`]), the restore is lazy: see the private
+/// `lazy` module.
 pub fn restore<T, F>(
     tip: &Path,
     make_target: F,

@@ -667,8 +667,8 @@ impl MigrationMemory for KvmSource {
         self.inner.vmm.get(index).map(|b| &**b)
     }
 
-    /// [`GuestMemory`](crate::GuestMemory) is private anonymous memory that no userfaultfd
-    /// handler fills: a page never populated is a page of zeros.
+    /// [`GuestMemory`] is private anonymous memory that no userfaultfd handler fills: a page
+    /// never populated is a page of zeros.
     fn unpopulated_is_zero(&self, _index: usize) -> bool {
         true
     }

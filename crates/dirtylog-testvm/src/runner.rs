@@ -718,12 +718,13 @@ impl Runner {
         Ok(r)
     }
 
-    /// Start the ring watchdog: every [`RING_WATCH_PERIOD`], kick each running vCPU whose ring holds at least
-    /// `threshold` unharvested entries (use the soft limit, `entries - 64`), so that KVM takes
-    /// the ring-full exit now rather than at its next exit to userspace. `rings` are in vCPU
-    /// order. On a host that exits at the soft limit by itself the kicks never find a running
-    /// vCPU over the threshold, or are harmless duplicates. The watchdog runs `SCHED_FIFO` when
-    /// the process may ([`Runner::watchdog_realtime`]), so busy vCPU threads cannot starve it.
+    /// Start the ring watchdog: every [`RING_WATCH_PERIOD`], kick each running vCPU whose ring
+    /// holds at least `threshold` unharvested entries (use the soft limit, `entries - 64`), so
+    /// that KVM takes the ring-full exit now rather than at its next exit to userspace. `rings`
+    /// are in vCPU order. On a host that exits at the soft limit by itself the kicks never find
+    /// a running vCPU over the threshold, or are harmless duplicates. The watchdog runs
+    /// `SCHED_FIFO` when the process may (root or `CAP_SYS_NICE`; best effort, through the
+    /// private `make_realtime`), so busy vCPU threads cannot starve it.
     pub fn watch_rings(&mut self, rings: Vec<RingWatch>, threshold: u32) -> Result<()> {
         if rings.len() != self.len() {
             return Err(Error::Config("one ring per vCPU, watched once".into()));

@@ -1,10 +1,10 @@
 //! A [`Pc`] is both a migration source and a migration target, so a guest that arrived by
-//! migration can leave again (back-to-back migrations, [`super::continuous`]).
+//! migration can leave again (back-to-back migrations, [`run`](mod@super::run#migrations)).
 //!
 //! | engine trait | the PC's part |
 //! |---|---|
 //! | [`MigrationMemory`] | the RAM regions of the [memory map](super::machine) (no VMM writes: the VMM writes guest RAM only when loading the kernel, before any tracking) |
-//! | [`DirtyTracker`] | the VM's [`KvmDirtyTracker`], enabled when the PC was built; with rings, a [reaper](crate::reaper) while tracking |
+//! | [`DirtyTracker`] | the VM's [`KvmDirtyTracker`](dirtylog_kvm::KvmDirtyTracker), enabled when the PC was built; with rings, a [reaper](crate::reaper) while tracking |
 //! | [`Vcpus`], [`VcpuRestore`] | with rings, a per-vCPU [dirty limit](crate::dirty_limit); the runner's VMM-driven pause; the full vCPU state ([`VcpuSnapshot`]: registers, FPU/XSAVE, XCRs, debug registers, events, MP state, LAPIC, the saveable MSRs) saved and restored on each vCPU's own thread |
 //! | [`DeviceState`] | `serial0` (the UART, with queued input), `fw_cfg`, and `kvm-vm`: the in-kernel PIC, IOAPIC, PIT and kvmclock ([`VmSnapshot`]) |
 //!
@@ -173,8 +173,8 @@ impl MigrationMemory for Pc {
         None
     }
 
-    /// [`GuestMemory`](crate::GuestMemory) is private anonymous memory that no userfaultfd
-    /// handler fills: a page never populated is a page of zeros.
+    /// [`GuestMemory`] is private anonymous memory that no userfaultfd handler fills: a page
+    /// never populated is a page of zeros.
     fn unpopulated_is_zero(&self, _index: usize) -> bool {
         true
     }

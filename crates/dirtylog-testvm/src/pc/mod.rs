@@ -9,7 +9,7 @@
 //!   ended the machine.
 //! - [`machine`]: the VM, its memory map, vCPUs and in-kernel irqchip and PIT ([`Pc`]).
 //! - [`migrate`]: a PC as a migration source and target, with its full vCPU and device state.
-//! - [`run`]: running a kernel, migrating it on the guest's request or on a timer.
+//! - [`mod@run`]: running a kernel, migrating it on the guest's request or on a timer.
 
 pub mod bus;
 pub mod fw_cfg;

@@ -2,7 +2,7 @@
 //! `kvm_run.immediate_exit`.
 //!
 //! The vCPU thread registers a pointer to its `kvm_run.immediate_exit` byte in a thread-local
-//! ([`KickTarget::register`]). A kicker first records what it wants (a pause request, a
+//! (`KickTarget::register`). A kicker first records what it wants (a pause request, a
 //! throttle hold, shutdown) where the thread checks it between two `KVM_RUN`s, then sends
 //! [`kick_signal`] to the thread. The handler stores 1 into the registered byte (a plain
 //! volatile byte store: async-signal-safe). So:
