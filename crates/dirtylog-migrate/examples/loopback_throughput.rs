@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p dirtylog-migrate --example loopback_throughput -- \
 //!     [--mib 1024] [--pairs 5] [--connections 1,2,4] [--memory prefault|fresh] \
-//!     [--only engine|raw] [--frame-kib KIB] [--verify background|strict|off]
+//!     [--only engine|raw] [--frame-kib KIB] [--verify background|strict|off] [--raw-hash]
 //! ```
 //!
 //! `--only` runs one side alone (to profile it; its ratios are then meaningless). To profile
@@ -26,6 +26,9 @@
 //! - the **raw** baseline: N plain TCP connections, each writing 1/N of the same source VM's
 //!   memory in 4 MiB writes, and a reader per connection `read`ing (4 MiB at most per call)
 //!   straight into its share of a destination, from the first connect to the last byte read;
+//!   with `--raw-hash` each reader also hashes every page it completes right after each read
+//!   ([`mem_hash`], the engine's per-page check), so that the ratio shows what the engine
+//!   costs beyond the check it pays for verification;
 //!
 //! alternating which goes first (pair 0 raw first, pair 1 engine first, …). Both runs of a
 //! pair read the same source VM's memory (read once before the pair: see [`read_once`]), and
@@ -43,15 +46,16 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use dirtylog_migrate::digest::mem_hash;
 use dirtylog_migrate::soft::{SoftConfig, SoftVm, Workload};
-use dirtylog_migrate::wire::{Region, StreamHeader};
+use dirtylog_migrate::wire::{Region, StreamHeader, PAGES_PIECE};
 use dirtylog_migrate::{receive, send, Phase, ReceiveConfig, SendConfig, Verify};
 use dirtylog_migrate::{MigrationMemory, MigrationSource, MigrationTarget, TrackerKind};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const PAGE: usize = 4096;
-/// Bytes per raw `write` and most bytes per raw `read`.
+/// Bytes per raw `write` and most bytes per raw `read` (without `--raw-hash`).
 const RAW_CHUNK: usize = 4 << 20;
 
 struct Args {
@@ -66,6 +70,8 @@ struct Args {
     /// [`SendConfig::verify`] (default background: every page hashed on arrival; off: every
     /// frame CRC'd instead).
     verify: Verify,
+    /// Raw readers hash each page they complete, as the engine's receiver does.
+    raw_hash: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -77,6 +83,7 @@ fn parse_args() -> Result<Args, Error> {
         only: None,
         frame_bytes: None,
         verify: Verify::default(),
+        raw_hash: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -100,6 +107,7 @@ fn parse_args() -> Result<Args, Error> {
             "--only" => a.only = Some(value()?),
             "--frame-kib" => a.frame_bytes = Some(value()?.parse::<usize>()? << 10),
             "--verify" => a.verify = value()?.parse()?,
+            "--raw-hash" => a.raw_hash = true,
             _ => return Err(format!("unknown argument {flag}").into()),
         }
     }
@@ -119,10 +127,15 @@ fn main() -> Result<(), Error> {
     }];
     println!(
         "guest {} MiB, all pages non-zero, {} alternated pairs per connection count, \
-         verify {}, destination memory {}",
+         verify {}, raw readers {}, destination memory {}",
         args.mib,
         args.pairs,
         args.verify,
+        if args.raw_hash {
+            "hash each page (--raw-hash)"
+        } else {
+            "only read"
+        },
         if args.prefault {
             "pre-faulted (one word of each page written before the clock starts)"
         } else {
@@ -160,7 +173,7 @@ fn main() -> Result<(), Error> {
                     continue;
                 }
                 if is_raw {
-                    r = raw_stream(&src, target, n)?;
+                    r = raw_stream(&src, target, n, args.raw_hash)?;
                 } else {
                     e = engine_bulk(&src, target, n, args.frame_bytes, args.verify)?;
                 }
@@ -277,9 +290,10 @@ fn read_once(src: &SoftVm) -> Result<(), Error> {
     Ok(())
 }
 
-/// `n` plain TCP connections carrying `src`'s memory, 1/n each, into `target`'s memory.
-/// Bytes per second from the first connect to the last byte read.
-fn raw_stream(src: &SoftVm, target: SoftVm, n: usize) -> Result<f64, Error> {
+/// `n` plain TCP connections carrying `src`'s memory, 1/n each, into `target`'s memory (each
+/// page hashed as it lands with `hash`). Bytes per second from the first connect to the last
+/// byte read.
+fn raw_stream(src: &SoftVm, target: SoftVm, n: usize, hash: bool) -> Result<f64, Error> {
     let from = MigrationSource::memory(src)
         .region_memory(0)
         .ok_or("the source has no region 0")?;
@@ -303,7 +317,7 @@ fn raw_stream(src: &SoftVm, target: SoftVm, n: usize) -> Result<f64, Error> {
         let readers: Vec<_> = listeners
             .iter()
             .zip(to.chunks_mut(share))
-            .map(|(l, dst)| s.spawn(move || read_into(l, dst)))
+            .map(|(l, dst)| s.spawn(move || read_into(l, dst, hash)))
             .collect();
         let writers: Vec<_> = listeners
             .iter()
@@ -338,16 +352,27 @@ fn raw_stream(src: &SoftVm, target: SoftVm, n: usize) -> Result<f64, Error> {
     Ok(got as f64 / secs)
 }
 
-/// Accept one connection on `l` and read it into `dst` until it ends; the bytes read.
-fn read_into(l: &TcpListener, dst: &mut [u8]) -> std::io::Result<u64> {
+/// Accept one connection on `l` and read it into `dst` until it ends, hashing each page as it
+/// completes with `hash`; the bytes read.
+fn read_into(l: &TcpListener, dst: &mut [u8], hash: bool) -> std::io::Result<u64> {
     let (mut s, _) = l.accept()?;
     s.set_nodelay(true)?;
-    let mut at = 0;
+    let (mut at, mut hashed, mut sum) = (0, 0, 0u64);
     loop {
-        let end = (at + RAW_CHUNK).min(dst.len());
+        if hash {
+            while hashed + PAGE <= at {
+                sum ^= mem_hash(&dst[hashed..hashed + PAGE]);
+                hashed += PAGE;
+            }
+        }
+        // Hashing, read as the engine's decoder does: at most a piece per call, hashed while
+        // it is still in cache.
+        let most = if hash { PAGES_PIECE } else { RAW_CHUNK };
+        let end = (at + most).min(dst.len());
         if at == end {
             // Full: the stream must end here.
             let mut probe = [0u8; 1];
+            std::hint::black_box(sum);
             return match s.read(&mut probe)? {
                 0 => Ok(at as u64),
                 _ => Err(std::io::Error::other("more bytes than the destination")),
@@ -355,6 +380,7 @@ fn read_into(l: &TcpListener, dst: &mut [u8]) -> std::io::Result<u64> {
         }
         let k = s.read(&mut dst[at..end])?;
         if k == 0 {
+            std::hint::black_box(sum);
             return Ok(at as u64);
         }
         at += k;
