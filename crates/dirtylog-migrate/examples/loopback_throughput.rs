@@ -5,7 +5,6 @@
 //! cargo run --release -p dirtylog-migrate --example loopback_throughput -- \
 //!     [--mib 1024] [--pairs 5] [--connections 1,2,4] [--memory prefault|fresh] \
 //!     [--only engine|raw] [--frame-kib KIB] [--verify background|strict|off] [--raw-hash]
-//!     [--raw-prepare]
 //! ```
 //!
 //! `--only` runs one side alone (to profile it; its ratios are then meaningless). To profile
@@ -29,11 +28,7 @@
 //!   straight into its share of a destination, from the first connect to the last byte read;
 //!   with `--raw-hash` each reader also hashes every page it completes right after each read
 //!   ([`mem_hash`], the engine's per-page check), so that the ratio shows what the engine
-//!   costs beyond the check it pays for verification; with `--raw-prepare` both ends of each
-//!   raw connection are set up as the engine's are ([`Transport::prepare`]: on loopback,
-//!   socket buffers of
-//!   [`LOCAL_SOCKET_BUFFER`](dirtylog_migrate::transport::LOCAL_SOCKET_BUFFER) instead of
-//!   the kernel's autotuning), so that the ratio leaves out what that setup gains;
+//!   costs beyond the check it pays for verification;
 //!
 //! alternating which goes first (pair 0 raw first, pair 1 engine first, …). Both runs of a
 //! pair read the same source VM's memory (read once before the pair: see [`read_once`]), and
@@ -55,7 +50,7 @@ use dirtylog_migrate::digest::mem_hash;
 use dirtylog_migrate::soft::{SoftConfig, SoftVm, Workload};
 use dirtylog_migrate::wire::{Region, StreamHeader, PAGES_PIECE};
 use dirtylog_migrate::{receive, send, Phase, ReceiveConfig, SendConfig, Verify};
-use dirtylog_migrate::{MigrationMemory, MigrationSource, MigrationTarget, TrackerKind, Transport};
+use dirtylog_migrate::{MigrationMemory, MigrationSource, MigrationTarget, TrackerKind};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -77,8 +72,6 @@ struct Args {
     verify: Verify,
     /// Raw readers hash each page they complete, as the engine's receiver does.
     raw_hash: bool,
-    /// Raw connections set up by [`Transport::prepare`], as the engine's are.
-    raw_prepare: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -91,7 +84,6 @@ fn parse_args() -> Result<Args, Error> {
         frame_bytes: None,
         verify: Verify::default(),
         raw_hash: false,
-        raw_prepare: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -116,7 +108,6 @@ fn parse_args() -> Result<Args, Error> {
             "--frame-kib" => a.frame_bytes = Some(value()?.parse::<usize>()? << 10),
             "--verify" => a.verify = value()?.parse()?,
             "--raw-hash" => a.raw_hash = true,
-            "--raw-prepare" => a.raw_prepare = true,
             _ => return Err(format!("unknown argument {flag}").into()),
         }
     }
@@ -136,7 +127,7 @@ fn main() -> Result<(), Error> {
     }];
     println!(
         "guest {} MiB, all pages non-zero, {} alternated pairs per connection count, \
-         verify {}, raw readers {}, raw sockets {}, destination memory {}",
+         verify {}, raw readers {}, destination memory {}",
         args.mib,
         args.pairs,
         args.verify,
@@ -144,11 +135,6 @@ fn main() -> Result<(), Error> {
             "hash each page (--raw-hash)"
         } else {
             "only read"
-        },
-        if args.raw_prepare {
-            "set up as the engine's (--raw-prepare)"
-        } else {
-            "the kernel's defaults, TCP_NODELAY"
         },
         if args.prefault {
             "pre-faulted (one word of each page written before the clock starts)"
@@ -187,7 +173,7 @@ fn main() -> Result<(), Error> {
                     continue;
                 }
                 if is_raw {
-                    r = raw_stream(&src, target, n, args.raw_hash, args.raw_prepare)?;
+                    r = raw_stream(&src, target, n, args.raw_hash)?;
                 } else {
                     e = engine_bulk(&src, target, n, args.frame_bytes, args.verify)?;
                 }
@@ -305,15 +291,9 @@ fn read_once(src: &SoftVm) -> Result<(), Error> {
 }
 
 /// `n` plain TCP connections carrying `src`'s memory, 1/n each, into `target`'s memory (each
-/// page hashed as it lands with `hash`; both ends set up by [`Transport::prepare`] with
-/// `prepare`). Bytes per second from the first connect to the last byte read.
-fn raw_stream(
-    src: &SoftVm,
-    target: SoftVm,
-    n: usize,
-    hash: bool,
-    prepare: bool,
-) -> Result<f64, Error> {
+/// page hashed as it lands with `hash`). Bytes per second from the first connect to the last
+/// byte read.
+fn raw_stream(src: &SoftVm, target: SoftVm, n: usize, hash: bool) -> Result<f64, Error> {
     let from = MigrationSource::memory(src)
         .region_memory(0)
         .ok_or("the source has no region 0")?;
@@ -337,7 +317,7 @@ fn raw_stream(
         let readers: Vec<_> = listeners
             .iter()
             .zip(to.chunks_mut(share))
-            .map(|(l, dst)| s.spawn(move || read_into(l, dst, hash, prepare)))
+            .map(|(l, dst)| s.spawn(move || read_into(l, dst, hash)))
             .collect();
         let writers: Vec<_> = listeners
             .iter()
@@ -347,9 +327,6 @@ fn raw_stream(
                 s.spawn(move || -> std::io::Result<()> {
                     let mut stream = TcpStream::connect(addr?)?;
                     stream.set_nodelay(true)?;
-                    if prepare {
-                        stream.prepare()?;
-                    }
                     for chunk in bytes.chunks(RAW_CHUNK) {
                         stream.write_all(chunk)?;
                     }
@@ -376,13 +353,10 @@ fn raw_stream(
 }
 
 /// Accept one connection on `l` and read it into `dst` until it ends, hashing each page as it
-/// completes with `hash`, set up by [`Transport::prepare`] with `prepare`; the bytes read.
-fn read_into(l: &TcpListener, dst: &mut [u8], hash: bool, prepare: bool) -> std::io::Result<u64> {
+/// completes with `hash`; the bytes read.
+fn read_into(l: &TcpListener, dst: &mut [u8], hash: bool) -> std::io::Result<u64> {
     let (mut s, _) = l.accept()?;
     s.set_nodelay(true)?;
-    if prepare {
-        s.prepare()?;
-    }
     let (mut at, mut hashed, mut sum) = (0, 0, 0u64);
     loop {
         if hash {

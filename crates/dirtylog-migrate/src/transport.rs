@@ -62,20 +62,6 @@ pub trait Transport: Read + Write + Send + Sized + 'static {
     }
 }
 
-/// Send and receive buffer size asked for (the kernel doubles it) on a TCP connection whose
-/// peer is on this host ([`is_local`]), in place of the kernel's autotuning (up to 4 and 6
-/// MiB by default).
-///
-/// On one host the receiver's copy out of the socket follows the sender's copy into it through
-/// the same caches: with megabytes in flight, a page the sender copied has left the cache
-/// before the receiver copies it again, and when the two ends share few cores (the bulk pass
-/// of a same-host migration is CPU-bound) that costs throughput. With 256 KiB each way a
-/// two-connection bulk pass ran at 0.80–0.84× raw loopback streams against 0.67–0.75× with
-/// autotuning (three alternated runs of 7 pairs, BENCHMARKS.md, issue 9). There is no
-/// round-trip time to cover on one host, which is what large buffers are for; other peers
-/// keep the kernel's autotuning.
-pub const LOCAL_SOCKET_BUFFER: usize = 256 << 10;
-
 /// Whether a connection to or on `addr` stays on this host: a loopback address (IPv4
 /// 127.0.0.0/8, IPv6 `::1`, or IPv4 loopback mapped into IPv6), or a Unix socket.
 pub fn is_local(addr: &Address) -> bool {
@@ -98,16 +84,8 @@ impl Transport for TcpStream {
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_write_timeout(self, timeout)
     }
-    /// Blocking, `TCP_NODELAY`, and with a peer on this host, socket buffers of
-    /// [`LOCAL_SOCKET_BUFFER`] each way.
     fn prepare(&self) -> io::Result<()> {
         self.set_nonblocking(false)?;
-        if is_local(&Address::Tcp(self.peer_addr()?)) {
-            let sock = socket2::SockRef::from(self);
-            // Tuning only: a connection the kernel refuses to resize still works.
-            let _ = sock.set_send_buffer_size(LOCAL_SOCKET_BUFFER);
-            let _ = sock.set_recv_buffer_size(LOCAL_SOCKET_BUFFER);
-        }
         self.set_nodelay(true)
     }
     fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -583,27 +561,6 @@ mod tests {
         ] {
             assert_eq!(is_local(&addr.parse().unwrap()), local, "{addr}");
         }
-    }
-
-    #[test]
-    fn a_local_connection_gets_small_socket_buffers() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (a, _) = l.accept().unwrap();
-        let before = socket2::SockRef::from(&c).send_buffer_size().unwrap();
-        for s in [&c, &a] {
-            s.prepare().unwrap();
-            let sock = socket2::SockRef::from(s);
-            // Linux doubles what it is asked for (bookkeeping), and stops autotuning.
-            assert_eq!(sock.send_buffer_size().unwrap(), 2 * LOCAL_SOCKET_BUFFER);
-            assert_eq!(sock.recv_buffer_size().unwrap(), 2 * LOCAL_SOCKET_BUFFER);
-            assert!(s.nodelay().unwrap());
-        }
-        assert_ne!(
-            before,
-            2 * LOCAL_SOCKET_BUFFER,
-            "the default was already this size"
-        );
     }
 
     #[test]
