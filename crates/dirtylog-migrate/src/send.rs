@@ -132,8 +132,8 @@ pub struct SendConfig {
     /// [`Verify::Background`].
     pub verify: Verify,
     /// Cap each vCPU's dirty rate at this many pages per second through
-    /// [`Vcpus::set_dirty_limit`] for the migration (QEMU's
-    /// dirty-limit); `None` for no cap. Default `None`.
+    /// [`Vcpus::set_dirty_limit`] for the migration (QEMU's dirty-limit); `None` for no cap.
+    /// Default `None`.
     pub dirty_limit: Option<u64>,
     /// Once the expected downtime fits the limit, keep sending rounds while each one at least
     /// halves the dirty set (within `max_rounds` and `timeout`), and switch over when it stops
