@@ -997,9 +997,8 @@ pub(crate) fn peer_addr<S: 'static>(sock: &S) -> Option<SocketAddr> {
     }
 }
 
-/// Whether plain TCP to or on an address stays on this host (re-exported from the transport
-/// module, where the connections use it too): anything else crosses a network and should
-/// use TLS.
+/// Whether plain TCP to or on an address stays on this host (defined beside [`Address`] in
+/// the transport module): anything else crosses a network and should use TLS.
 pub use super::is_local;
 
 /// The connection state shared by every clone of a [`TlsStream`].
