@@ -5,7 +5,7 @@
 //! cargo run --release -p dirtylog-testvm --example kvm_loopback_throughput -- \
 //!     [--mib 1024] [--pairs 5] [--connections 1,2,4] [--memory prefault|fresh] \
 //!     [--tracker clear-log|dirty-log|ring|ring:ENTRIES] [--huge-pages yes|no] \
-//!     [--target-huge-pages yes|no] [--only engine|raw]
+//!     [--target-huge-pages yes|no] [--only engine|raw] [--raw-hash]
 //! ```
 //!
 //! For each connection count N and each of `--pairs` pairs, one process boots a halted KVM
@@ -18,6 +18,10 @@
 //! - the **raw** baseline: N plain TCP connections carrying the same regions' bytes in 4 MiB
 //!   writes (chunk k on connection k mod N), each reader `read`ing straight into the same
 //!   place of another [`KvmTarget`]'s memory, from the first connect to the last byte read;
+//!   with `--raw-hash` each reader also hashes every page right after it lands
+//!   ([`mem_hash`], the engine's per-page check, reading at most [`PAGES_PIECE`] per call as
+//!   the engine's decoder does), so that the ratio shows what the engine costs beyond the
+//!   check it pays for verification;
 //!
 //! alternating which goes first (pair 0 raw first, pair 1 engine first, …). Both
 //! destinations are KVM targets built from the stream header before the clock starts, so their
@@ -32,7 +36,8 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use dirtylog_migrate::wire::StreamHeader;
+use dirtylog_migrate::digest::mem_hash;
+use dirtylog_migrate::wire::{StreamHeader, PAGES_PIECE};
 use dirtylog_migrate::TrackerKind;
 use dirtylog_migrate::{receive, send, MigrationMemory, ReceiveConfig, SendConfig};
 use dirtylog_testvm::migrate::{GuestConfig, KvmSource, KvmTarget, TargetOptions};
@@ -40,8 +45,10 @@ use dirtylog_testvm::Program;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// Bytes per raw `write`, and per raw chunk.
+/// Bytes per raw `write`, and per raw chunk (whole pages).
 const RAW_CHUNK: usize = 4 << 20;
+/// The page the raw readers hash by (`--raw-hash`), the engine's.
+const PAGE: usize = 4096;
 
 struct Args {
     mib: u64,
@@ -52,6 +59,8 @@ struct Args {
     huge_pages: bool,
     target_huge_pages: Option<bool>,
     only: Option<String>,
+    /// Raw readers hash each page as it lands, as the engine's receiver does.
+    raw_hash: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -64,6 +73,7 @@ fn parse_args() -> Result<Args, Error> {
         huge_pages: true,
         target_huge_pages: None,
         only: None,
+        raw_hash: false,
     };
     let yes = |v: String| match v.as_str() {
         "yes" => Ok(true),
@@ -93,6 +103,7 @@ fn parse_args() -> Result<Args, Error> {
             "--huge-pages" => a.huge_pages = yes(value()?)?,
             "--target-huge-pages" => a.target_huge_pages = Some(yes(value()?)?),
             "--only" => a.only = Some(value()?),
+            "--raw-hash" => a.raw_hash = true,
             _ => return Err(format!("unknown argument {flag}").into()),
         }
     }
@@ -109,12 +120,17 @@ fn main() -> Result<(), Error> {
     let pages = |h: bool| if h { "huge pages" } else { "4 KiB pages" };
     println!(
         "KVM guest {} MiB, tracker {}, source {}, target {}, all pages non-zero, {} alternated \
-         pairs per connection count, destination memory {}",
+         pairs per connection count, raw readers {}, destination memory {}",
         args.mib,
         args.tracker.name(),
         pages(args.huge_pages),
         pages(target_huge_pages),
         args.pairs,
+        if args.raw_hash {
+            "hash each page (--raw-hash)"
+        } else {
+            "only read"
+        },
         if args.prefault {
             "pre-faulted (MADV_POPULATE_WRITE before the clock starts)"
         } else {
@@ -149,7 +165,7 @@ fn main() -> Result<(), Error> {
                     }
                 }
                 if is_raw {
-                    r = raw_stream(&src, &target, n)?;
+                    r = raw_stream(&src, &target, n, args.raw_hash)?;
                 } else {
                     e = engine_bulk(&src, target, n)?;
                 }
@@ -252,9 +268,9 @@ fn engine_bulk(src: &KvmSource, target: KvmTarget, n: usize) -> Result<f64, Erro
 }
 
 /// `n` plain TCP connections carrying every region of `src` into the same region of
-/// `target`, 4 MiB chunk k on connection k mod n. Bytes per second from the first connect to
-/// the last byte read.
-fn raw_stream(src: &KvmSource, target: &KvmTarget, n: usize) -> Result<f64, Error> {
+/// `target`, 4 MiB chunk k on connection k mod n (each page hashed as it lands with `hash`).
+/// Bytes per second from the first connect to the last byte read.
+fn raw_stream(src: &KvmSource, target: &KvmTarget, n: usize, hash: bool) -> Result<f64, Error> {
     let mut from: Vec<&[u8]> = Vec::new();
     let mut to: Vec<&mut [u8]> = Vec::new();
     for i in 0..src.regions().len() {
@@ -287,7 +303,7 @@ fn raw_stream(src: &KvmSource, target: &KvmTarget, n: usize) -> Result<f64, Erro
         let readers: Vec<_> = listeners
             .iter()
             .zip(readers_to)
-            .map(|(l, dst)| s.spawn(move || read_into(l, dst)))
+            .map(|(l, dst)| s.spawn(move || read_into(l, dst, hash)))
             .collect();
         let writers: Vec<_> = listeners
             .iter()
@@ -321,16 +337,33 @@ fn raw_stream(src: &KvmSource, target: &KvmTarget, n: usize) -> Result<f64, Erro
     Ok(got as f64 / secs)
 }
 
-/// Accept one connection on `l` and read it into `dst`, chunk after chunk, until it ends;
-/// the bytes read.
-fn read_into(l: &TcpListener, dst: Vec<&mut [u8]>) -> std::io::Result<u64> {
+/// Accept one connection on `l` and read it into `dst`, chunk after chunk, until it ends,
+/// with `hash` hashing each page as it lands; the bytes read.
+fn read_into(l: &TcpListener, dst: Vec<&mut [u8]>, hash: bool) -> std::io::Result<u64> {
     let (mut s, _) = l.accept()?;
     s.set_nodelay(true)?;
-    let mut got = 0;
+    let (mut got, mut sum) = (0, 0u64);
     for chunk in dst {
-        s.read_exact(chunk)?;
+        if !hash {
+            s.read_exact(chunk)?;
+            got += chunk.len() as u64;
+            continue;
+        }
+        let (mut at, mut hashed) = (0, 0);
+        while at < chunk.len() {
+            let end = (at + PAGES_PIECE).min(chunk.len());
+            match s.read(&mut chunk[at..end])? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                k => at += k,
+            }
+            while hashed + PAGE <= at {
+                sum ^= mem_hash(&chunk[hashed..hashed + PAGE]);
+                hashed += PAGE;
+            }
+        }
         got += chunk.len() as u64;
     }
+    std::hint::black_box(sum);
     let mut probe = [0u8; 1];
     match s.read(&mut probe)? {
         0 => Ok(got),
