@@ -256,13 +256,16 @@ pub(crate) fn digest_sample(regions: &[&[u8]], page_size: usize, budget: usize) 
     let stride = (to_read / want).max(1);
     let (mut seen, mut taken, mut sampled) = (0usize, 0usize, 0usize);
     let t = Instant::now();
-    for (r, bits) in regions.iter().zip(&zero_pfn) {
+    'sample: for (r, bits) in regions.iter().zip(&zero_pfn) {
         for i in 0..r.len().div_ceil(page) {
+            if taken == want {
+                break 'sample;
+            }
             if bit(bits, i) {
                 continue;
             }
             seen += 1;
-            if (seen - 1) % stride != 0 || taken == want {
+            if (seen - 1) % stride != 0 {
                 continue;
             }
             let p = &r[i * page..((i + 1) * page).min(r.len())];
