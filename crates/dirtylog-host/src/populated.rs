@@ -54,8 +54,9 @@ const SCAN_RANGES: usize = 512;
 /// Returns how many pages were set. Holes in the mapping are reported as unpopulated.
 ///
 /// `page_size` must be a power of two at least the base page size, `addr` a multiple of the
-/// base page size and `len` of `page_size`, and `out` hold `len / page_size` bits (else the matching [`HostError`]). The memory itself is never read, so any range
-/// is safe to ask about.
+/// base page size and `len` of `page_size`, and `out` hold `len / page_size` bits (else the
+/// matching [`HostError`]). The memory itself is never read, so any range is safe to ask
+/// about.
 pub fn populated_pages(
     addr: u64,
     len: u64,

@@ -103,9 +103,10 @@ pub(crate) fn is_zero(mem: RegionMemory, offset: usize, len: usize) -> bool {
 /// The kernel reads the guest's bytes with `sendmsg(2)`, outside Rust's abstract machine, as
 /// [`copy_out`]'s assembly does; no Rust reference to them is made. Skipping the copy through
 /// a private buffer took about a fifth off a bulk pass's CPU time over one loopback
-/// connection (over two: no change measured; BENCHMARKS.md, issue 9). Hand-written rather than vm-memory's
-/// `WriteVolatile`, which writes one volatile slice per call: a frame would take three
-/// system calls, and with `TCP_NODELAY` three segments, where this takes one `sendmsg`.
+/// connection (over two: no change measured; BENCHMARKS.md, issue 9). Hand-written rather
+/// than vm-memory's `WriteVolatile`, which writes one volatile slice per call: a frame would
+/// take three system calls, and with `TCP_NODELAY` three segments, where this takes one
+/// `sendmsg`.
 ///
 /// # Panics
 /// If the range is not inside the region (callers pass page ranges of validated regions).

@@ -838,7 +838,8 @@ impl<W: Write> Encoder<W> {
         self.hash_checked = on;
     }
 
-    /// Are `Pages` frames written hash-checked ([`set_hash_checked_pages`](Self::set_hash_checked_pages))?
+    /// Are `Pages` frames written hash-checked
+    /// ([`set_hash_checked_pages`](Self::set_hash_checked_pages))?
     pub fn hash_checked_pages(&self) -> bool {
         self.hash_checked
     }
